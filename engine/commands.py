@@ -1,0 +1,241 @@
+"""Submitting jobs and controlling sessions and batches: the one API that the CLI, the inbox and
+the tests call. Every change is a state-machine transition recorded as an event.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from engine.errors import DuplicateJob, InvalidTransition, NotFound
+from engine.intake import Intake, ResolvedSession
+from engine.jobs import BatchJob, ControlJob, SessionJob
+from engine.machines import BATCH, ITEM, SESSION, TERMINAL
+from engine.store import Store, Tx
+from engine.store.tables import batches, jobs, leases, sessions
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+@dataclass(frozen=True)
+class Submitted:
+    target_type: str  # session | batch | control
+    target_id: str
+    already: bool = False  # the same file was taken before (a crash between commit and move)
+    events: tuple = ()  # what the submission appended (a control may have ended sessions)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a job came from: the file's name and content hash (its key when it has no job_id)."""
+
+    file_name: str
+    content_hash: str
+
+    @property
+    def file_key(self) -> str:
+        return f"file:{self.content_hash}:{self.file_name}"
+
+
+# submitting ----------------------------------------------------------------------------------
+
+def submit(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob, source: Source) -> Submitted:
+    """Validate and record a job: session.created or batch.created, then job.received."""
+    if isinstance(job, ControlJob):
+        return _submit_control(store, job, source)
+    resolved = intake.session(job) if isinstance(job, SessionJob) else intake.batch(job)
+
+    def record(tx: Tx) -> Submitted:
+        key = job.job_id or source.file_key
+        earlier = _earlier_job(tx, key)
+        if earlier is not None:
+            return earlier
+        if isinstance(job, SessionJob):
+            target_type, target_id = "session", new_id("ses")
+            _create_session(tx, target_id, job, resolved)
+        else:
+            target_type, target_id = "batch", new_id("bat")
+            _create_batch(tx, target_id, job, resolved)
+        tx.emit("job", key, "job.received", {
+            "job_key": key, "job_id": job.job_id, "file_name": source.file_name,
+            "content_hash": source.content_hash, "target_type": target_type, "target_id": target_id,
+        })
+        return Submitted(target_type, target_id)
+
+    return store.write(record)
+
+
+def _earlier_job(tx: Tx, key: str) -> Submitted | None:
+    row = tx.get("jobs", (key,))
+    if row is None or row["status"] != "accepted":
+        return None
+    if key.startswith("file:"):
+        return Submitted(row["target_type"], row["target_id"], already=True)
+    raise DuplicateJob(
+        f"job_id {row['job_id']!r} was already submitted as {row['target_type']} {row['target_id']}",
+        existing_type=row["target_type"], existing_id=row["target_id"],
+    )
+
+
+def _create_session(tx: Tx, session_id: str, job: SessionJob, resolved: ResolvedSession, **extra: Any) -> None:
+    tx.emit("session", session_id, "session.created", {
+        "session_id": session_id, "job_id": job.job_id, "workflow_id": resolved.workflow_id,
+        "priority": job.priority, "hold": job.hold, "params": resolved.params, "steps": resolved.steps, **extra,
+    })
+
+
+def _create_batch(tx: Tx, batch_id: str, job: BatchJob, resolved: list[ResolvedSession]) -> None:
+    item_ids = [new_id("ses") for _ in resolved]
+    tx.emit("batch", batch_id, "batch.created", {
+        "batch_id": batch_id, "job_id": job.job_id, "priority": job.priority, "hold": job.hold,
+        "config": job.batch.model_dump(), "items": item_ids,
+    })
+    for index, (session_id, item) in enumerate(zip(item_ids, resolved)):
+        _create_session(tx, session_id, SessionJob(job_id=None, workflow=job.workflow, priority=job.priority,
+                                                   hold=job.hold), item, batch_id=batch_id, item_index=index)
+
+
+def record_rejection(store: Store, source: Source, error: dict[str, Any], job_id: str | None = None) -> None:
+    store.write(lambda tx: tx.emit("job", source.file_key, "job.rejected", {
+        "job_key": source.file_key, "job_id": job_id, "file_name": source.file_name,
+        "content_hash": source.content_hash, "code": error["code"], "message": error["message"],
+    }))
+
+
+def _submit_control(store: Store, job: ControlJob, source: Source) -> Submitted:
+    def record(tx: Tx) -> Submitted:
+        key = job.job_id or source.file_key
+        earlier = _earlier_job(tx, key)
+        if earlier is not None:
+            return earlier
+        target_type, target_id = _find_target(tx, job.target)
+        apply_control(tx, target_type, target_id, job.action)
+        tx.emit("job", key, "job.received", {
+            "job_key": key, "job_id": job.job_id, "file_name": source.file_name, "content_hash": source.content_hash,
+            "target_type": target_type, "target_id": target_id, "action": job.action,
+        })
+        return Submitted("control", target_id)
+
+    submitted, events = store.write_events(record)
+    return Submitted(submitted.target_type, submitted.target_id, submitted.already, tuple(events))
+
+
+# controlling ---------------------------------------------------------------------------------
+
+def control(store: Store, target: str, action: str) -> tuple[str, str, list]:
+    """pause | resume | cancel | restart | delete a session or batch (by id or job_id).
+
+    Returns the target's type and id, and the events appended."""
+
+    def record(tx: Tx) -> tuple[str, str]:
+        target_type, target_id = _find_target(tx, target)
+        apply_control(tx, target_type, target_id, action)
+        return target_type, target_id
+
+    (target_type, target_id), events = store.write_events(record)
+    return target_type, target_id, events
+
+
+def find_target(store: Store, target: str) -> tuple[str, str]:
+    with store.read() as conn:
+        return _lookup(conn, target)
+
+
+def _find_target(tx: Tx, target: str) -> tuple[str, str]:
+    return _lookup(tx.conn, target)
+
+
+def _lookup(conn, target: str) -> tuple[str, str]:
+    if conn.execute(select(sessions.c.session_id).where(sessions.c.session_id == target)).first():
+        return "session", target
+    if conn.execute(select(batches.c.batch_id).where(batches.c.batch_id == target)).first():
+        return "batch", target
+    row = conn.execute(select(jobs.c.target_type, jobs.c.target_id)
+                       .where(jobs.c.job_id == target, jobs.c.status == "accepted",
+                              jobs.c.target_type.in_(("session", "batch")))).first()
+    if row:
+        return row.target_type, row.target_id
+    raise NotFound(f"no session, batch or job_id {target!r}")
+
+
+def apply_control(tx: Tx, target_type: str, target_id: str, action: str) -> None:
+    if target_type == "session":
+        control_session(tx, target_id, action)
+    else:
+        control_batch(tx, target_id, action)
+
+
+def control_session(tx: Tx, session_id: str, action: str, from_batch: bool = False) -> None:
+    session = tx.get("sessions", (session_id,))
+    if session is None:
+        raise NotFound(f"no session {session_id!r}")
+    if session["batch_id"] and not from_batch and action in ("restart", "delete"):
+        raise InvalidTransition(
+            f"session {session_id} is item {session['item_index']} of batch {session['batch_id']}: "
+            f"{action} the batch instead", current_state=session["status"])
+    SESSION.dest(action, session["status"], started=session["started_at"] is not None)
+    data: dict[str, Any] = {"session_id": session_id, "run": session["run"]}
+    if action == "restart":
+        data["run"] = session["run"] + 1
+    if action == "cancel":
+        data.update(code="CANCELLED", message="cancelled by request")
+    tx.emit("session", session_id, SESSION.event(action), data)
+    if action in ("cancel", "delete"):
+        tx.conn.execute(leases.delete().where(leases.c.session_id == session_id))
+    if action == "cancel":
+        session_ended(tx, session_id, "cancelled")
+    if action == "resume":
+        _complete_if_done(tx, session_id)
+
+
+def _complete_if_done(tx: Tx, session_id: str) -> None:
+    """A session paused while its last step finished completes when resumed."""
+    session = tx.get("sessions", (session_id,))
+    if session["status"] == "running" and session["current_step"] >= session["total_steps"]:
+        tx.emit("session", session_id, "session.completed", {"session_id": session_id, "run": session["run"]})
+        session_ended(tx, session_id, "completed")
+
+
+def control_batch(tx: Tx, batch_id: str, action: str) -> None:
+    batch = tx.get("batches", (batch_id,))
+    if batch is None:
+        raise NotFound(f"no batch {batch_id!r}")
+    BATCH.dest(action, batch["status"], started=batch["started_at"] is not None)
+    items = tx.projection.children("items", batch_id)
+    item_sessions = [tx.get("sessions", (item["session_id"],)) for item in items]
+    if action == "delete" and any(s and s["status"] == "running" for s in item_sessions):
+        raise InvalidTransition(f"batch {batch_id} has running items: cancel it first", current_state=batch["status"])
+    data: dict[str, Any] = {"batch_id": batch_id, "run": batch["run"] + (action == "restart")}
+    tx.emit("batch", batch_id, BATCH.event(action), data)
+    for session in item_sessions:
+        if session and SESSION.allowed(action, session["status"]):
+            control_session(tx, session["session_id"], action, from_batch=True)
+
+
+def session_ended(tx: Tx, session_id: str, status: str) -> None:
+    """Tell a session's batch (if any) that its item ended; the batch completes with its last item."""
+    session = tx.get("sessions", (session_id,))
+    if session is None or not session["batch_id"]:
+        return
+    batch_id, index = session["batch_id"], session["item_index"]
+    item = tx.get("items", (batch_id, index))
+    trigger = {"completed": "complete", "failed": "fail", "cancelled": "cancel"}[status]
+    if item and ITEM.allowed(trigger, item["status"]):
+        tx.emit("batch", batch_id, ITEM.event(trigger), {"batch_id": batch_id, "item_index": index,
+                                                         "session_id": session_id})
+    batch = tx.get("batches", (batch_id,))
+    ended = batch["completed_items"] + batch["failed_items"] + batch["cancelled_items"]
+    if batch["status"] not in TERMINAL and ended == batch["total_items"]:
+        if batch["status"] == "pending":
+            tx.emit("batch", batch_id, "batch.started", {"batch_id": batch_id})
+        if batch["status"] == "paused":
+            tx.emit("batch", batch_id, "batch.resumed", {"batch_id": batch_id})
+        tx.emit("batch", batch_id, "batch.completed", {
+            "batch_id": batch_id, "completed_items": batch["completed_items"], "failed_items": batch["failed_items"],
+            "cancelled_items": batch["cancelled_items"],
+        })

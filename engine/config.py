@@ -1,0 +1,108 @@
+"""Configuration: config.toml plus ENGINE_<SECTION>_<KEY> environment overrides.
+
+Relative paths resolve against the folder that holds config.toml, so a copy of config.toml in an
+empty folder is a complete, separate installation.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ValidationError
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
+
+
+def _coerce(raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, list):
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def _merge(defaults: dict, overrides: dict, where: str) -> dict:
+    merged = {section: dict(values) for section, values in defaults.items()}
+    for section, values in overrides.items():
+        if section not in merged or not isinstance(values, dict):
+            raise ValidationError(f"{where}: unknown section [{section}]")
+        for key, value in values.items():
+            if key not in merged[section]:
+                raise ValidationError(f"{where}: unknown key {section}.{key}")
+            merged[section][key] = value
+    return merged
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved settings; `values[section][key]`, with paths made absolute."""
+
+    base_dir: Path
+    values: dict
+    source: Path | None
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[section][key]
+
+    def path(self, key: str) -> Path:
+        value = self.values["database"]["path"] if key == "database" else self.values["paths"][key]
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    @property
+    def database_url(self) -> str:
+        url = self.values["database"]["url"]
+        return url or f"sqlite:///{self.path('database')}"
+
+    @property
+    def inbox(self) -> Path:
+        return self.path("inbox")
+
+    @property
+    def outbox(self) -> Path:
+        return self.path("outbox")
+
+    @property
+    def models_dir(self) -> Path:
+        return self.path("models")
+
+    @property
+    def workflows_dir(self) -> Path | None:
+        value = self.values["paths"]["workflows"]
+        return self.path("workflows") if value else None
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load config.toml (explicit path, else $ENGINE_CONFIG, else ./config.toml, else defaults)."""
+    environ = dict(os.environ if environ is None else environ)
+    defaults = tomllib.loads(DEFAULTS_FILE.read_text())
+    chosen = Path(path) if path else (Path(environ["ENGINE_CONFIG"]) if environ.get("ENGINE_CONFIG") else None)
+    if chosen is None and Path("config.toml").is_file():
+        chosen = Path("config.toml")
+    values = defaults
+    if chosen is not None:
+        chosen = chosen.resolve()
+        if not chosen.is_file():
+            raise ValidationError(f"config file not found: {chosen}")
+        try:
+            values = _merge(defaults, tomllib.loads(chosen.read_text()), str(chosen))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValidationError(f"{chosen}: {exc}") from exc
+    for section, keys in values.items():
+        for key, default in keys.items():
+            env_name = f"ENGINE_{section}_{key}".upper()
+            if env_name in environ:
+                try:
+                    values[section][key] = _coerce(environ[env_name], default)
+                except ValueError as exc:
+                    raise ValidationError(f"{env_name}: {exc}") from exc
+    base_dir = chosen.parent if chosen else Path.cwd()
+    return Config(base_dir=base_dir, values=values, source=chosen)

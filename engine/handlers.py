@@ -1,0 +1,111 @@
+"""Step handlers: the registry keyed by step type, and what a handler is given and returns.
+
+Handlers know nothing of the event store. They take a `StepContext` (typed inputs, a progress
+callback, a cancellation token, a folder to write into) and return a `StepResult`. Modules that
+provide handlers are named in config.toml (`handlers.modules`); each has `register(registry)`.
+The real domains register this way, and so do the test and benchmark handlers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.errors import Cancelled, EngineError
+
+
+class CancellationToken:
+    """Set by the runner when the session is cancelled or paused, or the lease is lost."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_set(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(f"interrupted: {self.reason}", reason=self.reason)
+
+    def wait(self, seconds: float) -> bool:
+        return self._event.wait(seconds)
+
+
+@dataclass
+class StepContext:
+    session_id: str
+    run: int
+    step_index: int
+    step_type: str
+    domain: str
+    attempt: int
+    params: dict[str, Any]
+    step_config: dict[str, Any]
+    previous: list[dict[str, Any]]
+    work_dir: Path
+    inbox: Path
+    token: CancellationToken
+    progress: Callable[[float, str], None]
+    config: Any
+    shared: dict[str, Any]
+    notify: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
+
+    def previous_images(self) -> list[Path]:
+        """Image files produced by the newest earlier step that produced any."""
+        for output in reversed(self.previous):
+            images = output.get("images") or []
+            if images:
+                return [Path(p) for p in images]
+        return []
+
+    def previous_value(self, key: str, default: Any = None) -> Any:
+        for output in reversed(self.previous):
+            if key in output.get("data", {}):
+                return output["data"][key]
+        return default
+
+
+@dataclass
+class StepResult:
+    """What a handler made: files it wrote into work_dir (names) and plain data for result.json."""
+
+    images: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Handler = Callable[[StepContext], StepResult]
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+        self.shared: dict[str, Any] = {}
+
+    def add(self, step_type: str, handler: Handler) -> None:
+        self._handlers[step_type] = handler
+
+    def get(self, step_type: str) -> Handler:
+        try:
+            return self._handlers[step_type]
+        except KeyError:
+            raise EngineError(f"no handler registered for step type {step_type!r}") from None
+
+    def step_types(self) -> list[str]:
+        return sorted(self._handlers)
+
+
+def load_registry(modules: list[str]) -> Registry:
+    registry = Registry()
+    for name in modules:
+        importlib.import_module(name).register(registry)
+    return registry

@@ -1,0 +1,104 @@
+"""Resolving a validated job into what a session records: workflow steps and complete params.
+
+Everything a session needs later is fixed here, once: the workflow's steps, the model, the image
+size, the seed actually used. Replays and restarts never depend on templates or defaults again.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from engine.errors import ValidationError
+from engine.jobs import MAX_SEED, BatchJob, GenerationParams, SessionJob, check_limits, validate_params
+from engine.paths import resolve_inside
+from engine.registry import ModelRegistry
+from engine.workflows import Workflow, get_workflow, load_workflows
+
+
+@dataclass
+class ResolvedSession:
+    workflow_id: str
+    steps: list[dict[str, Any]]
+    params: dict[str, Any]
+
+
+class Intake:
+    """What validation needs to know: limits, workflows, models, and the inbox for images."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.limits = config.values["limits"]
+        self.inbox = config.inbox
+        self.workflows = load_workflows(config.workflows_dir)
+        self.models = ModelRegistry(config.models_dir, config.get("models", "allow_pickle"))
+
+    def session(self, job: SessionJob) -> ResolvedSession:
+        workflow = get_workflow(self.workflows, job.workflow)
+        params = self.resolve_params(workflow, job.params, "params")
+        return ResolvedSession(workflow.id, workflow.resolve(params), params)
+
+    def batch(self, job: BatchJob) -> list[ResolvedSession]:
+        workflow = get_workflow(self.workflows, job.workflow)
+        max_items = self.config.get("inbox", "max_batch_items")
+        if len(job.items) > max_items:
+            raise ValidationError(f"items: {len(job.items)} items, at most {max_items} allowed", [{"loc": "items"}])
+        base_seed = job.params.get("seed")
+        resolved = []
+        for index, overrides in enumerate(job.items):
+            if not isinstance(overrides, dict):
+                raise ValidationError(f"items[{index}]: must be an object of params", [{"loc": f"items[{index}]"}])
+            merged = {**job.params, **overrides}
+            if "seed" not in overrides and base_seed not in (None, -1):
+                merged["seed"] = (int(base_seed) + index) % (MAX_SEED + 1)
+            where = f"items[{index}]"
+            params = self.resolve_params(workflow, validate_params(merged, where), where)
+            resolved.append(ResolvedSession(workflow.id, workflow.resolve(params), params))
+        return resolved
+
+    def resolve_params(self, workflow: Workflow, params: GenerationParams, where: str) -> dict[str, Any]:
+        check_limits(params, self.limits, where)
+        data = params.model_dump()
+        for name in workflow.requires:
+            if not data.get(name):
+                raise ValidationError(f"{where}.{name}: the {workflow.id} workflow needs it", [{"loc": f"{where}.{name}"}])
+        if workflow.generates:
+            entry = (self.models.get(params.model, "pipeline", f"{where}.model") if params.model
+                     else self.models.default_pipeline())
+            data["model"] = entry.id
+            native = entry.default_size or 1024
+            data["width"] = data["width"] or native
+            data["height"] = data["height"] or native
+        for index, lora in enumerate(params.loras):
+            self.models.get(lora.model, "lora", f"{where}.loras[{index}].model")
+        if params.controlnet:
+            self.models.get(params.controlnet.model, "controlnet", f"{where}.controlnet.model")
+            self.check_image(params.controlnet.image, f"{where}.controlnet.image")
+        for index, op in enumerate(params.postprocess):
+            if getattr(op, "model", None):
+                self.models.get(op.model, "upscaler", f"{where}.postprocess[{index}].model")
+        for name in ("init_image", "mask_image"):
+            if data.get(name):
+                self.check_image(data[name], f"{where}.{name}")
+        if data["seed"] in (None, -1):
+            data["seed"] = secrets.randbelow(MAX_SEED + 1)
+        return data
+
+    def check_image(self, relative: str, field: str) -> Path:
+        """An input image: inside the inbox, really an image, and within the pixel limit."""
+        path = resolve_inside(self.inbox, relative, field)
+        limit = self.limits["max_image_pixels"]
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > limit:
+                    raise ValidationError(
+                        f"{field}: {width}x{height} is over the limit of {limit} pixels", [{"loc": field}])
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ValidationError(f"{field}: not a readable image ({exc})", [{"loc": field}]) from exc
+        return path

@@ -1,0 +1,248 @@
+"""Job files: key normalisation, the pydantic models of the contract, and their JSON Schema.
+
+Validation happens in two passes: the models hold what never changes (types, shapes, static
+bounds, and so the published JSON Schema); `check_limits` applies the limits of config.toml.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from engine.errors import ValidationError
+
+SCHEDULERS = ("ddim", "euler", "euler_a", "dpm++2m", "dpm++2m_karras", "dpm++sde", "pndm", "lms", "heun", "unipc")
+ACTIONS = ("pause", "resume", "cancel", "restart", "delete")
+MAX_SEED = 2**32 - 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ControlNetParams(Strict):
+    model: str = Field(min_length=1, max_length=128)
+    image: str = Field(min_length=1, max_length=1024)
+    conditioning_scale: float = Field(1.0, ge=0.0, le=5.0)
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0)
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class LoraParams(Strict):
+    model: str = Field(min_length=1, max_length=128)
+    scale: float = Field(1.0, ge=-5.0, le=5.0)
+
+
+class UpscaleOp(Strict):
+    op: Literal["upscale"]
+    model: str | None = Field(None, max_length=128, description="an upscaler id; Lanczos when absent")
+    scale: float = Field(2.0, gt=0.0, le=8.0)
+
+
+class EnhanceOp(Strict):
+    op: Literal["enhance"]
+    preset: str | None = Field(None, max_length=64)
+    sharpness: float | None = Field(None, ge=0.0, le=5.0)
+    contrast: float | None = Field(None, ge=0.0, le=5.0)
+    color: float | None = Field(None, ge=0.0, le=5.0)
+    brightness: float | None = Field(None, ge=0.0, le=5.0)
+    auto_levels: bool | None = None
+
+
+class SafetyCheckOp(Strict):
+    op: Literal["safety_check"]
+
+
+PostprocessOp = Annotated[Union[UpscaleOp, EnhanceOp, SafetyCheckOp], Field(discriminator="op")]
+
+
+class GenerationParams(Strict):
+    model: str | None = Field(None, max_length=128)
+    prompt: str = Field("", max_length=20000)
+    negative_prompt: str = Field("", max_length=20000)
+    width: int | None = Field(None, ge=8, le=16384, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=16384, multiple_of=8)
+    steps: int = Field(30, ge=1, le=10000)
+    guidance_scale: float = Field(7.0, ge=0.0, le=100.0)
+    scheduler: Literal[SCHEDULERS] | None = None  # type: ignore[valid-type]
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED)
+    num_images: int = Field(1, ge=1, le=1024)
+    init_image: str | None = Field(None, max_length=1024)
+    strength: float = Field(0.75, ge=0.0, le=1.0)
+    mask_image: str | None = Field(None, max_length=1024)
+    controlnet: ControlNetParams | None = None
+    loras: list[LoraParams] = Field(default_factory=list, max_length=16)
+    postprocess: list[PostprocessOp] = Field(default_factory=list, max_length=16)
+    device: str | None = Field(None, max_length=32, description="cpu, cuda, cuda:1, mps, directml; default from config")
+
+
+JOB_ID = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$")
+
+
+class SessionJob(Strict):
+    kind: Literal["session"] = "session"
+    job_id: str | None = JOB_ID
+    workflow: str = Field("txt2img", min_length=1, max_length=128)
+    priority: int = Field(5, ge=0, le=1000)
+    hold: bool = False
+    params: GenerationParams = Field(default_factory=GenerationParams)
+
+
+class BatchConfig(Strict):
+    preferred_batch_size: int = Field(1, ge=1, le=64)
+    max_batch_size: int = Field(8, ge=1, le=64)
+    dynamic_sizing: bool = True
+    memory_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    parallel: bool = False
+    max_parallel_batches: int = Field(2, ge=1, le=64)
+
+
+class BatchJob(Strict):
+    kind: Literal["batch"]
+    job_id: str | None = JOB_ID
+    workflow: str = Field("txt2img", min_length=1, max_length=128)
+    priority: int = Field(5, ge=0, le=1000)
+    hold: bool = False
+    params: dict[str, Any] = Field(default_factory=dict, description="shared params; each item overrides")
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=1_000_000)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+
+
+class ControlJob(Strict):
+    kind: Literal["control"]
+    job_id: str | None = JOB_ID
+    target: str = Field(min_length=1, max_length=256)
+    action: Literal[ACTIONS]  # type: ignore[valid-type]
+
+
+Job = Annotated[Union[SessionJob, BatchJob, ControlJob], Field(discriminator="kind")]
+
+
+class JobFile(BaseModel):
+    """The root of a job file: one of the three kinds, told apart by `kind`."""
+
+    job: Job
+
+    @field_validator("job", mode="before")
+    @classmethod
+    def _default_kind(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "kind" not in value:
+            return {**value, "kind": "session"}
+        return value
+
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def snake_case(key: str) -> str:
+    return _CAMEL.sub("_", key).replace("-", "_").lower()
+
+
+def normalise_keys(value: Any, path: str = "") -> Any:
+    """snake_case every key (camelCase and PascalCase clients drop their objects as they are)."""
+    if isinstance(value, dict):
+        result: dict[str, Any] = {}
+        for key, inner in value.items():
+            if not isinstance(key, str):
+                raise ValidationError("keys must be strings", [{"loc": path or "$"}])
+            new_key = snake_case(key)
+            where = f"{path}.{new_key}" if path else new_key
+            if new_key in result:
+                raise ValidationError(f"{where}: given twice (as {key!r} and another spelling)", [{"loc": where}])
+            result[new_key] = normalise_keys(inner, where)
+        return result
+    if isinstance(value, list):
+        return [normalise_keys(inner, f"{path}[{i}]") for i, inner in enumerate(value)]
+    return value
+
+
+def _loc(parts: tuple, prefix: str = "") -> str:
+    out = prefix
+    for part in parts:
+        if part in ("job", "session", "batch", "control"):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "$"
+
+
+def pydantic_failure(exc: PydanticValidationError, prefix: str = "") -> ValidationError:
+    details = [
+        {"loc": _loc(e["loc"], prefix), "message": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+    first = details[0]
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return ValidationError(f"{first['loc']}: {first['message']}{more}", details)
+
+
+def parse_job_bytes(raw: bytes) -> SessionJob | BatchJob | ControlJob:
+    """Decode, normalise and validate a job file's bytes; ValidationError says what is wrong."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValidationError(f"the file is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+    if not text.strip():
+        raise ValidationError("the file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise ValidationError("the JSON is nested too deeply") from exc
+    return parse_job(data)
+
+
+def parse_job(data: Any) -> SessionJob | BatchJob | ControlJob:
+    if not isinstance(data, dict):
+        raise ValidationError(f"a job file holds one JSON object, not {type(data).__name__}")
+    try:
+        data = normalise_keys(data)
+    except RecursionError as exc:
+        raise ValidationError("the JSON is nested too deeply") from exc
+    try:
+        return JobFile.model_validate({"job": data}).job
+    except PydanticValidationError as exc:
+        raise pydantic_failure(exc) from exc
+    except RecursionError as exc:
+        raise ValidationError("the JSON is nested too deeply") from exc
+
+
+def validate_params(data: dict[str, Any], where: str) -> GenerationParams:
+    try:
+        return GenerationParams.model_validate(data)
+    except PydanticValidationError as exc:
+        raise pydantic_failure(exc, where) from exc
+
+
+def check_limits(params: GenerationParams, limits: dict[str, Any], where: str = "params") -> None:
+    """The limits of config.toml that the static schema cannot know."""
+    problems = []
+    for name in ("width", "height"):
+        value = getattr(params, name)
+        if value is not None and not limits["min_size"] <= value <= limits["max_size"]:
+            problems.append((f"{where}.{name}", f"must be between {limits['min_size']} and {limits['max_size']}"))
+    if params.steps > limits["max_steps"]:
+        problems.append((f"{where}.steps", f"must be at most {limits['max_steps']}"))
+    if params.num_images > limits["max_num_images"]:
+        problems.append((f"{where}.num_images", f"must be at most {limits['max_num_images']}"))
+    if problems:
+        loc, message = problems[0]
+        raise ValidationError(f"{loc}: {message}", [{"loc": loc, "message": m} for loc, m in problems])
+
+
+def job_schema() -> dict[str, Any]:
+    """The JSON Schema of job files (snake_case keys; camelCase and PascalCase are accepted too)."""
+    schema = JobFile.model_json_schema(mode="validation")
+    job = schema["properties"]["job"]
+    result = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "engine job file",
+        "description": "A file dropped into inbox/. Keys may also be written in camelCase or PascalCase.",
+        **job,
+        "$defs": schema.get("$defs", {}),
+    }
+    return result

@@ -1,0 +1,211 @@
+"""The life of a step under a runner: claim under a lease, heartbeat, complete, fail, release,
+and the recovery of steps whose lease expired. Fencing: a result is recorded only by the runner
+that holds the step's current lease (same runner id and attempt).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, insert, select, update
+
+from engine.commands import session_ended
+from engine.errors import StaleLease
+from engine.machines import ITEM
+from engine.store import Store, Tx
+from engine.store.tables import leases, sessions, steps
+
+
+@dataclass(frozen=True)
+class Claim:
+    session_id: str
+    run: int
+    step_index: int
+    step_type: str
+    domain: str
+    attempt: int
+    runner_id: str
+    workflow_id: str
+    params: dict[str, Any]
+    step_config: dict[str, Any]
+    total_steps: int
+    batch_id: str | None
+    item_index: int | None
+
+
+@dataclass(frozen=True)
+class Policy:
+    lease_seconds: float
+    max_attempts: int
+    backoff_base: float
+    backoff_max: float
+
+    @classmethod
+    def from_config(cls, config) -> "Policy":
+        runner = config.values["runner"]
+        return cls(runner["lease_seconds"], runner["max_attempts"], runner["backoff_base_seconds"],
+                   runner["backoff_max_seconds"])
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.backoff_base * 2 ** (attempt - 1), self.backoff_max)
+
+
+def claim_in(tx: Tx, runner_id: str, policy: Policy) -> Claim | None:
+    """Take the best runnable step in this transaction, or None when nothing is runnable."""
+    now = time.time()
+    found = tx.conn.execute(tx.store.dialect.claim_query(now)).first()
+    if found is None:
+        return None
+    session_id, index = found.session_id, found.step_index
+    session = tx.get("sessions", (session_id,))
+    if session["status"] == "pending":
+        tx.emit("session", session_id, "session.started", {"session_id": session_id, "run": session["run"]})
+        _item_started(tx, session)
+    step = tx.get("steps", (session_id, index))
+    attempt = step["attempts"] + 1
+    tx.emit("session", session_id, "step.claimed", {
+        "session_id": session_id, "run": session["run"], "step_index": index, "attempt": attempt,
+        "runner_id": runner_id,
+    })
+    tx.conn.execute(delete(leases).where(leases.c.session_id == session_id, leases.c.step_index == index))
+    tx.conn.execute(insert(leases).values(
+        session_id=session_id, step_index=index, run=session["run"], attempt=attempt, runner_id=runner_id,
+        expires_at=now + policy.lease_seconds, progress=0.0, message=None,
+    ))
+    step_spec = json.loads(session["steps"])[index]
+    return Claim(session_id, session["run"], index, step["step_type"], step["domain"], attempt, runner_id,
+                 session["workflow_id"], json.loads(session["params"]), step_spec.get("config", {}),
+                 session["total_steps"], session["batch_id"], session["item_index"])
+
+
+def _item_started(tx: Tx, session: dict) -> None:
+    if not session["batch_id"]:
+        return
+    batch_id = session["batch_id"]
+    batch = tx.get("batches", (batch_id,))
+    if batch["status"] == "pending":
+        tx.emit("batch", batch_id, "batch.started", {"batch_id": batch_id})
+    item = tx.get("items", (batch_id, session["item_index"]))
+    if item and ITEM.allowed("start", item["status"]):
+        tx.emit("batch", batch_id, "item.started", {"batch_id": batch_id, "item_index": session["item_index"],
+                                                     "session_id": session["session_id"]})
+
+
+def claim(store: Store, runner_id: str, policy: Policy) -> Claim | None:
+    return store.write(lambda tx: claim_in(tx, runner_id, policy))
+
+
+def _lease_clause(claim: Claim):
+    return and_(leases.c.session_id == claim.session_id, leases.c.step_index == claim.step_index,
+                leases.c.runner_id == claim.runner_id, leases.c.attempt == claim.attempt,
+                leases.c.run == claim.run)
+
+
+def _take_lease(tx: Tx, claim: Claim) -> None:
+    """Fencing: the caller must still hold this step's lease, or nothing is recorded."""
+    removed = tx.conn.execute(delete(leases).where(_lease_clause(claim))).rowcount
+    step = tx.get("steps", (claim.session_id, claim.step_index))
+    if not removed or step is None or step["status"] != "running" or step["attempts"] != claim.attempt \
+            or step["run"] != claim.run:
+        raise StaleLease(f"step {claim.step_index} of {claim.session_id}: lease lost (attempt {claim.attempt})")
+
+
+def heartbeat(store: Store, claim: Claim, policy: Policy, progress: float | None = None,
+              message: str | None = None) -> tuple[bool, str | None]:
+    """Renew the lease (and record live progress). Returns (still owned, session status)."""
+    values: dict[str, Any] = {"expires_at": time.time() + policy.lease_seconds}
+    if progress is not None:
+        values.update(progress=max(0.0, min(1.0, progress)), message=message)
+
+    def renew(tx: Tx) -> tuple[bool, str | None]:
+        owned = tx.conn.execute(update(leases).where(_lease_clause(claim)).values(**values)).rowcount > 0
+        status = tx.conn.execute(select(sessions.c.status).where(sessions.c.session_id == claim.session_id)).scalar()
+        return owned, status
+
+    return store.write(renew)
+
+
+def session_status(store: Store, session_id: str) -> str | None:
+    with store.read() as conn:
+        return conn.execute(select(sessions.c.status).where(sessions.c.session_id == session_id)).scalar()
+
+
+def complete_in(tx: Tx, claim: Claim, output: dict[str, Any], duration_s: float) -> bool:
+    """Record a step's completion; returns True when it ended its session."""
+    _take_lease(tx, claim)
+    tx.emit("session", claim.session_id, "step.completed", {
+        "session_id": claim.session_id, "run": claim.run, "step_index": claim.step_index,
+        "attempt": claim.attempt, "duration_s": round(duration_s, 6), "output": output,
+    })
+    session = tx.get("sessions", (claim.session_id,))
+    if session["current_step"] >= session["total_steps"] and session["status"] == "running":
+        tx.emit("session", claim.session_id, "session.completed", {"session_id": claim.session_id, "run": claim.run})
+        session_ended(tx, claim.session_id, "completed")
+        return True
+    return False
+
+
+def fail_in(tx: Tx, claim: Claim, code: str, message: str, retryable: bool, policy: Policy) -> bool:
+    """Record a failed attempt: retried with backoff, or the step and its session fail. True if ended."""
+    _take_lease(tx, claim)
+    return _failed_attempt(tx, claim.session_id, claim.run, claim.step_index, claim.attempt, code, message,
+                           retryable, policy)
+
+
+def _failed_attempt(tx: Tx, session_id: str, run: int, index: int, attempt: int, code: str, message: str,
+                    retryable: bool, policy: Policy) -> bool:
+    base = {"session_id": session_id, "run": run, "step_index": index, "attempt": attempt, "code": code,
+            "message": message[:2000]}
+    if retryable and attempt < policy.max_attempts:
+        tx.emit("session", session_id, "step.retried", {**base, "not_before": time.time() + policy.backoff(attempt)})
+        return False
+    tx.emit("session", session_id, "step.failed", base)
+    session = tx.get("sessions", (session_id,))
+    if session["status"] in ("running", "pending"):
+        tx.emit("session", session_id, "session.failed", {
+            "session_id": session_id, "run": run, "code": code,
+            "message": f"step {index} ({session and json.loads(session['steps'])[index]['type']}): {message}"[:2000],
+        })
+        session_ended(tx, session_id, "failed")
+        return True
+    return False
+
+
+def release_in(tx: Tx, claim: Claim, reason: str) -> None:
+    """Hand an interrupted step back (paused mid-step): pending again, this attempt not counted."""
+    _take_lease(tx, claim)
+    tx.emit("session", claim.session_id, "step.released", {
+        "session_id": claim.session_id, "run": claim.run, "step_index": claim.step_index,
+        "attempt": claim.attempt, "reason": reason,
+    })
+
+
+def reap_expired(store: Store, policy: Policy, now: float | None = None) -> int:
+    """Running steps whose lease expired (or vanished) go back to pending, the attempt counted."""
+    now = time.time() if now is None else now
+    with store.read() as conn:
+        expired = conn.execute(
+            select(steps.c.session_id, steps.c.step_index, steps.c.run, steps.c.attempts)
+            .select_from(steps.outerjoin(leases, and_(leases.c.session_id == steps.c.session_id,
+                                                      leases.c.step_index == steps.c.step_index)))
+            .where(steps.c.status == "running", (leases.c.expires_at.is_(None)) | (leases.c.expires_at < now))
+        ).all()
+    count = 0
+    for row in expired:
+        def reap(tx: Tx, row=row) -> bool:
+            step = tx.get("steps", (row.session_id, row.step_index))
+            lease = tx.conn.execute(select(leases).where(leases.c.session_id == row.session_id,
+                                                         leases.c.step_index == row.step_index)).first()
+            if step is None or step["status"] != "running" or step["attempts"] != row.attempts or \
+                    (lease is not None and lease.expires_at >= now):
+                return False
+            tx.conn.execute(delete(leases).where(leases.c.session_id == row.session_id,
+                                                 leases.c.step_index == row.step_index))
+            _failed_attempt(tx, row.session_id, row.run, row.step_index, row.attempts, "TIMEOUT",
+                            "the runner holding this step stopped (lease expired)", True, policy)
+            return True
+        count += store.write(reap)
+    return count

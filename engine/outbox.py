@@ -1,0 +1,188 @@
+"""The outbox: per-attempt work folders, publishing committed outputs, result.json and summary.json.
+
+Handlers write into `outbox/.attempts/<session>/r<run>-s<step>-a<attempt>/`. Only after
+`step.completed` commits are those files renamed into `outbox/<session>/` (batch items:
+`outbox/batches/<batch>/item-<n>/`); later runs of a restarted session go to `run-<n>/` inside.
+Every file is written under a temporary name and renamed; result.json is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+from sqlalchemy import select
+
+from engine.store import Store
+from engine.store.tables import batches, items, sessions, steps
+
+ATTEMPTS = ".attempts"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def a1111_parameters(params: dict[str, Any], seed: int, extra: dict[str, Any] | None = None) -> str:
+    """The generation parameters as AUTOMATIC1111 writes them (readable by tools people use)."""
+    lines = [params.get("prompt", "")]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    fields = {
+        "Steps": params.get("steps"),
+        "Sampler": params.get("scheduler") or "default",
+        "CFG scale": params.get("guidance_scale"),
+        "Seed": seed,
+        "Size": f"{params.get('width')}x{params.get('height')}",
+        "Model": params.get("model"),
+    }
+    if params.get("init_image"):
+        fields["Denoising strength"] = params.get("strength")
+    for lora in params.get("loras") or []:
+        fields[f"Lora {lora['model']}"] = lora["scale"]
+    fields.update(extra or {})
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: Path, parameters: str | None) -> None:
+    """A PNG with a `parameters` text chunk, written under a temporary name and renamed."""
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class Outbox:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def session_dir(self, session_id: str, run: int, batch_id: str | None = None, item_index: int | None = None) -> Path:
+        base = self.root / "batches" / batch_id / f"item-{item_index:05d}" if batch_id else self.root / session_id
+        return base if run == 1 else base / f"run-{run}"
+
+    def dir_of(self, session: dict) -> Path:
+        return self.session_dir(session["session_id"], session["run"], session["batch_id"], session["item_index"])
+
+    def batch_dir(self, batch_id: str) -> Path:
+        return self.root / "batches" / batch_id
+
+    def attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int) -> Path:
+        return self.root / ATTEMPTS / session_id / f"r{run}-s{step_index}-a{attempt}"
+
+    def fresh_attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int) -> Path:
+        folder = self.attempt_dir(session_id, run, step_index, attempt)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        return folder
+
+    def publish(self, attempt_dir: Path, target_dir: Path, names: list[str]) -> None:
+        """Rename a committed attempt's files into place; safe to repeat after a crash."""
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            source = attempt_dir / name
+            if source.exists():
+                os.replace(source, target_dir / name)
+        self.discard(attempt_dir)
+
+    def discard(self, attempt_dir: Path) -> None:
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        parent = attempt_dir.parent
+        try:
+            parent.rmdir()
+        except OSError:
+            pass
+
+    def published(self, session: dict, output: dict[str, Any]) -> dict[str, Any]:
+        """A step's output with absolute paths, wherever its files are right now."""
+        folder = self.dir_of(session)
+        resolved = {"data": output.get("data", {})}
+        for key in ("images", "files"):
+            resolved[key] = [str(folder / name) for name in output.get(key, [])]
+        return resolved
+
+    # result.json and summary.json ----------------------------------------------------------
+
+    def write_result(self, store: Store, session_id: str) -> Path | None:
+        with store.read() as conn:
+            session = conn.execute(select(sessions).where(sessions.c.session_id == session_id)).mappings().first()
+            if session is None:
+                return None
+            step_rows = conn.execute(select(steps).where(steps.c.session_id == session_id)
+                                     .order_by(steps.c.step_index)).mappings().all()
+        session = dict(session)
+        folder = self.dir_of(session)
+        params = json.loads(session["params"])
+        report_steps, images, files = [], [], []
+        for row in step_rows:
+            output = json.loads(row["output"]) if row["output"] else {}
+            data = output.get("data", {})
+            report_steps.append({
+                "index": row["step_index"], "type": row["step_type"], "domain": row["domain"],
+                "status": row["status"], "attempts": row["attempts"], "duration_s": row["duration_s"],
+                "peak_memory_bytes": data.get("peak_memory_bytes"), "error_code": row["error_code"],
+                "error_message": row["error_message"], "data": data,
+            })
+            if output.get("images"):
+                images = output["images"]
+            files += output.get("images", []) + output.get("files", [])
+        result = {
+            "session_id": session_id, "job_id": session["job_id"], "workflow_id": session["workflow_id"],
+            "status": session["status"], "run": session["run"], "batch_id": session["batch_id"],
+            "item_index": session["item_index"], "params": params, "seed": params.get("seed"),
+            "created_at": session["created_at"], "started_at": session["started_at"],
+            "finished_at": session["finished_at"], "steps": report_steps, "images": images,
+            "artifacts": sorted(set(files)),
+            "error": {"code": session["error_code"], "message": session["error_message"]}
+            if session["error_code"] else None,
+        }
+        path = folder / "result.json"
+        atomic_write_json(path, result)
+        return path
+
+    def write_summary(self, store: Store, batch_id: str) -> Path | None:
+        with store.read() as conn:
+            batch = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().first()
+            if batch is None:
+                return None
+            rows = conn.execute(select(items.c.item_index, items.c.session_id, items.c.status)
+                                .where(items.c.batch_id == batch_id).order_by(items.c.item_index)).all()
+        summary = {
+            "batch_id": batch_id, "job_id": batch["job_id"], "status": batch["status"], "run": batch["run"],
+            "total_items": batch["total_items"], "completed_items": batch["completed_items"],
+            "failed_items": batch["failed_items"], "cancelled_items": batch["cancelled_items"],
+            "created_at": batch["created_at"], "finished_at": batch["finished_at"],
+            "items": [{"index": r.item_index, "session_id": r.session_id, "status": r.status,
+                       "folder": f"item-{r.item_index:05d}"} for r in rows],
+        }
+        path = self.batch_dir(batch_id) / "summary.json"
+        atomic_write_json(path, summary)
+        return path
+
+    def finish(self, store: Store, events) -> None:
+        """Write result.json / summary.json for the sessions and batches these events ended."""
+        for event in events:
+            if event.type in ("session.completed", "session.failed", "session.cancelled"):
+                self.write_result(store, event.stream_id)
+        for event in events:
+            if event.type in ("batch.completed", "batch.failed", "batch.cancelled"):
+                self.write_summary(store, event.stream_id)

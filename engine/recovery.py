@@ -1,0 +1,79 @@
+"""Recovery at runner start: finish what committed, remove what did not, free expired leases.
+
+- An attempt folder whose step completed with that very attempt is published (the crash fell
+  between the commit and the renames).
+- An attempt folder of an attempt that never committed, and is not running under a live lease,
+  is removed.
+- Expired leases go back to pending, the attempt counted.
+- Ended sessions and batches without result.json / summary.json get them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from sqlalchemy import select
+
+from engine.lifecycle import Policy, reap_expired
+from engine.outbox import ATTEMPTS, Outbox
+from engine.store import Store
+from engine.store.tables import batches, leases, sessions, steps
+
+ATTEMPT_NAME = re.compile(r"^r(\d+)-s(\d+)-a(\d+)$")
+
+
+def recover(store: Store, outbox: Outbox, policy: Policy) -> dict[str, int]:
+    report = {"reaped": reap_expired(store, policy), "published": 0, "removed": 0, "results": 0}
+    attempts_root = outbox.root / ATTEMPTS
+    now = time.time()
+    if attempts_root.is_dir():
+        with store.read() as conn:
+            for session_dir in sorted(attempts_root.iterdir()):
+                for folder in sorted(session_dir.iterdir()) if session_dir.is_dir() else []:
+                    match = ATTEMPT_NAME.match(folder.name)
+                    if not match:
+                        continue
+                    run, index, attempt = (int(g) for g in match.groups())
+                    session = conn.execute(select(sessions).where(sessions.c.session_id == session_dir.name)
+                                           ).mappings().first()
+                    step = conn.execute(select(steps).where(steps.c.session_id == session_dir.name,
+                                                            steps.c.step_index == index)).mappings().first()
+                    lease = conn.execute(select(leases).where(leases.c.session_id == session_dir.name,
+                                                              leases.c.step_index == index)).first()
+                    if step and step["status"] == "completed" and step["attempts"] == attempt and step["run"] == run:
+                        output = json.loads(step["output"] or "{}")
+                        outbox.publish(folder, outbox.dir_of(dict(session)),
+                                       output.get("images", []) + output.get("files", []))
+                        report["published"] += 1
+                    elif lease is not None and lease.attempt == attempt and lease.run == run and lease.expires_at > now:
+                        continue  # another runner is working in it right now
+                    else:
+                        outbox.discard(folder)
+                        report["removed"] += 1
+                try:
+                    session_dir.rmdir()
+                except OSError:
+                    pass
+    report["results"] = finish_missing_results(store, outbox)
+    return report
+
+
+def finish_missing_results(store: Store, outbox: Outbox) -> int:
+    written = 0
+    with store.read() as conn:
+        ended = conn.execute(select(sessions.c.session_id, sessions.c.run, sessions.c.batch_id,
+                                    sessions.c.item_index)
+                             .where(sessions.c.status.in_(("completed", "failed", "cancelled")))).mappings().all()
+        ended_batches = conn.execute(select(batches.c.batch_id)
+                                     .where(batches.c.status.in_(("completed", "failed", "cancelled")))).all()
+    for row in ended:
+        if not (outbox.dir_of(dict(row)) / "result.json").exists():
+            outbox.write_result(store, row["session_id"])
+            written += 1
+    for row in ended_batches:
+        if not (outbox.batch_dir(row.batch_id) / "summary.json").exists():
+            outbox.write_summary(store, row.batch_id)
+            written += 1
+    return written

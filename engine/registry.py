@@ -1,0 +1,183 @@
+"""The registry of local models: diffusers folders, single-file checkpoints, LoRAs, ControlNets,
+VAEs, upscalers and safety checkers, by id. It reads only metadata: no weights, no torch.
+
+Entries live in `<models_dir>/registry.json`; diffusers folders placed directly in models_dir are
+found too (their folder name is their id). Pickle formats run code when loaded and are refused
+with UNSAFE_MODEL_FORMAT unless config.toml allows them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from engine.errors import UnknownModel, UnsafeModelFormat, ValidationError
+
+KINDS = ("pipeline", "lora", "controlnet", "vae", "upscaler", "safety")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    kind: str
+    path: str
+    format: str
+    family: str = ""
+    default_size: int = 0
+    sha256: str = ""
+
+    def location(self, models_dir: Path) -> Path:
+        path = Path(self.path)
+        return path if path.is_absolute() else models_dir / path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A hash over the names, sizes and mtimes of a folder's files (cheap; weights are not read)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > 100_000_000:
+            raise ValidationError(f"{path.name}: not a safetensors file")
+        header = json.loads(handle.read(length))
+    return [k for k in header if k != "__metadata__"]
+
+
+def guess_kind(path: Path) -> tuple[str, str, str]:
+    """(kind, format, family) of a model folder or file, from metadata alone."""
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            index = json.loads((path / "model_index.json").read_text())
+            family = "sdxl" if "text_encoder_2" in index else "sd15"
+            if index.get("_class_name", "").endswith("SafetyChecker"):
+                return "safety", "diffusers", ""
+            return "pipeline", "diffusers", family
+        config_file = path / "config.json"
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            name = config.get("_class_name", "") or "".join(config.get("architectures", []))
+            if "ControlNet" in name:
+                return "controlnet", "diffusers", ""
+            if "Autoencoder" in name:
+                return "vae", "diffusers", ""
+            if "SafetyChecker" in name:
+                return "safety", "diffusers", ""
+        raise ValidationError(f"{path}: not a diffusers folder (no model_index.json or known config.json)")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return "upscaler", "pickle", ""
+    if path.suffix.lower() != ".safetensors":
+        raise ValidationError(f"{path.name}: unknown model format (want a diffusers folder or .safetensors)")
+    keys = safetensors_keys(path)
+    joined = " ".join(keys[:2000])
+    if "lora" in joined:
+        return "lora", "safetensors", ""
+    if "controlnet_cond_embedding" in joined:
+        return "controlnet", "safetensors", ""
+    if "model.diffusion_model." in joined:
+        family = "sdxl" if "conditioner.embedders.1" in joined else "sd15"
+        return "pipeline", "safetensors", family
+    return "upscaler", "safetensors", ""
+
+
+class ModelRegistry:
+    def __init__(self, models_dir: Path, allow_pickle: bool = False) -> None:
+        self.models_dir = models_dir
+        self.allow_pickle = allow_pickle
+        self.index_file = models_dir / "registry.json"
+
+    def _read_index(self) -> dict[str, dict]:
+        if not self.index_file.is_file():
+            return {}
+        return json.loads(self.index_file.read_text())
+
+    def entries(self) -> dict[str, ModelEntry]:
+        found: dict[str, ModelEntry] = {}
+        if self.models_dir.is_dir():
+            for folder in sorted(self.models_dir.iterdir()):
+                if folder.is_dir() and (folder / "model_index.json").is_file():
+                    kind, fmt, family = guess_kind(folder)
+                    found[folder.name] = ModelEntry(folder.name, kind, folder.name, fmt, family, _native_size(folder))
+        for model_id, data in self._read_index().items():
+            found[model_id] = ModelEntry(**data)
+        return found
+
+    def get(self, model_id: str, kind: str | None = None, field: str = "params.model") -> ModelEntry:
+        entry = self.entries().get(model_id)
+        if entry is None or (kind and entry.kind != kind):
+            known = sorted(k for k, e in self.entries().items() if kind is None or e.kind == kind)
+            wanted = f"{kind} " if kind else ""
+            raise UnknownModel(
+                f"{field}: unknown {wanted}model {model_id!r}; known: {', '.join(known) or 'none (engine models add PATH --id ID)'}",
+                [{"loc": field}],
+            )
+        if entry.format == "pickle" and not self.allow_pickle:
+            raise UnsafeModelFormat(f"{field}: {model_id!r} is a pickle file; allow it with models.allow_pickle")
+        return entry
+
+    def default_pipeline(self) -> ModelEntry:
+        pipelines = [e for e in self.entries().values() if e.kind == "pipeline"]
+        if not pipelines:
+            raise UnknownModel("no model is registered: engine models add PATH --id ID", [{"loc": "params.model"}])
+        return pipelines[0]
+
+    def add(self, path: Path, model_id: str, kind: str | None = None) -> ModelEntry:
+        path = path.resolve()
+        if not path.exists():
+            raise ValidationError(f"{path}: no such file or folder")
+        if path.suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
+            raise UnsafeModelFormat(
+                f"{path.name}: pickle formats (.ckpt, .bin, .pt, .pth) can run code when loaded; "
+                "convert to .safetensors, or set models.allow_pickle = true"
+            )
+        if path.is_dir() and any(p.suffix.lower() in PICKLE_SUFFIXES for p in path.rglob("*")) and not any(
+            p.suffix == ".safetensors" for p in path.rglob("*")
+        ) and not self.allow_pickle:
+            raise UnsafeModelFormat(f"{path}: holds only pickle weights; convert to safetensors")
+        guessed_kind, fmt, family = guess_kind(path)
+        kind = kind or guessed_kind
+        if kind not in KINDS:
+            raise ValidationError(f"unknown model kind {kind!r}; one of {', '.join(KINDS)}")
+        try:
+            relative = path.relative_to(self.models_dir.resolve())
+            stored = str(relative)
+        except ValueError:
+            stored = str(path)
+        sha = file_sha256(path) if path.is_file() else folder_fingerprint(path)
+        entry = ModelEntry(model_id, kind, stored, fmt, family, _native_size(path) if path.is_dir() else 0, sha)
+        index = self._read_index()
+        index[model_id] = asdict(entry)
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.index_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
+        os.replace(tmp, self.index_file)
+        return entry
+
+
+def _native_size(folder: Path) -> int:
+    """The image size a diffusers pipeline was trained for (unet sample_size x VAE scale)."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae.get("block_out_channels", [1, 1, 1, 1])) - 1)
+    except (OSError, KeyError, ValueError):
+        return 0

@@ -1,0 +1,251 @@
+"""The runner: claim a step under a lease, run its handler in a worker thread, record the result.
+
+The handler runs in one worker thread (one per device); this thread renews the lease, watches
+for pause and cancel (setting the handler's cancellation token), and writes throttled progress.
+A step's completion and the claim of the next step commit in one transaction; the step's files
+are renamed into the outbox right after that commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Callable
+
+from sqlalchemy import func, select
+
+from engine import lifecycle
+from engine.errors import Cancelled, EngineError, StaleLease
+from engine.handlers import CancellationToken, Registry, StepContext, StepResult
+from engine.lifecycle import Claim, Policy
+from engine.outbox import Outbox
+from engine.recovery import recover
+from engine.store import Store, Tx
+from engine.store.tables import sessions, steps
+
+log = logging.getLogger("engine.runner")
+
+
+def default_runner_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Runner:
+    def __init__(self, config, store: Store, registry: Registry, runner_id: str | None = None,
+                 on_step: Callable[[Claim, str], None] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.registry = registry
+        self.runner_id = runner_id or default_runner_id()
+        self.policy = Policy.from_config(config)
+        self.outbox = Outbox(config.outbox)
+        runner = config.values["runner"]
+        self.heartbeat_every = runner["heartbeat_seconds"]
+        self.control_every = runner["control_poll_seconds"]
+        self.idle_sleep = runner["idle_poll_seconds"]
+        self.progress_every = 1.0 / max(runner["progress_writes_per_second"], 0.01)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-worker")
+        self.stop_event = threading.Event()
+        self.on_step = on_step or (lambda claim, outcome: None)
+        self.steps_done = 0
+
+    # the loop ------------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        return recover(self.store, self.outbox, self.policy)
+
+    def run(self, until_idle: bool = False, before_idle_check: Callable[[], bool] | None = None) -> int:
+        """Run steps until stopped (or, with until_idle, until nothing is left to do)."""
+        self.recover()
+        claim: Claim | None = None
+        last_reap = time.monotonic()
+        while not self.stop_event.is_set():
+            if claim is None:
+                claim = lifecycle.claim(self.store, self.runner_id, self.policy)
+            if claim is not None:
+                claim = self.execute(claim)
+                continue
+            if time.monotonic() - last_reap > self.policy.lease_seconds / 2:
+                lifecycle.reap_expired(self.store, self.policy)
+                last_reap = time.monotonic()
+            if until_idle and (before_idle_check is None or before_idle_check()) and self.nothing_left():
+                break
+            self.stop_event.wait(self.idle_sleep)
+        return self.steps_done
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+    def nothing_left(self) -> bool:
+        """No step is running anywhere and none is waiting to run (paused sessions wait for a user)."""
+        with self.store.read() as conn:
+            busy = conn.execute(
+                select(func.count()).select_from(steps.join(sessions, sessions.c.session_id == steps.c.session_id))
+                .where((steps.c.status == "running") |
+                       ((steps.c.status == "pending") & sessions.c.status.in_(("pending", "running"))))
+            ).scalar()
+        return busy == 0
+
+    # one step ------------------------------------------------------------------------------
+
+    def execute(self, claim: Claim) -> Claim | None:
+        """Run one claimed step to its recorded end; returns the next claim, if one was taken."""
+        work_dir = self.outbox.fresh_attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt)
+        token = CancellationToken()
+        progress = _Progress()
+        notices: list[tuple[str, dict[str, Any]]] = []
+        context = StepContext(
+            session_id=claim.session_id, run=claim.run, step_index=claim.step_index, step_type=claim.step_type,
+            domain=claim.domain, attempt=claim.attempt, params=claim.params, step_config=claim.step_config,
+            previous=self._previous_outputs(claim), work_dir=work_dir, inbox=self.config.inbox, token=token,
+            progress=progress.set, config=self.config, shared=self.registry.shared,
+            notify=lambda kind, data: notices.append((kind, data)),
+        )
+        started = time.monotonic()
+        try:
+            handler = self.registry.get(claim.step_type)
+            future = self.executor.submit(handler, context)
+            result = self._wait(future, claim, token, progress)
+        except Cancelled:
+            self._record_notices(notices)
+            return self._interrupted(claim, token, work_dir)
+        except EngineError as exc:
+            self._record_notices(notices)
+            return self._failed(claim, exc.code, exc.message, exc.retryable, work_dir)
+        except Exception as exc:  # a handler's own bug or a library error: the step failed
+            self._record_notices(notices)
+            log.exception("step %s of %s failed", claim.step_index, claim.session_id)
+            return self._failed(claim, "STEP_FAILED", f"{type(exc).__name__}: {exc}", True, work_dir)
+        self._record_notices(notices)
+        return self._completed(claim, result, time.monotonic() - started, work_dir)
+
+    def _wait(self, future, claim: Claim, token: CancellationToken, progress: "_Progress") -> StepResult:
+        last_beat = time.monotonic()
+        while True:
+            try:
+                return future.result(timeout=self.control_every)
+            except FutureTimeout:
+                pass
+            now = time.monotonic()
+            value = progress.take_if_due(self.progress_every)
+            if value is not None or now - last_beat >= self.heartbeat_every:
+                owned, status = lifecycle.heartbeat(self.store, claim, self.policy, *(value or (None, None)))
+                last_beat = now
+                if not owned:
+                    token.set("lease lost")
+            else:
+                status = lifecycle.session_status(self.store, claim.session_id)
+            if status in (None, "cancelled", "deleted"):
+                token.set("cancelled")
+            elif status == "paused":
+                token.set("paused")
+
+    def _previous_outputs(self, claim: Claim) -> list[dict[str, Any]]:
+        import json
+
+        if claim.step_index == 0:
+            return []
+        with self.store.read() as conn:
+            session = conn.execute(select(sessions).where(sessions.c.session_id == claim.session_id)).mappings().first()
+            rows = conn.execute(select(steps.c.step_index, steps.c.attempts, steps.c.output)
+                                .where(steps.c.session_id == claim.session_id, steps.c.step_index < claim.step_index)
+                                .order_by(steps.c.step_index)).all()
+        outputs = []
+        for row in rows:
+            output = json.loads(row.output or "{}")
+            resolved = self.outbox.published(dict(session), output)
+            pending = self.outbox.attempt_dir(claim.session_id, claim.run, row.step_index, row.attempts)
+            for key in ("images", "files"):  # not yet renamed (another runner mid-publish): read in place
+                resolved[key] = [p if os.path.exists(p) or not (pending / os.path.basename(p)).exists()
+                                 else str(pending / os.path.basename(p)) for p in resolved[key]]
+            outputs.append(resolved)
+        return outputs
+
+    # recording outcomes --------------------------------------------------------------------
+
+    def _completed(self, claim: Claim, result: StepResult, duration: float, work_dir) -> Claim | None:
+        output = {"images": list(result.images), "files": list(result.files), "data": result.data}
+
+        def record(tx: Tx) -> Claim | None:
+            lifecycle.complete_in(tx, claim, output, duration)
+            if self.stop_event.is_set():
+                return None
+            return lifecycle.claim_in(tx, self.runner_id, self.policy)
+
+        try:
+            next_claim, events = self.store.write_events(record)
+        except StaleLease:
+            self.outbox.discard(work_dir)
+            self.on_step(claim, "stale")
+            return None
+        session = {"session_id": claim.session_id, "run": claim.run, "batch_id": claim.batch_id,
+                   "item_index": claim.item_index}
+        self.outbox.publish(work_dir, self.outbox.dir_of(session), output["images"] + output["files"])
+        self.outbox.finish(self.store, events)
+        self.steps_done += 1
+        self.on_step(claim, "completed")
+        return next_claim
+
+    def _failed(self, claim: Claim, code: str, message: str, retryable: bool, work_dir) -> None:
+        self.outbox.discard(work_dir)
+        try:
+            _, events = self.store.write_events(
+                lambda tx: lifecycle.fail_in(tx, claim, code, message, retryable, self.policy))
+        except StaleLease:
+            self.on_step(claim, "stale")
+            return None
+        self.outbox.finish(self.store, events)
+        self.on_step(claim, "failed")
+        return None
+
+    def _interrupted(self, claim: Claim, token: CancellationToken, work_dir) -> None:
+        self.outbox.discard(work_dir)
+        if token.reason == "paused":
+            try:
+                self.store.write(lambda tx: lifecycle.release_in(tx, claim, "paused"))
+            except StaleLease:
+                pass
+        self.on_step(claim, token.reason or "interrupted")
+        return None
+
+    def _record_notices(self, notices: list[tuple[str, dict[str, Any]]]) -> None:
+        if not notices:
+            return
+
+        def record(tx: Tx) -> None:
+            for kind, data in notices:
+                key = f"{self.runner_id}:{data['model_id']}"
+                tx.emit("model", key, kind, {**data, "model_key": key, "runner_id": self.runner_id})
+
+        self.store.write(record)
+        notices.clear()
+
+
+class _Progress:
+    """The latest progress a handler reported, handed to the store at most so often."""
+
+    def __init__(self) -> None:
+        self._value: tuple[float, str] | None = None
+        self._sent_at = 0.0
+        self._lock = threading.Lock()
+
+    def set(self, fraction: float, message: str = "") -> None:
+        with self._lock:
+            self._value = (float(fraction), message)
+
+    def take_if_due(self, every: float) -> tuple[float, str] | None:
+        now = time.monotonic()
+        with self._lock:
+            if self._value is None or now - self._sent_at < every:
+                return None
+            value, self._value, self._sent_at = self._value, None, now
+            return value

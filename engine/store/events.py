@@ -1,0 +1,50 @@
+"""Events: the frozen records the log is made of, and their JSON form."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+
+def now_iso() -> str:
+    """UTC timestamps as sortable text, the same on SQLite and PostgreSQL."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    stream_type: str
+    stream_id: str
+    seq: int
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    event_id: int | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "stream_type": self.stream_type,
+            "stream_id": self.stream_id,
+            "seq": self.seq,
+            "type": self.type,
+            "data": dumps(self.data),
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_row(cls, row: Any) -> "Event":
+        return cls(
+            stream_type=row.stream_type,
+            stream_id=row.stream_id,
+            seq=row.seq,
+            type=row.type,
+            data=json.loads(row.data),
+            created_at=row.created_at,
+            event_id=row.event_id,
+        )
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

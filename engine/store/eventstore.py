@@ -1,0 +1,190 @@
+"""The event store: append events and update projections in one transaction; read streams.
+
+This is the narrow interface the rest of the engine writes through. `Store.write(fn)` runs
+`fn(tx)` in one writing transaction (retried on lock conflicts); inside it `tx.emit(...)`
+appends one event and folds it through the reducer into the projections.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
+
+from sqlalchemy import create_engine, delete, insert, select, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from engine.store import reducer
+from engine.store.dialects import dialect_for
+from engine.store.events import Event, now_iso
+from engine.store.projection import DatabaseProjection, MemoryProjection
+from engine.store.tables import PROJECTIONS, events, leases
+
+T = TypeVar("T")
+
+
+class Tx:
+    """One writing transaction: emitted events, their projection rows, and the connection."""
+
+    def __init__(self, conn: Connection, store: "Store") -> None:
+        self.conn = conn
+        self.store = store
+        self.projection = DatabaseProjection(conn)
+        self.emitted: list[Event] = []
+
+    def emit(self, stream_type: str, stream_id: str, type: str, data: dict[str, Any]) -> Event:
+        seq = reducer.stream_version(self.projection, stream_type, stream_id) + 1
+        created_at = now_iso()
+        row = {"stream_type": stream_type, "stream_id": stream_id, "seq": seq, "type": type,
+               "data": "", "created_at": created_at}
+        event = Event(stream_type, stream_id, seq, type, data, created_at)
+        row["data"] = event.row()["data"]
+        event_id = self.conn.execute(insert(events).values(**row)).inserted_primary_key[0]
+        event = Event(stream_type, stream_id, seq, type, data, created_at, event_id)
+        reducer.apply(self.projection, event)
+        self.emitted.append(event)
+        return event
+
+    def get(self, table: str, key: tuple) -> dict | None:
+        return self.projection.get(table, key)
+
+
+class Store:
+    """An engine's database: a writer pool, a reader pool and the dialect's hooks."""
+
+    def __init__(self, url: str, synchronous: str = "FULL", busy_timeout_ms: int = 10000) -> None:
+        self.url = url
+        self.dialect = dialect_for(url, synchronous, busy_timeout_ms)
+        self.writer = self._engine(writer=True)
+        self.reader = self._engine(writer=False)
+
+    def _engine(self, writer: bool) -> Engine:
+        kwargs: dict[str, Any] = {}
+        if self.dialect.name == "postgresql":
+            kwargs["pool_pre_ping"] = True
+        engine = create_engine(self.url, **kwargs)
+        self.dialect.install(engine, writer)
+        return engine
+
+    @classmethod
+    def from_config(cls, config) -> "Store":
+        return cls(config.database_url, config.get("database", "synchronous"), config.get("database", "busy_timeout_ms"))
+
+    def close(self) -> None:
+        self.writer.dispose()
+        self.reader.dispose()
+
+    # writing ---------------------------------------------------------------------------------
+
+    def write(self, fn: Callable[[Tx], T], attempts: int = 8) -> T:
+        """Run fn(tx) in one writing transaction; retried when another writer got in the way."""
+        return self.write_events(fn, attempts)[0]
+
+    def write_events(self, fn: Callable[[Tx], T], attempts: int = 8) -> tuple[T, list[Event]]:
+        """Like `write`, also returning the events the transaction appended."""
+        for attempt in range(attempts):
+            tx = None
+            try:
+                with self.writer.begin() as conn:
+                    tx = Tx(conn, self)
+                    result = fn(tx)
+                    tx.projection.flush()
+                return result, tx.emitted
+            except (OperationalError, IntegrityError) as exc:
+                if attempt == attempts - 1 or not _is_conflict(exc):
+                    raise
+                time.sleep(0.01 * (2 ** attempt))
+        raise AssertionError("unreachable")
+
+    # reading ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.reader.connect() as conn:
+            yield conn
+
+    def stream(self, stream_type: str, stream_id: str) -> list[Event]:
+        with self.read() as conn:
+            rows = conn.execute(
+                select(events).where(events.c.stream_type == stream_type, events.c.stream_id == stream_id)
+                .order_by(events.c.seq)
+            )
+            return [Event.from_row(r) for r in rows]
+
+    def all_events(self, chunk: int = 20000) -> Iterator[Event]:
+        """Every event in log order, read in chunks so a long log does not sit in memory twice."""
+        last = 0
+        with self.read() as conn:
+            while True:
+                rows = conn.execute(
+                    select(events).where(events.c.event_id > last).order_by(events.c.event_id).limit(chunk)
+                ).all()
+                if not rows:
+                    return
+                for row in rows:
+                    yield Event.from_row(row)
+                last = rows[-1].event_id
+
+    # rebuild ---------------------------------------------------------------------------------
+
+    def fold_log(self) -> MemoryProjection:
+        projection = MemoryProjection()
+        for event in self.all_events():
+            reducer.apply(projection, event)
+        return projection
+
+    def rebuild(self) -> dict[str, int]:
+        """Drop every projection row and replay the log; returns the rows written per table."""
+        projection = self.fold_log()
+
+        def replace(tx: Tx) -> dict[str, int]:
+            counts = {}
+            for name, table in PROJECTIONS.items():
+                tx.conn.execute(delete(table))
+                rows = list(projection.tables[name].values())
+                for start in range(0, len(rows), 5000):
+                    tx.conn.execute(insert(table), rows[start:start + 5000])
+                counts[name] = len(rows)
+            running = {(r["session_id"], r["step_index"]) for r in projection.tables["steps"].values()
+                       if r["status"] == "running"}
+            for lease in tx.conn.execute(select(leases.c.session_id, leases.c.step_index)).all():
+                if (lease.session_id, lease.step_index) not in running:
+                    tx.conn.execute(delete(leases).where(leases.c.session_id == lease.session_id,
+                                                         leases.c.step_index == lease.step_index))
+            return counts
+
+        return self.write(replace)
+
+    def verify(self) -> list[str]:
+        """Differences between the live projections and a fresh fold of the log (empty: none)."""
+        projection = self.fold_log()
+        differences = []
+        with self.read() as conn:
+            for name, table in PROJECTIONS.items():
+                keys = [c.name for c in table.primary_key.columns]
+                live = {tuple(r[k] for k in keys): dict(r) for r in conn.execute(select(table)).mappings()}
+                folded = projection.tables[name]
+                for key in sorted(set(live) | set(folded), key=str):
+                    if key not in live:
+                        differences.append(f"{name} {key}: missing from the live table")
+                    elif key not in folded:
+                        differences.append(f"{name} {key}: in the live table but not in the log")
+                    else:
+                        for column, value in folded[key].items():
+                            if live[key].get(column) != value:
+                                differences.append(
+                                    f"{name} {key}.{column}: live {live[key].get(column)!r}, log {value!r}")
+        return differences
+
+    def ping(self) -> None:
+        with self.read() as conn:
+            conn.execute(text("SELECT 1"))
+
+
+def _is_conflict(exc: DBAPIError) -> bool:
+    message = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
+    return any(word in message for word in (
+        "database is locked", "deadlock", "could not serialize", "duplicate key", "unique constraint",
+        "could not obtain lock",
+    ))

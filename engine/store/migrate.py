@@ -1,0 +1,25 @@
+"""Schema migrations through Alembic: `engine init` runs `upgrade head`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(store) -> None:
+    """Bring the database to the newest schema, using the store's writer connection."""
+    config = alembic_config(store.url)
+    with store.reader.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")

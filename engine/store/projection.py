@@ -1,0 +1,116 @@
+"""Where the reducer's rows live: in memory (rebuild, verify) or in the database (live writes).
+
+`DatabaseProjection` loads rows lazily inside the writing transaction (locking them FOR UPDATE on
+PostgreSQL), lets the reducer change them in memory, and writes back only what changed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy.engine import Connection
+
+from engine.store.tables import PROJECTIONS
+
+Row = dict[str, Any]
+KEYS = {name: [c.name for c in table.primary_key.columns] for name, table in PROJECTIONS.items()}
+PARENT = {"steps": "session_id", "items": "batch_id"}
+
+
+class MemoryProjection:
+    """All rows in dicts: what `rebuild` folds the whole log into."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[tuple, Row]] = {name: {} for name in PROJECTIONS}
+        self._by_parent: dict[str, dict[str, dict[tuple, Row]]] = {t: defaultdict(dict) for t in PARENT}
+
+    def get(self, table: str, key: tuple) -> Row | None:
+        return self.tables[table].get(key)
+
+    def put(self, table: str, row: Row) -> None:
+        key = tuple(row[k] for k in KEYS[table])
+        self.tables[table][key] = row
+        if table in PARENT:
+            self._by_parent[table][row[PARENT[table]]][key] = row
+
+    def delete(self, table: str, key: tuple) -> None:
+        row = self.tables[table].pop(key, None)
+        if row is not None and table in PARENT:
+            self._by_parent[table][row[PARENT[table]]].pop(key, None)
+
+    def children(self, table: str, parent_id: str) -> list[Row]:
+        return sorted(self._by_parent[table].get(parent_id, {}).values(), key=lambda r: tuple(r[k] for k in KEYS[table]))
+
+
+class DatabaseProjection:
+    """Rows read from and written back to the database within one transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._rows: dict[tuple[str, tuple], Row | None] = {}
+        self._in_db: set[tuple[str, tuple]] = set()
+        self._dirty: dict[tuple[str, tuple], None] = {}
+        self._loaded_parents: set[tuple[str, str]] = set()
+
+    def seed(self, table: str, row: Row) -> None:
+        """Hand over a row already read in this transaction, saving a query."""
+        entry = (table, tuple(row[k] for k in KEYS[table]))
+        if entry not in self._rows:
+            self._rows[entry] = dict(row)
+            self._in_db.add(entry)
+
+    def get(self, table: str, key: tuple) -> Row | None:
+        entry = (table, key)
+        if entry not in self._rows:
+            t = PROJECTIONS[table]
+            clause = and_(*[t.c[k] == v for k, v in zip(KEYS[table], key)])
+            row = self.conn.execute(select(t).where(clause).with_for_update()).mappings().first()
+            self._rows[entry] = dict(row) if row else None
+            if row:
+                self._in_db.add(entry)
+        row = self._rows[entry]
+        return dict(row) if row is not None else None
+
+    def put(self, table: str, row: Row) -> None:
+        entry = (table, tuple(row[k] for k in KEYS[table]))
+        self._rows[entry] = dict(row)
+        self._dirty[entry] = None
+
+    def delete(self, table: str, key: tuple) -> None:
+        self._rows[(table, key)] = None
+        self._dirty[(table, key)] = None
+
+    def children(self, table: str, parent_id: str) -> list[Row]:
+        if (table, parent_id) not in self._loaded_parents:
+            t = PROJECTIONS[table]
+            for row in self.conn.execute(select(t).where(t.c[PARENT[table]] == parent_id).with_for_update()).mappings():
+                self.seed(table, row)
+            self._loaded_parents.add((table, parent_id))
+        found = [
+            dict(row) for (name, key), row in self._rows.items()
+            if name == table and row is not None and row[PARENT[table]] == parent_id
+        ]
+        return sorted(found, key=lambda r: tuple(r[k] for k in KEYS[table]))
+
+    def flush(self) -> None:
+        """Write the changed rows: inserts, updates and deletes, grouped per table."""
+        inserts: dict[str, list[Row]] = defaultdict(list)
+        for entry in self._dirty:
+            table, key = entry
+            row = self._rows[entry]
+            t = PROJECTIONS[table]
+            clause = and_(*[t.c[k] == v for k, v in zip(KEYS[table], key)])
+            if row is None:
+                if entry in self._in_db:
+                    self.conn.execute(delete(t).where(clause))
+                    self._in_db.discard(entry)
+            elif entry in self._in_db:
+                self.conn.execute(update(t).where(clause).values(**row))
+            else:
+                inserts[table].append(row)
+                self._in_db.add(entry)
+        for table, rows in inserts.items():
+            self.conn.execute(insert(PROJECTIONS[table]), rows)
+        self._dirty.clear()

@@ -1,0 +1,247 @@
+"""The one pure reducer: folds events into projection rows.
+
+`apply(projection, event)` reads and writes rows only through the projection interface
+(`get`, `put`, `delete`, `children`), so the live store (rows loaded from the database inside the
+appending transaction), `engine rebuild` and `rebuild --verify` (rows in memory) share it.
+Every status change goes through the state machines in `engine.machines`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from engine.machines import BATCH, ITEM, SESSION, STEP, TRIGGERS
+from engine.store.events import Event, dumps
+
+Row = dict[str, Any]
+
+
+class Projection(Protocol):
+    def get(self, table: str, key: tuple) -> Row | None: ...
+    def put(self, table: str, row: Row) -> None: ...
+    def delete(self, table: str, key: tuple) -> None: ...
+    def children(self, table: str, parent_id: str) -> list[Row]: ...
+
+
+class ReplayError(Exception):
+    """The log does not fold: an event out of sequence or for an entity that does not exist."""
+
+
+STREAM_ROWS = {"session": "sessions", "batch": "batches", "job": "jobs", "model": "models"}
+
+
+def stream_version(projection: Projection, stream_type: str, stream_id: str) -> int:
+    row = projection.get(STREAM_ROWS[stream_type], (stream_id,))
+    return row["last_seq"] if row else 0
+
+
+def apply(projection: Projection, event: Event) -> None:
+    """Fold one event into the projection."""
+    handler = _HANDLERS.get(event.type)
+    if handler is None:
+        raise ReplayError(f"unknown event type {event.type}")
+    if event.type.split(".")[0] in ("session", "step", "batch", "item", "job", "model"):
+        expected = stream_version(projection, event.stream_type, event.stream_id) + 1
+        if event.seq != expected:
+            raise ReplayError(f"{event.stream_type} {event.stream_id}: seq {event.seq}, expected {expected}")
+    handler(projection, event)
+
+
+def _require(projection: Projection, table: str, key: tuple) -> Row:
+    row = projection.get(table, key)
+    if row is None:
+        raise ReplayError(f"{table} {key} does not exist")
+    return dict(row)
+
+
+# sessions and steps -------------------------------------------------------------------------
+
+def _session_created(p: Projection, e: Event) -> None:
+    d = e.data
+    steps = d["steps"]
+    p.put("sessions", {
+        "session_id": e.stream_id, "job_id": d.get("job_id"), "batch_id": d.get("batch_id"),
+        "item_index": d.get("item_index"), "workflow_id": d["workflow_id"],
+        "status": "paused" if d.get("hold") else "pending", "run": 1, "current_step": 0,
+        "total_steps": len(steps), "priority": d.get("priority", 0), "params": dumps(d["params"]),
+        "steps": dumps(steps), "error_code": None, "error_message": None,
+        "created_event": e.event_id or 0, "created_at": e.created_at, "started_at": None,
+        "updated_at": e.created_at, "finished_at": None, "last_seq": e.seq,
+    })
+    for index, step in enumerate(steps):
+        p.put("steps", _fresh_step(e.stream_id, index, 1, step))
+
+
+def _fresh_step(session_id: str, index: int, run: int, step: dict) -> Row:
+    return {
+        "session_id": session_id, "step_index": index, "run": run, "step_type": step["type"],
+        "domain": step["domain"], "status": "pending", "attempts": 0, "not_before": None,
+        "started_at": None, "finished_at": None, "duration_s": None, "error_code": None,
+        "error_message": None, "output": None,
+    }
+
+
+def _session_transition(p: Projection, e: Event) -> None:
+    session = _require(p, "sessions", (e.stream_id,))
+    trigger = _trigger(e.type)
+    session["status"] = SESSION.dest(trigger, session["status"], started=session["started_at"] is not None)
+    session["updated_at"] = e.created_at
+    session["last_seq"] = e.seq
+    if trigger == "start":
+        session["started_at"] = e.created_at
+    elif trigger == "complete":
+        session["finished_at"] = e.created_at
+        session["current_step"] = session["total_steps"]
+    elif trigger in ("fail", "cancel"):
+        session["finished_at"] = e.created_at
+        session["error_code"] = e.data.get("code", "CANCELLED" if trigger == "cancel" else "STEP_FAILED")
+        session["error_message"] = e.data.get("message")
+        for step in p.children("steps", e.stream_id):
+            if STEP.allowed("cancel", step["status"]):
+                p.put("steps", {**step, "status": STEP.dest("cancel", step["status"]), "finished_at": e.created_at})
+    elif trigger == "restart":
+        session.update(run=e.data["run"], current_step=0, started_at=None, finished_at=None,
+                       error_code=None, error_message=None)
+        for index, step in enumerate(_loads(session["steps"])):
+            p.put("steps", _fresh_step(e.stream_id, index, e.data["run"], step))
+    elif trigger == "delete":
+        for step in p.children("steps", e.stream_id):
+            p.delete("steps", (e.stream_id, step["step_index"]))
+        p.delete("sessions", (e.stream_id,))
+        return
+    p.put("sessions", session)
+
+
+def _step_event(p: Projection, e: Event) -> None:
+    session = _require(p, "sessions", (e.stream_id,))
+    index = e.data["step_index"]
+    step = _require(p, "steps", (e.stream_id, index))
+    trigger = _trigger(e.type)
+    step["status"] = STEP.dest(trigger, step["status"])
+    if trigger == "claim":
+        step.update(attempts=e.data["attempt"], started_at=e.created_at, finished_at=None, not_before=None)
+        session["current_step"] = index
+    elif trigger == "complete":
+        step.update(finished_at=e.created_at, duration_s=e.data.get("duration_s"),
+                    output=dumps(e.data.get("output", {})), error_code=None, error_message=None)
+        session["current_step"] = index + 1
+    elif trigger == "retry":
+        step.update(not_before=e.data.get("not_before"), error_code=e.data.get("code"),
+                    error_message=e.data.get("message"))
+    elif trigger == "release":
+        step["attempts"] = max(0, step["attempts"] - 1)
+    elif trigger == "fail":
+        step.update(finished_at=e.created_at, error_code=e.data.get("code"), error_message=e.data.get("message"))
+    session["updated_at"] = e.created_at
+    session["last_seq"] = e.seq
+    p.put("steps", step)
+    p.put("sessions", session)
+
+
+# batches and items --------------------------------------------------------------------------
+
+def _batch_created(p: Projection, e: Event) -> None:
+    d = e.data
+    p.put("batches", {
+        "batch_id": e.stream_id, "job_id": d.get("job_id"), "status": "paused" if d.get("hold") else "pending",
+        "run": 1, "priority": d.get("priority", 0), "config": dumps(d.get("config", {})),
+        "total_items": len(d["items"]), "completed_items": 0, "failed_items": 0, "cancelled_items": 0,
+        "created_at": e.created_at, "started_at": None, "updated_at": e.created_at, "finished_at": None,
+        "last_seq": e.seq,
+    })
+    for index, session_id in enumerate(d["items"]):
+        p.put("items", {"batch_id": e.stream_id, "item_index": index, "session_id": session_id,
+                        "status": "pending", "updated_at": e.created_at})
+
+
+def _batch_transition(p: Projection, e: Event) -> None:
+    batch = _require(p, "batches", (e.stream_id,))
+    trigger = _trigger(e.type)
+    batch["status"] = BATCH.dest(trigger, batch["status"], started=batch["started_at"] is not None)
+    batch["updated_at"] = e.created_at
+    batch["last_seq"] = e.seq
+    if trigger == "start":
+        batch["started_at"] = e.created_at
+    elif trigger in ("complete", "fail", "cancel"):
+        batch["finished_at"] = e.created_at
+    elif trigger == "restart":
+        batch.update(run=e.data["run"], completed_items=0, failed_items=0, cancelled_items=0,
+                     started_at=None, finished_at=None)
+        for item in p.children("items", e.stream_id):
+            p.put("items", {**item, "status": "pending", "updated_at": e.created_at})
+    elif trigger == "delete":
+        for item in p.children("items", e.stream_id):
+            p.delete("items", (e.stream_id, item["item_index"]))
+        p.delete("batches", (e.stream_id,))
+        return
+    p.put("batches", batch)
+
+
+_COUNTERS = {"completed": "completed_items", "failed": "failed_items", "cancelled": "cancelled_items"}
+
+
+def _item_event(p: Projection, e: Event) -> None:
+    batch = _require(p, "batches", (e.stream_id,))
+    item = _require(p, "items", (e.stream_id, e.data["item_index"]))
+    new_status = ITEM.dest(_trigger(e.type), item["status"])
+    if item["status"] in _COUNTERS:
+        batch[_COUNTERS[item["status"]]] -= 1
+    if new_status in _COUNTERS:
+        batch[_COUNTERS[new_status]] += 1
+    item.update(status=new_status, updated_at=e.created_at)
+    batch.update(updated_at=e.created_at, last_seq=e.seq)
+    p.put("items", item)
+    p.put("batches", batch)
+
+
+# jobs and models ----------------------------------------------------------------------------
+
+def _job_event(p: Projection, e: Event) -> None:
+    d = e.data
+    row = p.get("jobs", (e.stream_id,))
+    base = dict(row) if row else {"job_key": e.stream_id, "created_at": e.created_at}
+    base.update(
+        job_id=d.get("job_id"), status="accepted" if e.type == "job.received" else "rejected",
+        file_name=d.get("file_name"), content_hash=d.get("content_hash"), target_type=d.get("target_type"),
+        target_id=d.get("target_id"), error_code=d.get("code"), error_message=d.get("message"),
+        updated_at=e.created_at, last_seq=e.seq,
+    )
+    p.put("jobs", base)
+
+
+def _model_event(p: Projection, e: Event) -> None:
+    d = e.data
+    row = p.get("models", (e.stream_id,))
+    base = dict(row) if row else {"model_key": e.stream_id, "loads": 0}
+    loaded = e.type == "model.loaded"
+    base.update(
+        model_id=d["model_id"], runner_id=d.get("runner_id", ""), loaded=int(loaded),
+        loads=base["loads"] + int(loaded), device=d.get("device"), file=d.get("file", base.get("file")),
+        file_hash=d.get("file_hash", base.get("file_hash")), updated_at=e.created_at, last_seq=e.seq,
+    )
+    p.put("models", base)
+
+
+def _trigger(event_type: str) -> str:
+    return TRIGGERS[event_type.split(".", 1)[1]]
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text)
+
+
+_HANDLERS = {
+    "session.created": _session_created,
+    **{f"session.{verb}": _session_transition for verb in
+       ("started", "paused", "resumed", "completed", "failed", "cancelled", "restarted", "deleted")},
+    **{f"step.{verb}": _step_event for verb in ("claimed", "completed", "retried", "released", "failed")},
+    "batch.created": _batch_created,
+    **{f"batch.{verb}": _batch_transition for verb in
+       ("started", "paused", "resumed", "completed", "failed", "cancelled", "restarted", "deleted")},
+    **{f"item.{verb}": _item_event for verb in ("started", "completed", "failed", "cancelled", "restarted")},
+    "job.received": _job_event,
+    "job.rejected": _job_event,
+    "model.loaded": _model_event,
+    "model.unloaded": _model_event,
+}

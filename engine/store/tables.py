@@ -1,0 +1,174 @@
+"""SQLAlchemy Core tables: the append-only event log, its projections, and the contract's views.
+
+`events` is the truth. `sessions`, `steps`, `batches`, `items`, `jobs` and `models` are
+projections: they change only by folding new events through the reducer, in the transaction that
+appends them. The contract's read-only views over them are created by the Alembic migrations. `leases` is operational state (who owns a running step until when, live progress):
+it is not rebuilt from events, and a running step without a live lease is recovered.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+EventId = BigInteger().with_variant(Integer(), "sqlite")
+
+events = Table(
+    "events",
+    metadata,
+    Column("event_id", EventId, primary_key=True, autoincrement=True),
+    Column("stream_type", String(16), nullable=False),
+    Column("stream_id", String(128), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("type", String(48), nullable=False),
+    Column("data", Text, nullable=False),
+    Column("created_at", String(32), nullable=False),
+    UniqueConstraint("stream_type", "stream_id", "seq", name="uq_events_stream_seq"),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("job_id", String(256)),
+    Column("batch_id", String(64)),
+    Column("item_index", Integer),
+    Column("workflow_id", String(128), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("run", Integer, nullable=False),
+    Column("current_step", Integer, nullable=False),
+    Column("total_steps", Integer, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("params", Text, nullable=False),
+    Column("steps", Text, nullable=False),
+    Column("error_code", String(32)),
+    Column("error_message", Text),
+    Column("created_event", EventId, nullable=False),
+    Column("created_at", String(32), nullable=False),
+    Column("started_at", String(32)),
+    Column("updated_at", String(32), nullable=False),
+    Column("finished_at", String(32)),
+    Column("last_seq", Integer, nullable=False),
+)
+Index("ix_sessions_claim", sessions.c.status, sessions.c.priority, sessions.c.created_event)
+Index("ix_sessions_job_id", sessions.c.job_id)
+Index("ix_sessions_batch", sessions.c.batch_id)
+
+steps = Table(
+    "steps",
+    metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("step_index", Integer, primary_key=True),
+    Column("run", Integer, nullable=False),
+    Column("step_type", String(64), nullable=False),
+    Column("domain", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("not_before", Float),
+    Column("started_at", String(32)),
+    Column("finished_at", String(32)),
+    Column("duration_s", Float),
+    Column("error_code", String(32)),
+    Column("error_message", Text),
+    Column("output", Text),
+)
+Index("ix_steps_status", steps.c.status)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("job_id", String(256)),
+    Column("status", String(16), nullable=False),
+    Column("run", Integer, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("config", Text, nullable=False),
+    Column("total_items", Integer, nullable=False),
+    Column("completed_items", Integer, nullable=False),
+    Column("failed_items", Integer, nullable=False),
+    Column("cancelled_items", Integer, nullable=False),
+    Column("created_at", String(32), nullable=False),
+    Column("started_at", String(32)),
+    Column("updated_at", String(32), nullable=False),
+    Column("finished_at", String(32)),
+    Column("last_seq", Integer, nullable=False),
+)
+Index("ix_batches_job_id", batches.c.job_id)
+
+items = Table(
+    "items",
+    metadata,
+    Column("batch_id", String(64), primary_key=True),
+    Column("item_index", Integer, primary_key=True),
+    Column("session_id", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_key", String(300), primary_key=True),
+    Column("job_id", String(256)),
+    Column("status", String(16), nullable=False),
+    Column("file_name", Text),
+    Column("content_hash", String(64)),
+    Column("target_type", String(16)),
+    Column("target_id", String(64)),
+    Column("error_code", String(32)),
+    Column("error_message", Text),
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+    Column("last_seq", Integer, nullable=False),
+)
+Index("ix_jobs_hash", jobs.c.content_hash)
+
+models = Table(
+    "models",
+    metadata,
+    Column("model_key", String(300), primary_key=True),
+    Column("model_id", String(128), nullable=False),
+    Column("runner_id", String(128), nullable=False),
+    Column("loaded", Integer, nullable=False),
+    Column("loads", Integer, nullable=False),
+    Column("device", String(32)),
+    Column("file", Text),
+    Column("file_hash", String(64)),
+    Column("updated_at", String(32), nullable=False),
+    Column("last_seq", Integer, nullable=False),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("step_index", Integer, primary_key=True),
+    Column("run", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("runner_id", String(128), nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("progress", Float, nullable=False, default=0.0),
+    Column("message", Text),
+)
+Index("ix_leases_expiry", leases.c.expires_at)
+
+PROJECTIONS = {
+    "sessions": sessions,
+    "steps": steps,
+    "batches": batches,
+    "items": items,
+    "jobs": jobs,
+    "models": models,
+}

@@ -1,0 +1,116 @@
+"""Tiny models built in code: random weights that draw noise, for the demo and the tests.
+
+Nothing here is downloaded. Each builder writes a folder that the real loading code reads back,
+saved with safetensors, so the demo and the tests exercise the same paths as a real model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TINY_VOCAB = ["<|startoftext|>", "<|endoftext|>", "!"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+
+
+def _write_tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {token: index for index, token in enumerate(TINY_VOCAB)}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        vocab_file=str(folder / "vocab.json"),
+        merges_file=str(folder / "merges.txt"),
+        model_max_length=77,
+        pad_token="!",
+    )
+    tokenizer.save_pretrained(folder)
+
+
+def _text_encoder(projection: bool, hidden: int, seed: int):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(TINY_VOCAB) + 26,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae(seed: int):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL-architecture pipeline (random weights) as a diffusers folder."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=8 * 6 + 16,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+    tokenizer_dir = folder.parent / (folder.name + ".tokenizer-src")
+    _write_tokenizer(tokenizer_dir)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(seed + 1),
+        text_encoder=_text_encoder(False, 16, seed + 2),
+        text_encoder_2=_text_encoder(True, 16, seed + 3),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    return folder
