@@ -114,3 +114,45 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
 
     shutil.rmtree(tokenizer_dir, ignore_errors=True)
     return folder
+
+
+def build_tiny_upscaler(path: Path, scale: int = 2, seed: int = 0) -> Path:
+    """A tiny ESRGAN (RRDBNet) upscaler saved as safetensors, loadable through spandrel."""
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def build_tiny_controlnet(folder: Path, pipeline_folder: Path, seed: int = 0) -> Path:
+    """A tiny SDXL ControlNet derived from a tiny pipeline's UNet (random weights)."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(Path(pipeline_folder) / "unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8))
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def build_tiny_lora(path: Path, pipeline_folder: Path, seed: int = 0) -> Path:
+    """A tiny LoRA for a tiny SDXL pipeline's UNet, in the diffusers LoRA safetensors format."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(Path(pipeline_folder) / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    path = Path(path)
+    StableDiffusionXLPipeline.save_lora_weights(path.parent, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                weight_name=path.name, safe_serialization=True)
+    return path

@@ -1,0 +1,461 @@
+"""`engine`: a thin typer app over the same functions the runner, the inbox and the tests call.
+
+Exit codes: 0 ok, 2 invalid input, 3 not found, 4 invalid transition, 1 anything else.
+`--json` gives machine-readable output wherever a table is printed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.config import Config, load_config
+from engine.errors import EngineError, ValidationError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="A crash-proof job orchestrator for image generation.")
+models_app = typer.Typer(help="The local model registry.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+# Piped output is read by scripts and people alike: wide enough that ids are not cut.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="config.toml to use")]
+JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")]
+
+_state: dict[str, Any] = {"config": None}
+
+
+@app.callback()
+def _main(config: ConfigOption = None) -> None:
+    _state["config"] = config
+
+
+def _config(path: Path | None) -> Config:
+    return load_config(path or _state["config"])
+
+
+def command(fn: Callable) -> Callable:
+    """Turn EngineErrors into a clear message and the contract's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EngineError as exc:
+            if kwargs.get("as_json"):
+                print(json.dumps(exc.to_dict()))
+            else:
+                err.print(f"[bold red]{exc.code}[/]: {exc.message}", highlight=False)
+                for detail in exc.details[:10]:
+                    err.print(f"  {detail}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _confirm(what: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise ValidationError(f"{what}: pass --yes to confirm (no terminal to ask on)")
+    if not typer.confirm(f"{what}?"):
+        raise typer.Exit(1)
+
+
+def _table(columns: list[str], rows: list, as_json: bool, title: str | None = None) -> None:
+    if as_json:
+        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str))
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*["" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)) for v in row])
+    out.print(table)
+
+
+def _query(config: Config, sql: str, **params) -> tuple[list[str], list]:
+    from sqlalchemy import text
+
+    from engine.app import open_store
+
+    store = open_store(config)
+    try:
+        with store.read() as conn:
+            result = conn.execute(text(sql), params)
+            return list(result.keys()), [tuple(r) for r in result]
+    finally:
+        store.close()
+
+
+# setting up --------------------------------------------------------------------------------
+
+@app.command()
+@command
+def init(config: ConfigOption = None) -> None:
+    """Create the folders and the database (Alembic upgrade head)."""
+    from engine.app import init as do_init
+
+    cfg = _config(config)
+    do_init(cfg).close()
+    out.print(f"initialised {cfg.database_url} (inbox {cfg.inbox}, outbox {cfg.outbox})")
+
+
+@app.command()
+@command
+def schema(config: ConfigOption = None) -> None:
+    """Print the JSON Schema of job files."""
+    from engine.jobs import job_schema
+
+    print(json.dumps(job_schema(), indent=2, sort_keys=True))
+
+
+@app.command()
+@command
+def demo(config: ConfigOption = None, folder: Annotated[Path, typer.Option(help="where the demo installation goes")] = Path("demo")) -> None:
+    """Build a tiny model, drop sample jobs, run them, show the results (random weights: noise)."""
+    from engine.demo import run_demo
+
+    run_demo(folder, out)
+
+
+# running -----------------------------------------------------------------------------------
+
+@app.command()
+@command
+def run(config: ConfigOption = None,
+        until_idle: Annotated[bool, typer.Option("--until-idle", help="exit when nothing is left to do")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live view")] = False) -> None:
+    """Take the inbox and run steps (a live view shows running sessions)."""
+    from engine.live import run_with_view
+
+    cfg = _config(config)
+    done = run_with_view(cfg, until_idle=until_idle, console=out, live=not quiet and out.is_terminal)
+    out.print(f"{done} steps done")
+
+
+@app.command()
+@command
+def submit(files: list[Path], config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Validate and submit job files directly (image paths stay relative to the inbox)."""
+    import hashlib
+
+    from engine import commands
+    from engine.app import open_store
+    from engine.intake import Intake
+    from engine.jobs import parse_job_bytes
+    from engine.outbox import Outbox
+
+    cfg = _config(config)
+    store, intake, results, failed = open_store(cfg), Intake(cfg), [], None
+    for path in files:
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ValidationError(f"{path}: {exc.strerror}") from exc
+        try:
+            job = parse_job_bytes(raw)
+            done = commands.submit(store, intake, job, commands.Source(path.name, hashlib.sha256(raw).hexdigest()))
+            Outbox(cfg.outbox).finish(store, done.events)
+            results.append({"file": str(path), "target_type": done.target_type, "target_id": done.target_id})
+        except EngineError as exc:
+            failed = failed or exc
+            results.append({"file": str(path), **exc.to_dict()})
+    if as_json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            if "code" in r:
+                err.print(f"{r['file']}: [red]{r['code']}[/] {r['message']}", highlight=False)
+            else:
+                out.print(f"{r['file']}: {r['target_type']} {r['target_id']}", highlight=False)
+    if failed:
+        raise typer.Exit(failed.exit_code)
+
+
+# looking -----------------------------------------------------------------------------------
+
+SESSION_COLUMNS = "session_id, job_id, workflow_id, status, current_step, total_steps, progress, priority, created_at, error_code"
+
+
+@app.command()
+@command
+def sessions(config: ConfigOption = None, status: Annotated[Optional[str], typer.Option(help="only this status")] = None,
+             limit: int = 100, as_json: JsonOption = False) -> None:
+    """List sessions, newest first."""
+    where = "WHERE status = :status" if status else ""
+    columns, rows = _query(_config(config), f"SELECT {SESSION_COLUMNS} FROM session_status {where} "
+                                             "ORDER BY created_at DESC LIMIT :limit", status=status, limit=limit)
+    _table(columns, rows, as_json)
+
+
+def _session_report(cfg: Config, session_id: str) -> dict:
+    from engine.errors import NotFound
+    from engine.outbox import Outbox
+
+    columns, rows = _query(cfg, "SELECT * FROM session_status WHERE session_id = :id OR job_id = :id", id=session_id)
+    if not rows:
+        raise NotFound(f"no session {session_id!r}")
+    report = dict(zip(columns, rows[0]))
+    columns, steps = _query(cfg, "SELECT step_index, step_type, domain, status, attempts, started_at, finished_at, "
+                                 "error_code FROM step_status WHERE session_id = :id ORDER BY step_index",
+                            id=report["session_id"])
+    report["steps"] = [dict(zip(columns, s)) for s in steps]
+    _, extra = _query(cfg, "SELECT params, run, batch_id, item_index FROM sessions WHERE session_id = :id",
+                      id=report["session_id"])
+    report["params"] = json.loads(extra[0][0])
+    report["run"], report["batch_id"], report["item_index"] = extra[0][1:]
+    report["outbox"] = str(Outbox(cfg.outbox).dir_of(report))
+    return report
+
+
+@app.command()
+@command
+def session(session_id: str, config: ConfigOption = None, as_json: JsonOption = False,
+            follow: Annotated[bool, typer.Option("--follow", "-f", help="keep showing until it ends")] = False) -> None:
+    """Show one session (by id or job_id): status, steps, params, outbox folder."""
+    cfg = _config(config)
+    if follow:
+        from engine.live import follow_session
+
+        follow_session(cfg, session_id, out, lambda: _session_report(cfg, session_id))
+    report = _session_report(cfg, session_id)
+    if as_json:
+        print(json.dumps(report, default=str))
+        return
+    out.print(f"[bold]{report['session_id']}[/] {report['workflow_id']} [bold]{report['status']}[/] "
+              f"step {report['current_step']}/{report['total_steps']} ({report['progress']:.0%})", highlight=False)
+    if report["error_code"]:
+        out.print(f"[red]{report['error_code']}[/]: {report['error_message']}", highlight=False)
+    _table(list(report["steps"][0]) if report["steps"] else [], [tuple(s.values()) for s in report["steps"]], False)
+    out.print(f"outbox: {report['outbox']}", highlight=False)
+
+
+@app.command()
+@command
+def batches(config: ConfigOption = None, limit: int = 100, as_json: JsonOption = False) -> None:
+    """List batches, newest first."""
+    columns, rows = _query(_config(config), "SELECT * FROM batch_status ORDER BY created_at DESC LIMIT :limit", limit=limit)
+    _table(columns, rows, as_json)
+
+
+@app.command()
+@command
+def batch(batch_id: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Show one batch (by id or job_id) and its items."""
+    from engine.errors import NotFound
+
+    cfg = _config(config)
+    columns, rows = _query(cfg, "SELECT * FROM batch_status WHERE batch_id = :id OR job_id = :id", id=batch_id)
+    if not rows:
+        raise NotFound(f"no batch {batch_id!r}")
+    report = dict(zip(columns, rows[0]))
+    item_columns, items = _query(cfg, "SELECT i.item_index, i.session_id, i.status, s.current_step, s.total_steps, "
+                                      "s.error_code FROM items i LEFT JOIN sessions s ON s.session_id = i.session_id "
+                                      "WHERE i.batch_id = :id ORDER BY i.item_index", id=report["batch_id"])
+    if as_json:
+        print(json.dumps({**report, "items": [dict(zip(item_columns, i)) for i in items]}, default=str))
+        return
+    out.print(f"[bold]{report['batch_id']}[/] [bold]{report['status']}[/] {report['completed_items']}/"
+              f"{report['total_items']} completed, {report['failed_items']} failed", highlight=False)
+    _table(item_columns, items, False)
+
+
+@app.command()
+@command
+def events(target: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """The events of a session or batch (by id or job_id), oldest first."""
+    from engine import commands
+    from engine.app import open_store
+
+    cfg = _config(config)
+    store = open_store(cfg)
+    target_type, target_id = commands.find_target(store, target)
+    found = store.stream(target_type, target_id)
+    rows = [(e.event_id, e.seq, e.type, json.dumps(e.data, sort_keys=True)[:200], e.created_at) for e in found]
+    if as_json:
+        print(json.dumps([{"event_id": e.event_id, "stream_type": e.stream_type, "stream_id": e.stream_id,
+                           "seq": e.seq, "type": e.type, "data": e.data, "created_at": e.created_at} for e in found]))
+        return
+    _table(["event_id", "seq", "type", "data", "created_at"], rows, False)
+
+
+# controlling -------------------------------------------------------------------------------
+
+def _control(action: str, target: str, config: Path | None, as_json: bool) -> None:
+    from engine import commands
+    from engine.app import open_store
+    from engine.outbox import Outbox
+
+    cfg = _config(config)
+    store = open_store(cfg)
+    target_type, target_id, appended = commands.control(store, target, action)
+    Outbox(cfg.outbox).finish(store, appended)
+    if as_json:
+        print(json.dumps({"target_type": target_type, "target_id": target_id, "action": action,
+                          "events": [e.type for e in appended]}))
+    else:
+        out.print(f"{action}: {target_type} {target_id} ({', '.join(e.type for e in appended)})", highlight=False)
+
+
+@app.command()
+@command
+def pause(target: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Pause a session or batch (takes effect at the next denoising step or step boundary)."""
+    _control("pause", target, config, as_json)
+
+
+@app.command()
+@command
+def resume(target: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Resume a paused session or batch (also starts one created with "hold": true)."""
+    _control("resume", target, config, as_json)
+
+
+@app.command()
+@command
+def cancel(target: str, config: ConfigOption = None, as_json: JsonOption = False, yes: YesOption = False) -> None:
+    """Cancel a session or batch; a running step is interrupted."""
+    _confirm(f"cancel {target}", yes)
+    _control("cancel", target, config, as_json)
+
+
+@app.command()
+@command
+def restart(target: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Start a new run of a failed, cancelled or completed session or batch (old events are kept)."""
+    _control("restart", target, config, as_json)
+
+
+@app.command()
+@command
+def delete(target: str, config: ConfigOption = None, as_json: JsonOption = False, yes: YesOption = False) -> None:
+    """Remove a session or batch from the status tables (its events and outbox files are kept)."""
+    _confirm(f"delete {target}", yes)
+    _control("delete", target, config, as_json)
+
+
+@app.command()
+@command
+def rebuild(config: ConfigOption = None, verify: Annotated[bool, typer.Option("--verify", help="only compare")] = False,
+            yes: YesOption = False, as_json: JsonOption = False) -> None:
+    """Drop the status tables and replay the event log (--verify: report differences only)."""
+    from engine.app import open_store
+
+    cfg = _config(config)
+    store = open_store(cfg)
+    started = time.perf_counter()
+    if verify:
+        differences = store.verify()
+        if as_json:
+            print(json.dumps({"differences": differences}))
+        else:
+            for line in differences[:200]:
+                out.print(line, highlight=False)
+            out.print(f"{len(differences)} differences ({time.perf_counter() - started:.2f}s)")
+        if differences:
+            raise typer.Exit(1)
+        return
+    _confirm("drop and rebuild every status table from the event log", yes)
+    counts = store.rebuild()
+    if as_json:
+        print(json.dumps(counts))
+    else:
+        out.print(f"rebuilt {counts} in {time.perf_counter() - started:.2f}s")
+
+
+# the catalogue -----------------------------------------------------------------------------
+
+@app.command()
+@command
+def workflows(workflow_id: Annotated[Optional[str], typer.Argument()] = None, config: ConfigOption = None,
+              params: Annotated[Optional[str], typer.Option(help="params JSON for the estimate")] = None,
+              as_json: JsonOption = False) -> None:
+    """List workflow templates, or show one's steps with a memory and time estimate."""
+    from engine.workflows import get_workflow, load_workflows
+
+    cfg = _config(config)
+    found = load_workflows(cfg.workflows_dir)
+    if workflow_id is None:
+        rows = [(w.id, len(w.steps), w.description) for w in found.values()]
+        _table(["id", "steps", "description"], rows, as_json)
+        return
+    from engine.domains.estimate import estimate
+    from engine.jobs import validate_params
+
+    workflow = get_workflow(found, workflow_id)
+    given = validate_params(json.loads(params) if params else {}, "params")
+    steps = workflow.resolve(given.model_dump())
+    guess = estimate(cfg, workflow, given)
+    if as_json:
+        print(json.dumps({"id": workflow.id, "description": workflow.description, "steps": steps, "estimate": guess}))
+        return
+    out.print(f"[bold]{workflow.id}[/]: {workflow.description}", highlight=False)
+    _table(["index", "type", "domain", "config"], [(i, s["type"], s["domain"], json.dumps(s["config"]))
+                                                    for i, s in enumerate(steps)], False)
+    out.print(f"estimate: {guess}", highlight=False)
+
+
+@app.command()
+@command
+def devices(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Devices found: DirectML, CUDA, MPS and CPU, with memory and precision support."""
+    from engine.domains.device import discover
+
+    found = discover()
+    columns = ["id", "kind", "name", "total_memory", "free_memory", "fp16", "bf16"]
+    _table(columns, [tuple(getattr(d, c) for c in columns) for d in found], as_json)
+
+
+@models_app.callback()
+@command
+def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List the registered models."""
+    if ctx.invoked_subcommand:
+        _state["models_config"] = config
+        return
+    from engine.registry import ModelRegistry
+
+    cfg = _config(config)
+    entries = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle")).entries().values()
+    _table(["id", "kind", "format", "family", "path"], [(e.id, e.kind, e.format, e.family, e.path) for e in entries],
+           as_json)
+
+
+@models_app.command("add")
+@command
+def models_add(path: Path, model_id: Annotated[str, typer.Option("--id", help="the id jobs will use")],
+               kind: Annotated[Optional[str], typer.Option(help="override the guessed kind")] = None,
+               config: ConfigOption = None) -> None:
+    """Register a diffusers folder or a .safetensors file under an id."""
+    from engine.registry import ModelRegistry
+
+    cfg = _config(config or _state.get("models_config"))
+    entry = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle")).add(path, model_id, kind)
+    out.print(f"added {entry.id}: {entry.kind} ({entry.format}) at {entry.path}", highlight=False)
+
+
+@app.command()
+@command
+def sql(query: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Run one read-only SQL statement (writes, ATTACH and writing pragmas are refused)."""
+    from engine.sqlconsole import run_sql
+
+    columns, rows = run_sql(_config(config), query)
+    _table(columns, rows, as_json)
+
+
+def main() -> None:
+    from engine.app import quiet_libraries
+
+    quiet_libraries()
+    app()

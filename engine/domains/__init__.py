@@ -1,0 +1,16 @@
+"""The real domain handlers: device, memory, model, inference and postprocessing.
+
+They know nothing of the event store; they register with the handler registry through the same
+`register(registry)` mechanism as any other handler module named in config.toml.
+"""
+
+from engine.handlers import Registry
+
+
+def register(registry: Registry) -> None:
+    from engine.domains import device, inference, model, postprocessing
+
+    registry.add("device_discovery", device.discovery_step)
+    registry.add("model_loading", model.loading_step)
+    registry.add("inference_generation", inference.generation_step)
+    registry.add("postprocessing_enhancement", postprocessing.processing_step)

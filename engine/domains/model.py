@@ -1,0 +1,135 @@
+"""The model domain: loading registered models and keeping them warm.
+
+A least-recently-used cache keeps pipelines (and upscalers, ControlNets, safety checkers) on their
+device between steps and sessions, evicting under a memory budget. Every load and unload is
+reported through the step's `notify`, which the runner records as `model.loaded` /
+`model.unloaded` events, with the file and its hash.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from engine.domains import memory
+from engine.domains.device import DeviceInfo, device_of, dtype_for, torch_device
+from engine.errors import EngineError, ModelLoadFailed
+from engine.handlers import StepContext, StepResult
+from engine.registry import ModelEntry, ModelRegistry, file_sha256, folder_fingerprint
+
+Notify = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Cached:
+    value: Any
+    entry: ModelEntry
+    device: str
+    size: int
+    file_hash: str
+    default_scheduler: Any = None
+
+
+class ModelCache:
+    def __init__(self, budget_bytes: int | None) -> None:
+        self.budget = budget_bytes
+        self.items: "OrderedDict[tuple, Cached]" = OrderedDict()
+        self.lock = threading.RLock()
+
+    def get(self, key: tuple, entry: ModelEntry, device: DeviceInfo, loader: Callable[[], Any], path,
+            notify: Notify) -> tuple[Cached, bool]:
+        """The cached object for key, loading it (and evicting others) when missing."""
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key], False
+            size = memory.weights_bytes(path)
+            self._make_room(size, device, notify)
+            started = time.perf_counter()
+            try:
+                value = loader()
+            except EngineError:
+                raise
+            except Exception as exc:
+                if memory.is_oom(exc):
+                    raise
+                raise ModelLoadFailed(f"could not load {entry.id!r} from {path}: {type(exc).__name__}: {exc}") from exc
+            file_hash = entry.sha256 or (file_sha256(path) if path.is_file() else folder_fingerprint(path))
+            cached = Cached(value, entry, device.id, size, file_hash)
+            if hasattr(value, "scheduler"):
+                cached.default_scheduler = value.scheduler
+            self.items[key] = cached
+            notify("model.loaded", {"model_id": entry.id, "kind": entry.kind, "device": device.id,
+                                    "file": str(path), "file_hash": file_hash, "bytes": size,
+                                    "seconds": round(time.perf_counter() - started, 3)})
+            return cached, True
+
+    def _make_room(self, size: int, device: DeviceInfo, notify: Notify) -> None:
+        budget = self.budget or int(device.total_memory * 0.8)
+        while self.items and sum(c.size for c in self.items.values()) + size > budget:
+            key, evicted = self.items.popitem(last=False)
+            notify("model.unloaded", {"model_id": evicted.entry.id, "device": evicted.device, "reason": "lru"})
+            del evicted
+            memory.free_caches(device)
+
+    def loaded_ids(self) -> list[str]:
+        return [c.entry.id for c in self.items.values()]
+
+
+def cache_of(ctx: StepContext) -> ModelCache:
+    cache = ctx.shared.get("model_cache")
+    if cache is None:
+        budget_gib = float(ctx.config.get("models", "cache_budget_gib"))
+        cache = ctx.shared.setdefault("model_cache", ModelCache(int(budget_gib * 2**30) if budget_gib > 0 else None))
+    return cache
+
+
+def registry_of(ctx: StepContext) -> ModelRegistry:
+    return ModelRegistry(ctx.config.models_dir, ctx.config.get("models", "allow_pickle"))
+
+
+def load_pipeline(entry: ModelEntry, path, device: DeviceInfo, dtype) -> Any:
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if entry.format == "diffusers":
+        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True,
+                                                 local_files_only=True)
+    else:
+        cls = StableDiffusionXLPipeline if entry.family == "sdxl" else StableDiffusionPipeline
+        pipe = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
+    pipe = pipe.to(torch_device(device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceInfo]:
+    """The session's pipeline on the session's device, from the warm cache when it is there."""
+    device = device_of(ctx)
+    dtype = dtype_for(device, ctx.config.get("device", "dtype"))
+    entry = registry_of(ctx).get(model_id, "pipeline")
+    path = entry.location(ctx.config.models_dir)
+    cached, loaded = cache_of(ctx).get(("pipeline", model_id, device.id, str(dtype)), entry, device,
+                                       lambda: load_pipeline(entry, path, device, dtype), path, ctx.notify)
+    return cached, loaded, device
+
+
+def component_for(ctx: StepContext, model_id: str, kind: str, loader: Callable[[ModelEntry, Any], Any]) -> Any:
+    """A cached auxiliary model (controlnet, upscaler, safety checker) on the session's device."""
+    device = device_of(ctx)
+    entry = registry_of(ctx).get(model_id, kind)
+    path = entry.location(ctx.config.models_dir)
+    cached, _ = cache_of(ctx).get((kind, model_id, device.id), entry, device, lambda: loader(entry, path), path,
+                                  ctx.notify)
+    return cached.value
+
+
+def loading_step(ctx: StepContext) -> StepResult:
+    """model_loading: make sure the session's pipeline is on its device (a no-op when warm)."""
+    started = time.perf_counter()
+    cached, loaded, device = pipeline_for(ctx, ctx.params["model"])
+    return StepResult(data={"model": cached.entry.id, "file_hash": cached.file_hash, "loaded": loaded,
+                            "device": device.id, "seconds": round(time.perf_counter() - started, 3),
+                            "warm_models": cache_of(ctx).loaded_ids()})

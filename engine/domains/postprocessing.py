@@ -1,0 +1,159 @@
+"""The postprocessing domain: upscale (a spandrel model, or Lanczos), enhance, and a safety check.
+
+A postprocessing step takes the images of the newest earlier step that made any (or
+params.init_image in the upscale workflow) and applies its ops in order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageEnhance, ImageOps
+
+from engine.domains.device import device_of, torch_device
+from engine.domains.model import component_for
+from engine.errors import ValidationError
+from engine.handlers import StepContext, StepResult
+from engine.outbox import save_png
+from engine.paths import resolve_inside
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "crisp": {"sharpness": 1.4, "contrast": 1.05},
+    "vivid": {"color": 1.25, "contrast": 1.1},
+    "soft": {"sharpness": 0.7, "contrast": 0.97},
+    "auto": {"auto_levels": True},
+}
+
+SAFETY_SKIPPED = "skipped: no safety model is configured (set safety.model in config.toml); images were NOT checked"
+
+
+def ops_for(ctx: StepContext) -> list[dict[str, Any]]:
+    """This step's ops: the params' ops, the template's defaults, or defaults overridden by name."""
+    given = ctx.params.get("postprocess") or []
+    defaults = ctx.step_config.get("default_ops") or []
+    if ctx.step_config.get("ops_from") == "by_name":
+        by_name = {op["op"]: op for op in given}
+        return [by_name.get(op["op"], op) for op in defaults]
+    return given or defaults
+
+
+# upscale -----------------------------------------------------------------------------------
+
+def load_upscaler(entry, path: Path):
+    from spandrel import ImageModelDescriptor, ModelLoader
+
+    descriptor = ModelLoader().load_from_file(str(path))
+    if not isinstance(descriptor, ImageModelDescriptor):
+        raise ValidationError(f"{entry.id!r} is not an image-to-image model")
+    return descriptor.eval()
+
+
+def upscale(ctx: StepContext, image: Image.Image, op: dict[str, Any]) -> Image.Image:
+    scale = float(op.get("scale") or 2.0)
+    target = (round(image.width * scale), round(image.height * scale))
+    if not op.get("model"):
+        return image.resize(target, Image.Resampling.LANCZOS)
+    import numpy as np
+    import torch
+
+    device = device_of(ctx)
+    model = component_for(ctx, op["model"], "upscaler", lambda entry, path: load_upscaler(entry, path).to(torch_device(device)))
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    ctx.token.raise_if_set()
+    with torch.inference_mode():
+        output = model(pixels.to(torch_device(device))).clamp(0, 1)
+    array = (output[0].permute(1, 2, 0).float().cpu().numpy() * 255.0).round().astype("uint8")
+    result = Image.fromarray(array)
+    return result if result.size == target else result.resize(target, Image.Resampling.LANCZOS)
+
+
+# enhance -----------------------------------------------------------------------------------
+
+def enhance(image: Image.Image, op: dict[str, Any]) -> Image.Image:
+    settings = dict(PRESETS.get(op.get("preset") or "", {}))
+    if op.get("preset") and op["preset"] not in PRESETS:
+        raise ValidationError(f"unknown enhance preset {op['preset']!r}; known: {', '.join(PRESETS)}")
+    settings.update({k: v for k, v in op.items() if k not in ("op", "preset") and v is not None})
+    image = image.convert("RGB")
+    if settings.get("auto_levels"):
+        image = ImageOps.autocontrast(image, cutoff=1)
+    for key, enhancer in (("sharpness", ImageEnhance.Sharpness), ("contrast", ImageEnhance.Contrast),
+                          ("color", ImageEnhance.Color), ("brightness", ImageEnhance.Brightness)):
+        if settings.get(key) is not None:
+            image = enhancer(image).enhance(float(settings[key]))
+    return image
+
+
+# safety check ------------------------------------------------------------------------------
+
+def load_safety_checker(folder: Path):
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPImageProcessor
+
+    checker = StableDiffusionSafetyChecker.from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
+    return checker.eval(), CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
+
+
+def safety_check(ctx: StepContext, images: list[Image.Image]) -> tuple[list[Image.Image], list[bool] | None]:
+    folder = ctx.config.get("safety", "model")
+    if not folder:
+        return images, None
+    import numpy as np
+    import torch
+
+    path = Path(folder) if Path(folder).is_absolute() else ctx.config.base_dir / folder
+    cache = ctx.shared.setdefault("safety_checker", {})
+    if str(path) not in cache:
+        cache[str(path)] = load_safety_checker(path)
+    checker, processor = cache[str(path)]
+    clip_input = processor(images=images, return_tensors="pt").pixel_values
+    arrays = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images])
+    with torch.inference_mode():
+        _, flags = checker(images=arrays, clip_input=clip_input)
+    flags = [bool(f) for f in flags]
+    checked = [Image.new("RGB", img.size) if flag else img for img, flag in zip(images, flags)]
+    return checked, flags
+
+
+# the step ----------------------------------------------------------------------------------
+
+def input_images(ctx: StepContext) -> list[tuple[str, Image.Image, str | None]]:
+    """(name stem, image, A1111 parameters) for each image this step works on."""
+    found = []
+    paths = ctx.previous_images()
+    if not paths and ctx.params.get("init_image"):
+        paths = [resolve_inside(ctx.inbox, ctx.params["init_image"], "params.init_image")]
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()
+            found.append((Path(path).stem.split("-s")[0], image.copy(), image.info.get("parameters")))
+    if not found:
+        raise ValidationError("postprocessing has no image to work on (no earlier images, no init_image)")
+    return found
+
+
+def processing_step(ctx: StepContext) -> StepResult:
+    """postprocessing_enhancement: apply this step's ops to the images in hand."""
+    ops = ops_for(ctx)
+    sources = input_images(ctx)
+    images = [image for _, image, _ in sources]
+    data: dict[str, Any] = {"ops": ops}
+    for number, op in enumerate(ops):
+        ctx.token.raise_if_set()
+        if op["op"] == "upscale":
+            images = [upscale(ctx, image, op) for image in images]
+        elif op["op"] == "enhance":
+            images = [enhance(image, op) for image in images]
+        elif op["op"] == "safety_check":
+            images, flags = safety_check(ctx, images)
+            data["safety"] = {"flagged": flags} if flags is not None else SAFETY_SKIPPED
+        ctx.progress((number + 1) / max(len(ops), 1), op["op"])
+    names = []
+    for (stem, _, parameters), image in zip(sources, images):
+        name = f"{stem}-s{ctx.step_index}.png"
+        described = ", ".join(o["op"] + (f" x{o.get('scale', 2.0)}" if o["op"] == "upscale" else "") for o in ops)
+        save_png(image, ctx.work_dir / name, ((parameters + ", ") if parameters else "") + f"Postprocess: {described}")
+        names.append(name)
+    data["sizes"] = [list(image.size) for image in images]
+    return StepResult(images=names, data=data)

@@ -1,0 +1,92 @@
+"""What `engine run` and `engine session --follow` show while work goes on."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Callable
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from sqlalchemy import text
+
+from engine.app import init, registry_for
+from engine.config import Config
+from engine.inbox import Inbox
+from engine.runner import Runner
+
+RUNNING = text(
+    "SELECT s.session_id, s.workflow_id, s.status, s.current_step, s.total_steps, s.progress, st.step_type, l.message "
+    "FROM session_status s LEFT JOIN steps st ON st.session_id = s.session_id AND st.step_index = s.current_step "
+    "LEFT JOIN leases l ON l.session_id = s.session_id AND l.step_index = s.current_step "
+    "WHERE s.status IN ('running', 'pending', 'paused') ORDER BY s.status = 'running' DESC, s.priority DESC, "
+    "s.created_at LIMIT 15"
+)
+COUNTS = text("SELECT status, count(*) FROM session_status GROUP BY status")
+
+
+def _view(store) -> Table:
+    with store.read() as conn:
+        rows = conn.execute(RUNNING).all()
+        counts = dict(conn.execute(COUNTS).all())
+    table = Table(title="sessions: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no sessions")
+    for column in ("session", "workflow", "status", "step", "progress"):
+        table.add_column(column)
+    for row in rows:
+        bar = "#" * int(row.progress * 20)
+        step = f"{row.current_step + (row.status != 'pending')}/{row.total_steps} {row.step_type or ''}"
+        table.add_row(row.session_id, row.workflow_id, row.status, step,
+                      f"{bar:<20} {row.progress:4.0%} {row.message or ''}")
+    return table
+
+
+def run_with_view(config: Config, until_idle: bool, console: Console, live: bool) -> int:
+    store = init(config)
+    runner = Runner(config, store, registry_for(config))
+    inbox = Inbox(config, store)
+    inbox.scan()
+    inbox.start()
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    done = threading.Event()
+    viewer = None
+    if live:
+        def show() -> None:
+            with Live(_view(store), console=console, refresh_per_second=4, transient=False) as screen:
+                while not done.wait(0.5):
+                    screen.update(_view(store))
+                screen.update(_view(store))
+
+        viewer = threading.Thread(target=show, daemon=True)
+        viewer.start()
+    try:
+        return runner.run(until_idle=until_idle, before_idle_check=lambda: (inbox.scan(), inbox.idle())[1])
+    except KeyboardInterrupt:
+        runner.stop()
+        return runner.steps_done
+    finally:
+        done.set()
+        if viewer:
+            viewer.join(timeout=2)
+        inbox.stop()
+        runner.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def follow_session(config: Config, session_id: str, console: Console, report: Callable[[], dict]) -> None:
+    """Redraw one session's progress until it ends."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  console=console) as progress:
+        task = progress.add_task(session_id, total=1.0)
+        while True:
+            current = report()
+            step = current["steps"][min(current["current_step"], len(current["steps"]) - 1)] if current["steps"] else {}
+            progress.update(task, completed=current["progress"],
+                            description=f"{current['session_id']} {current['status']} {step.get('step_type', '')}")
+            if current["status"] in ("completed", "failed", "cancelled"):
+                return
+            time.sleep(0.5)
