@@ -44,9 +44,4 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
     for name in ("diffusers", "transformers", "alembic", "watchdog"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as diffusers_logging
 
-        diffusers_logging.disable_progress_bar()
-    except ImportError:
-        pass

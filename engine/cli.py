@@ -20,7 +20,8 @@ from rich.table import Table
 from engine.config import Config, load_config
 from engine.errors import EngineError, ValidationError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="A crash-proof job orchestrator for image generation.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="A crash-proof job orchestrator for image generation.")
 models_app = typer.Typer(help="The local model registry.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 # Piped output is read by scripts and people alike: wide enough that ids are not cut.
@@ -134,12 +135,15 @@ def demo(config: ConfigOption = None, folder: Annotated[Path, typer.Option(help=
 @command
 def run(config: ConfigOption = None,
         until_idle: Annotated[bool, typer.Option("--until-idle", help="exit when nothing is left to do")] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live view")] = False) -> None:
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live view")] = False,
+        runner_id: Annotated[Optional[str], typer.Option(
+            help="a stable id unique to this runner: after a crash it takes its own steps back at once")] = None) -> None:
     """Take the inbox and run steps (a live view shows running sessions)."""
     from engine.live import run_with_view
 
     cfg = _config(config)
-    done = run_with_view(cfg, until_idle=until_idle, console=out, live=not quiet and out.is_terminal)
+    done = run_with_view(cfg, until_idle=until_idle, console=out, live=not quiet and out.is_terminal,
+                         runner_id=runner_id)
     out.print(f"{done} steps done")
 
 

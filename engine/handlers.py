@@ -105,7 +105,15 @@ class Registry:
 
 
 def load_registry(modules: list[str]) -> Registry:
+    from engine.errors import ValidationError
+
     registry = Registry()
     for name in modules:
-        importlib.import_module(name).register(registry)
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise ValidationError(f"handlers.modules: cannot import {name!r} ({exc})") from exc
+        if not hasattr(module, "register"):
+            raise ValidationError(f"handlers.modules: {name!r} has no register(registry) function")
+        module.register(registry)
     return registry

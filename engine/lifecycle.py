@@ -183,15 +183,20 @@ def release_in(tx: Tx, claim: Claim, reason: str) -> None:
     })
 
 
-def reap_expired(store: Store, policy: Policy, now: float | None = None) -> int:
-    """Running steps whose lease expired (or vanished) go back to pending, the attempt counted."""
+def reap_expired(store: Store, policy: Policy, now: float | None = None, own_runner_id: str | None = None) -> int:
+    """Running steps whose lease expired (or vanished) go back to pending, the attempt counted.
+
+    `own_runner_id`: a restarting runner's id; its leases are dead whatever their expiry."""
     now = time.time() if now is None else now
+    dead = (leases.c.expires_at.is_(None)) | (leases.c.expires_at < now)
+    if own_runner_id:
+        dead = dead | (leases.c.runner_id == own_runner_id)
     with store.read() as conn:
         expired = conn.execute(
             select(steps.c.session_id, steps.c.step_index, steps.c.run, steps.c.attempts)
             .select_from(steps.outerjoin(leases, and_(leases.c.session_id == steps.c.session_id,
                                                       leases.c.step_index == steps.c.step_index)))
-            .where(steps.c.status == "running", (leases.c.expires_at.is_(None)) | (leases.c.expires_at < now))
+            .where(steps.c.status == "running", dead)
         ).all()
     count = 0
     for row in expired:
@@ -199,8 +204,8 @@ def reap_expired(store: Store, policy: Policy, now: float | None = None) -> int:
             step = tx.get("steps", (row.session_id, row.step_index))
             lease = tx.conn.execute(select(leases).where(leases.c.session_id == row.session_id,
                                                          leases.c.step_index == row.step_index)).first()
-            if step is None or step["status"] != "running" or step["attempts"] != row.attempts or \
-                    (lease is not None and lease.expires_at >= now):
+            alive = lease is not None and lease.expires_at >= now and lease.runner_id != own_runner_id
+            if step is None or step["status"] != "running" or step["attempts"] != row.attempts or alive:
                 return False
             tx.conn.execute(delete(leases).where(leases.c.session_id == row.session_id,
                                                  leases.c.step_index == row.step_index))

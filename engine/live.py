@@ -42,9 +42,9 @@ def _view(store) -> Table:
     return table
 
 
-def run_with_view(config: Config, until_idle: bool, console: Console, live: bool) -> int:
+def run_with_view(config: Config, until_idle: bool, console: Console, live: bool, runner_id: str | None = None) -> int:
     store = init(config)
-    runner = Runner(config, store, registry_for(config))
+    runner = Runner(config, store, registry_for(config), runner_id=runner_id)
     inbox = Inbox(config, store)
     inbox.scan()
     inbox.start()

@@ -58,7 +58,7 @@ class Runner:
     # the loop ------------------------------------------------------------------------------
 
     def recover(self) -> dict[str, int]:
-        return recover(self.store, self.outbox, self.policy)
+        return recover(self.store, self.outbox, self.policy, self.runner_id)
 
     def run(self, until_idle: bool = False, before_idle_check: Callable[[], bool] | None = None) -> int:
         """Run steps until stopped (or, with until_idle, until nothing is left to do)."""

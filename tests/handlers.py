@@ -16,8 +16,8 @@ def noop(ctx: StepContext) -> StepResult:
 
 
 def sleep(ctx: StepContext) -> StepResult:
-    """Sleeps `config.seconds` (or params.steps / 100), polling the token like a denoise loop."""
-    seconds = float(ctx.step_config.get("seconds", ctx.params.get("steps", 10) / 100))
+    """Sleeps `config.seconds` (or params.steps / 10), polling the token like a denoise loop."""
+    seconds = float(ctx.step_config.get("seconds", ctx.params.get("steps", 1) / 10))
     ticks = max(1, int(seconds / 0.02))
     for tick in range(ticks):
         ctx.token.raise_if_set()

@@ -91,9 +91,18 @@ def registry_of(ctx: StepContext) -> ModelRegistry:
     return ModelRegistry(ctx.config.models_dir, ctx.config.get("models", "allow_pickle"))
 
 
+def _quiet_loading() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(entry: ModelEntry, path, device: DeviceInfo, dtype) -> Any:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    _quiet_loading()
     if entry.format == "diffusers":
         pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True,
                                                  local_files_only=True)

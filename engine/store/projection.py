@@ -74,6 +74,7 @@ class DatabaseProjection:
         return dict(row) if row is not None else None
 
     def put(self, table: str, row: Row) -> None:
+        """Change a row read earlier in this transaction, or insert a new one (never read: new)."""
         entry = (table, tuple(row[k] for k in KEYS[table]))
         self._rows[entry] = dict(row)
         self._dirty[entry] = None

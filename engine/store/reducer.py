@@ -103,6 +103,7 @@ def _session_transition(p: Projection, e: Event) -> None:
     elif trigger == "restart":
         session.update(run=e.data["run"], current_step=0, started_at=None, finished_at=None,
                        error_code=None, error_message=None)
+        p.children("steps", e.stream_id)  # rows to replace are read first (a put of an unread row inserts)
         for index, step in enumerate(_loads(session["steps"])):
             p.put("steps", _fresh_step(e.stream_id, index, e.data["run"], step))
     elif trigger == "delete":

@@ -1,0 +1,55 @@
+"""Small helpers the tests share: submitting jobs, running until idle, reading the log."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+
+from sqlalchemy import select, text
+
+from engine import app, commands
+from engine.jobs import parse_job
+from engine.runner import Runner
+from engine.store.tables import events
+
+
+def submit(install, job: dict, name: str | None = None) -> commands.Submitted:
+    name = name or f"{job.get('job_id') or uuid.uuid4().hex}.json"
+    return commands.submit(install.store, install.intake, parse_job(job),
+                           commands.Source(name, json.dumps(job, sort_keys=True)))
+
+
+def runner(install, **kwargs) -> Runner:
+    return Runner(install.config, install.store, app.registry_for(install.config), **kwargs)
+
+
+def run_until_idle(install, **kwargs) -> int:
+    worker = runner(install, **kwargs)
+    try:
+        return worker.run(until_idle=True)
+    finally:
+        worker.close()
+
+
+def query(install, sql: str, **params) -> list:
+    with install.store.read() as conn:
+        return [tuple(r) for r in conn.execute(text(sql), params)]
+
+
+def status(install, session_id: str) -> str:
+    return query(install, "SELECT status FROM sessions WHERE session_id = :id", id=session_id)[0][0]
+
+
+def completions(install) -> Counter:
+    """(session, run, step) -> how many step.completed events the log holds."""
+    counts: Counter = Counter()
+    with install.store.read() as conn:
+        for row in conn.execute(select(events.c.data).where(events.c.type == "step.completed")):
+            data = json.loads(row.data)
+            counts[(data["session_id"], data["run"], data["step_index"])] += 1
+    return counts
+
+
+def event_types(install, stream_id: str) -> list[str]:
+    return [e.type for e in install.store.stream("session", stream_id)]

@@ -1,0 +1,153 @@
+"""The runner and the store, run against SQLite and PostgreSQL alike: claiming, leases, fencing,
+retries, pause and cancel, rebuild."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from engine import commands, lifecycle
+from engine.errors import StaleLease
+from engine.lifecycle import Policy
+from tests.helpers import completions, event_types, query, run_until_idle, runner, status, submit
+
+
+def test_sessions_run_to_completion_and_the_log_rebuilds_the_same_tables(backend_install):
+    install = backend_install
+    ids = [submit(install, {"workflow": "noop3"}).target_id for _ in range(5)]
+    assert run_until_idle(install) == 15
+    assert {status(install, i) for i in ids} == {"completed"}
+    assert set(completions(install).values()) == {1}
+    assert event_types(install, ids[0]) == [
+        "session.created", "session.started", "step.claimed", "step.completed", "step.claimed", "step.completed",
+        "step.claimed", "step.completed", "session.completed"]
+    assert install.store.verify() == []
+    before = query(install, "SELECT * FROM sessions ORDER BY session_id")
+    install.store.rebuild()
+    assert query(install, "SELECT * FROM sessions ORDER BY session_id") == before
+
+
+def test_the_highest_priority_then_the_oldest_runs_first(backend_install):
+    install = backend_install
+    low = submit(install, {"workflow": "noop1", "priority": 1}).target_id
+    old = submit(install, {"workflow": "noop1", "priority": 9}).target_id
+    new = submit(install, {"workflow": "noop1", "priority": 9}).target_id
+    order = []
+    run_until_idle(install, on_step=lambda claim, outcome: order.append(claim.session_id))
+    assert order == [old, new, low]
+
+
+def test_a_runner_that_lost_its_lease_cannot_record_its_result(backend_install):
+    install = backend_install
+    policy = Policy.from_config(install.config)
+    session_id = submit(install, {"workflow": "noop1"}).target_id
+    stale = lifecycle.claim(install.store, "runner-a", policy)
+    assert lifecycle.reap_expired(install.store, policy, now=time.time() + 3600) == 1
+    time.sleep(0.1)  # the retry's backoff
+    fresh = lifecycle.claim(install.store, "runner-b", policy)
+    assert (fresh.session_id, fresh.attempt) == (session_id, 2)
+    with pytest.raises(StaleLease):
+        install.store.write(lambda tx: lifecycle.complete_in(tx, stale, {}, 0.1))
+    install.store.write(lambda tx: lifecycle.complete_in(tx, fresh, {}, 0.1))
+    assert status(install, session_id) == "completed"
+    assert list(completions(install).values()) == [1]
+    owned, _ = lifecycle.heartbeat(install.store, stale, policy)
+    assert not owned
+
+
+def test_failures_are_retried_with_backoff_then_fail_the_session(backend_install):
+    install = backend_install
+    flaky = submit(install, {"workflow": "flaky", "params": {"seed": 2}}).target_id
+    broken = submit(install, {"workflow": "broken"}).target_id
+    run_until_idle(install)
+    assert status(install, flaky) == "completed"
+    assert event_types(install, flaky).count("step.retried") == 2
+    assert status(install, broken) == "failed"
+    assert query(install, "SELECT error_code, error_message FROM session_status WHERE session_id = :id", id=broken) == [
+        ("STEP_FAILED", "step 0 (fail_n_times): planned failure 3 of 99")]
+    assert query(install, "SELECT status, attempts FROM step_status WHERE session_id = :id", id=broken) == [("failed", 3)]
+    retried = [e for e in install.store.stream("session", broken) if e.type == "step.retried"]
+    assert [round(e.data["not_before"] - time.time() > -60) for e in retried] == [1, 1]
+
+
+def test_two_runners_on_one_database_never_complete_a_step_twice(backend_install):
+    install = backend_install
+    ids = [submit(install, {"workflow": "noop3"}).target_id for _ in range(40)]
+    workers = [runner(install, runner_id=f"runner-{n}") for n in range(2)]
+    threads = [threading.Thread(target=w.run, kwargs={"until_idle": True}) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    counts = completions(install)
+    assert len(counts) == 120 and set(counts.values()) == {1}
+    assert {status(install, i) for i in ids} == {"completed"}
+    assert all(w.steps_done > 0 for w in workers), [w.steps_done for w in workers]
+    assert install.store.verify() == []
+
+
+def _run_in_thread(install):
+    worker = runner(install)
+    thread = threading.Thread(target=worker.run, kwargs={"until_idle": True})
+    thread.start()
+    return worker, thread
+
+
+def _wait_for(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_cancel_interrupts_a_running_handler_quickly(backend_install):
+    install = backend_install
+    session_id = submit(install, {"workflow": "sleepy", "params": {"steps": 100}}).target_id  # 10 s of sleep
+    worker, thread = _run_in_thread(install)
+    assert _wait_for(lambda: query(install, "SELECT status FROM step_status WHERE session_id = :id AND step_index = 1",
+                                   id=session_id) == [("running",)])
+    commands.control(install.store, session_id, "cancel")
+    cancelled_at = time.monotonic()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert time.monotonic() - cancelled_at < 5
+    assert status(install, session_id) == "cancelled"
+    assert query(install, "SELECT status FROM step_status WHERE session_id = :id ORDER BY step_index", id=session_id) == [
+        ("completed",), ("cancelled",), ("cancelled",)]
+    worker.close()
+
+
+def test_pause_mid_step_hands_the_step_back_and_resume_finishes_it(backend_install):
+    install = backend_install
+    session_id = submit(install, {"workflow": "sleepy", "params": {"steps": 30}}).target_id
+    worker, thread = _run_in_thread(install)
+    assert _wait_for(lambda: query(install, "SELECT progress FROM session_status WHERE session_id = :id",
+                                   id=session_id)[0][0] > 0.34)
+    commands.control(install.store, session_id, "pause")
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "a paused session is not work left to wait for"
+    assert status(install, session_id) == "paused"
+    assert query(install, "SELECT status, attempts FROM step_status WHERE session_id = :id AND step_index = 1",
+                 id=session_id) == [("pending", 0)]
+    assert "step.released" in event_types(install, session_id)
+    commands.control(install.store, session_id, "resume")
+    run_until_idle(install)
+    assert status(install, session_id) == "completed"
+    worker.close()
+
+
+def test_progress_is_visible_in_the_view_while_a_step_runs(install):
+    session_id = submit(install, {"workflow": "sleepy", "params": {"steps": 30}}).target_id
+    worker, thread = _run_in_thread(install)
+    seen = set()
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        seen.add(round(query(install, "SELECT progress FROM session_status WHERE session_id = :id", id=session_id)[0][0], 2))
+        time.sleep(0.05)
+    thread.join()
+    assert any(0.34 < value < 0.66 for value in seen), sorted(seen)
+    worker.close()
