@@ -22,26 +22,45 @@ TEST_WORKFLOWS = ROOT / "tests" / "workflows"
 POSTGRES_URL = os.environ.get("ENGINE_TEST_POSTGRES_URL", "")
 
 
-def write_config(folder: Path, database_url: str = "", modules: str = '["tests.handlers"]', extra: str = "") -> Path:
+TEST_SETTINGS = {
+    "paths": {"workflows": str(TEST_WORKFLOWS)},
+    "handlers": {"modules": ["tests.handlers"]},
+    "runner": {"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05, "idle_poll_seconds": 0.02,
+               "control_poll_seconds": 0.05, "lease_seconds": 5.0, "heartbeat_seconds": 0.5},
+    "inbox": {"poll_seconds": 0.2, "partial_grace_seconds": 0.5},
+}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def write_config(folder: Path, database_url: str = "", settings: dict | None = None) -> Path:
+    """config.toml for a test installation: the test settings, then `settings` on top."""
+    merged = {section: dict(values) for section, values in TEST_SETTINGS.items()}
+    merged["database"] = {"url": database_url}
+    for section, values in (settings or {}).items():
+        merged.setdefault(section, {}).update(values)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
-    path.write_text(
-        f'[database]\nurl = "{database_url}"\n\n'
-        f'[paths]\nworkflows = "{TEST_WORKFLOWS}"\n\n'
-        f"[handlers]\nmodules = {modules}\n\n"
-        "[runner]\nbackoff_base_seconds = 0.01\nbackoff_max_seconds = 0.05\nidle_poll_seconds = 0.02\n"
-        "control_poll_seconds = 0.05\nlease_seconds = 5.0\nheartbeat_seconds = 0.5\n\n"
-        "[inbox]\npoll_seconds = 0.2\npartial_grace_seconds = 0.5\n\n" + extra
-    )
+    path.write_text("".join(
+        f"[{section}]\n" + "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items()) + "\n"
+        for section, values in merged.items()))
     return path
 
 
 class Installation:
     """A config, its store and intake: what a test needs to drive the engine."""
 
-    def __init__(self, folder: Path, database_url: str = "", extra: str = "", modules: str = '["tests.handlers"]'):
+    def __init__(self, folder: Path, database_url: str = "", settings: dict | None = None):
         self.folder = folder
-        self.config_path = write_config(folder, database_url, modules, extra)
+        self.config_path = write_config(folder, database_url, settings)
         self.config = load_config(self.config_path)
         self.store: Store = app.init(self.config)
         self.intake = Intake(self.config)

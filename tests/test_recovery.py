@@ -20,7 +20,6 @@ from tests.conftest import Installation
 from tests.helpers import completions, query, submit
 
 KILL_POINTS = int(os.environ.get("ENGINE_TEST_KILL_POINTS", "20"))
-RECOVERY_SETTINGS = "lease_seconds = 1.0\nheartbeat_seconds = 0.2\n"
 
 
 def start_runner(install, runner_id="runner-under-test", pause="0.03"):
@@ -56,7 +55,7 @@ def assert_everything_done_once(install, session_ids, steps_per_session=3):
 
 @pytest.mark.slow
 def test_sigkill_at_random_instants_loses_nothing_and_repeats_nothing(tmp_path):
-    install = Installation(tmp_path / "engine", extra="")
+    install = Installation(tmp_path / "engine")
     session_ids = [submit(install, {"workflow": "files3"}).target_id for _ in range(60)]
     rng = random.Random(int(os.environ.get("ENGINE_TEST_SEED", "0")) or None)
     kills = 0
