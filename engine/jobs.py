@@ -238,11 +238,10 @@ def job_schema() -> dict[str, Any]:
     """The JSON Schema of job files (snake_case keys; camelCase and PascalCase are accepted too)."""
     schema = JobFile.model_json_schema(mode="validation")
     job = schema["properties"]["job"]
-    result = {
+    return {
+        **job,
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "engine job file",
         "description": "A file dropped into inbox/. Keys may also be written in camelCase or PascalCase.",
-        **job,
         "$defs": schema.get("$defs", {}),
     }
-    return result
