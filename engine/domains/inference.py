@@ -142,6 +142,7 @@ def generation_step(ctx: StepContext) -> StepResult:
                       device, already_loaded=True, weights=0)
     # 3. Scheduler by name and LoRAs, undone after the step so the cached pipeline stays clean.
     base.scheduler = make_scheduler(p.get("scheduler"), cached.default_scheduler)
+    scheduler_name = type(base.scheduler).__name__
     adapters = _apply_loras(ctx, base)
     try:
         pipe = _pipeline_for_mode(ctx, base, mode, device, dtype)
@@ -177,6 +178,6 @@ def generation_step(ctx: StepContext) -> StepResult:
         names.append(name)
     return StepResult(images=names, data={
         "mode": mode, "seeds": seeds, "device": device.id, "dtype": str(dtype).replace("torch.", ""),
-        "model": cached.entry.id, "model_loaded_here": loaded, "scheduler": type(pipe.scheduler).__name__,
+        "model": cached.entry.id, "model_loaded_here": loaded, "scheduler": scheduler_name,
         "peak_memory_bytes": memory.peak_bytes(device),
     })

@@ -1,0 +1,249 @@
+"""The real domain handlers on tiny diffusers models built in code and loaded back through the
+registry and the real loading code: txt2img, img2img, inpaint, ControlNet, LoRAs, schedulers,
+determinism, cancel, upscale through spandrel, enhance, safety check, memory, DirectML selection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from engine import commands
+from engine.errors import UnsafeModelFormat
+from engine.registry import ModelRegistry
+from tests.conftest import ROOT, Installation
+from tests.helpers import query, run_until_idle, runner, status, submit
+
+pytestmark = pytest.mark.domains
+
+SIZE = {"width": 64, "height": 64, "steps": 3, "guidance_scale": 5.0}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    from engine.tinymodels import build_tiny_controlnet, build_tiny_lora, build_tiny_sdxl, build_tiny_upscaler
+
+    folder = tmp_path_factory.mktemp("models")
+    build_tiny_sdxl(folder / "tiny")
+    build_tiny_upscaler(folder / "up.safetensors")
+    build_tiny_controlnet(folder / "cn", folder / "tiny")
+    build_tiny_lora(folder / "style.safetensors", folder / "tiny")
+    return folder
+
+
+@pytest.fixture
+def studio(tmp_path, models) -> Installation:
+    install = Installation(tmp_path / "engine", settings={"handlers": {"modules": ["engine.domains", "tests.handlers"]}})
+    registry = ModelRegistry(install.config.models_dir)
+    registry.add(models / "tiny", "tiny")
+    registry.add(models / "up.safetensors", "up")
+    registry.add(models / "cn", "cn")
+    registry.add(models / "style.safetensors", "style")
+    images = install.config.inbox / "images"
+    images.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(images / "start.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(images / "mask.png")
+    yield install
+    install.store.close()
+
+
+def result_of(install, session_id: str) -> dict:
+    folder = install.config.outbox / session_id
+    return json.loads((folder / "result.json").read_text())
+
+
+def images_of(install, session_id: str) -> list[Image.Image]:
+    result = result_of(install, session_id)
+    return [Image.open(install.config.outbox / session_id / name) for name in result["images"]]
+
+
+def test_txt2img_end_to_end_with_a1111_parameters_and_one_model_load(studio):
+    first = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "a lighthouse", "seed": 42,
+                                                               "num_images": 2, "negative_prompt": "blurry"}})
+    second = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "a harbour", "seed": 9}})
+    run_until_idle(studio)
+    assert status(studio, first.target_id) == status(studio, second.target_id) == "completed"
+    result = result_of(studio, first.target_id)
+    assert result["images"] == ["00000-42.png", "00001-43.png"] and result["seed"] == 42
+    image = images_of(studio, first.target_id)[0]
+    assert image.size == (64, 64)
+    parameters = image.info["parameters"]
+    assert parameters.splitlines()[0] == "a lighthouse"
+    assert parameters.splitlines()[1] == "Negative prompt: blurry"
+    assert "Steps: 3" in parameters and "Seed: 42" in parameters and "Size: 64x64" in parameters
+    assert [s["domain"] for s in result["steps"]] == ["device", "model", "inference"]
+    assert query(studio, "SELECT count(*) FROM event_log WHERE type = 'model.loaded'") == [(1,)]
+    loads = [json.loads(r[0]) for r in query(studio, "SELECT data FROM event_log WHERE type = 'model.loaded'")]
+    assert loads[0]["model_id"] == "tiny" and len(loads[0]["file_hash"]) == 64
+
+
+def test_the_same_seed_gives_the_same_image_whatever_ran_beside_it(studio):
+    alone = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 8}})
+    pair = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 7, "num_images": 2}})
+    again = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 8}})
+    other = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 9}})
+    run_until_idle(studio)
+    alone_pixels = images_of(studio, alone.target_id)[0].tobytes()
+    assert images_of(studio, again.target_id)[0].tobytes() == alone_pixels
+    assert images_of(studio, pair.target_id)[1].tobytes() == alone_pixels, "image 2 of seed 7 is seed 8's image"
+    assert images_of(studio, other.target_id)[0].tobytes() != alone_pixels
+
+
+def test_img2img_inpaint_controlnet_and_lora(studio):
+    common = {**SIZE, "prompt": "a red door", "seed": 1}
+    jobs = {
+        "img2img": {"workflow": "img2img", "params": {**common, "init_image": "images/start.png", "strength": 0.5}},
+        "inpaint": {"workflow": "inpaint", "params": {**common, "init_image": "images/start.png",
+                                                      "mask_image": "images/mask.png"}},
+        "controlnet": {"workflow": "controlnet", "params": {**common, "controlnet": {
+            "model": "cn", "image": "images/start.png", "conditioning_scale": 0.8}}},
+        "lora": {"workflow": "txt2img", "params": {**common, "loras": [{"model": "style", "scale": 0.9}]}},
+        "plain": {"workflow": "txt2img", "params": common},
+    }
+    ids = {name: submit(studio, job).target_id for name, job in jobs.items()}
+    run_until_idle(studio)
+    for name, session_id in ids.items():
+        assert status(studio, session_id) == "completed", (name, query(
+            studio, "SELECT error_message FROM sessions WHERE session_id = :id", id=session_id))
+        assert images_of(studio, session_id)[0].size == (64, 64)
+    plain = images_of(studio, ids["plain"])[0].tobytes()
+    assert images_of(studio, ids["lora"])[0].tobytes() != plain, "the LoRA changed the picture"
+    again = submit(studio, {"workflow": "txt2img", "params": common}).target_id
+    run_until_idle(studio)
+    assert images_of(studio, again)[0].tobytes() == plain, "the LoRA was removed after its job"
+    inpainted = images_of(studio, ids["inpaint"])[0]
+    assert inpainted.getpixel((2, 2)) != inpainted.getpixel((32, 32))
+
+
+def test_every_contract_scheduler_runs_by_name(studio):
+    names = ["ddim", "euler", "euler_a", "dpm++2m", "dpm++2m_karras", "dpm++sde"]
+    batch = submit(studio, {"kind": "batch", "workflow": "txt2img", "params": {**SIZE, "prompt": "x", "seed": 3},
+                            "items": [{"scheduler": name} for name in names]})
+    run_until_idle(studio)
+    assert query(studio, "SELECT status, completed_items FROM batch_status") == [("completed", len(names))]
+    used = []
+    for (session_id,) in query(studio, "SELECT session_id FROM items ORDER BY item_index"):
+        output = json.loads(query(studio, "SELECT output FROM steps WHERE session_id = :id AND step_index = 2",
+                                  id=session_id)[0][0])
+        used.append(output["data"]["scheduler"])
+    assert used[0] == "DDIMScheduler" and used[2] == "EulerAncestralDiscreteScheduler"
+    assert (studio.config.outbox / "batches" / batch.target_id / "item-00005" / "result.json").exists()
+
+
+def test_cancel_interrupts_a_long_denoise_mid_way(studio):
+    session_id = submit(studio, {"workflow": "txt2img", "params": {
+        "width": 256, "height": 256, "steps": 150, "prompt": "slow", "seed": 1}}).target_id
+    worker = runner(studio)
+    thread = threading.Thread(target=worker.run, kwargs={"until_idle": True})
+    thread.start()
+    deadline = time.monotonic() + 60
+    while query(studio, "SELECT progress FROM session_status WHERE session_id = :id", id=session_id)[0][0] < 0.7:
+        assert time.monotonic() < deadline, "denoising never reported progress"
+        time.sleep(0.05)
+    commands.control(studio.store, session_id, "cancel")
+    cancelled = time.monotonic()
+    thread.join(timeout=30)
+    assert time.monotonic() - cancelled < 5
+    worker.close()
+    assert status(studio, session_id) == "cancelled"
+    assert query(studio, "SELECT status FROM step_status WHERE session_id = :id AND step_index = 2", id=session_id) == [
+        ("cancelled",)]
+    assert not list((studio.config.outbox / ".attempts").rglob("*.png")), "the interrupted attempt left no images"
+
+
+def test_upscale_through_spandrel_and_lanczos_then_enhance(studio):
+    with_model = submit(studio, {"workflow": "upscale", "params": {"init_image": "images/start.png", "postprocess": [
+        {"op": "upscale", "model": "up", "scale": 2}, {"op": "enhance", "preset": "vivid"}]}}).target_id
+    lanczos = submit(studio, {"workflow": "upscale", "params": {"init_image": "images/start.png", "postprocess": [
+        {"op": "upscale", "scale": 3}]}}).target_id
+    run_until_idle(studio)
+    assert images_of(studio, with_model)[0].size == (128, 128)
+    assert images_of(studio, lanczos)[0].size == (192, 192)
+    assert query(studio, "SELECT count(*) FROM event_log WHERE type = 'model.loaded' AND data LIKE '%\"up\"%'") == [(1,)]
+    result = result_of(studio, with_model)
+    enhance = result["steps"][-1]["data"]["ops"][1]
+    assert {k: v for k, v in enhance.items() if v is not None} == {"op": "enhance", "preset": "vivid"}
+
+
+def test_hires_workflow_says_plainly_that_no_safety_model_checked_the_images(studio):
+    session_id = submit(studio, {"workflow": "txt2img-hires", "params": {**SIZE, "prompt": "castle", "seed": 2}}).target_id
+    run_until_idle(studio)
+    result = result_of(studio, session_id)
+    assert result["status"] == "completed"
+    assert images_of(studio, session_id)[0].size == (128, 128)
+    assert "NOT checked" in result["steps"][-1]["data"]["safety"]
+    assert "Postprocess: safety_check" in images_of(studio, session_id)[0].info["parameters"]
+
+
+def test_work_that_cannot_fit_is_refused_before_trying(studio):
+    session_id = submit(studio, {"workflow": "txt2img", "params": {
+        "width": 2048, "height": 2048, "num_images": 16, "steps": 1, "prompt": "huge"}}).target_id
+    run_until_idle(studio)
+    assert query(studio, "SELECT status, error_code FROM session_status WHERE session_id = :id", id=session_id) == [
+        ("failed", "OUT_OF_MEMORY")]
+    assert query(studio, "SELECT attempts FROM step_status WHERE session_id = :id AND step_index = 2",
+                 id=session_id) == [(1,)], "refused once, not retried"
+
+
+def test_pickle_models_are_refused_unless_allowed(tmp_path):
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(UnsafeModelFormat):
+        ModelRegistry(tmp_path / "models").add(pickle, "p")
+    entry = ModelRegistry(tmp_path / "models", allow_pickle=True).add(pickle, "p", "upscaler")
+    assert entry.format == "pickle"
+    with pytest.raises(UnsafeModelFormat):
+        ModelRegistry(tmp_path / "models").get("p")
+
+
+def test_directml_is_preferred_when_present_with_cpu_seeds_and_fp32(monkeypatch):
+    import torch
+
+    from engine.domains import device
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "standins"))
+    found = device.discover()
+    assert found[0].id == "directml:0" and found[0].name == "Stand-in DirectML Adapter"
+    chosen = device.select("auto", found)
+    assert chosen.kind == "directml"
+    assert device.dtype_for(chosen) == torch.float32
+    assert device.generator_device(chosen) == "cpu"
+    assert device.select("cpu", found).id == "cpu"
+    with pytest.raises(Exception, match="DEVICE_UNAVAILABLE|not available"):
+        device.select("cuda:3", found)
+
+
+def test_a_session_runs_end_to_end_on_the_directml_path(studio):
+    """A real runner process whose torch_directml is the stand-in: the session records directml:0."""
+    session_id = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "dml", "seed": 5}}).target_id
+    env = studio.env()
+    env["PYTHONPATH"] = str(ROOT / "tests" / "standins") + ":" + env["PYTHONPATH"]
+    done = subprocess.run([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=studio.folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = result_of(studio, session_id)
+    assert result["status"] == "completed"
+    assert result["steps"][0]["data"]["device"] == "directml:0"
+    assert result["steps"][2]["data"]["dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_engine_demo_runs_end_to_end(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "engine", "demo", "--folder", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "RANDOM WEIGHTS" in done.stdout
+    outbox = tmp_path / "demo" / "outbox"
+    results = [json.loads(p.read_text()) for p in outbox.rglob("result.json")]
+    assert sorted(r["status"] for r in results).count("completed") == 8
+    assert [r["status"] for r in results].count("cancelled") == 1
+    assert (outbox / "contact-sheet.png").exists()
