@@ -51,13 +51,19 @@ class StepContext:
     params: dict[str, Any]
     step_config: dict[str, Any]
     previous: list[dict[str, Any]]
-    work_dir: Path
+    attempt_dir: Path
     inbox: Path
     token: CancellationToken
     progress: Callable[[float, str], None]
     config: Any
     shared: dict[str, Any]
     notify: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
+
+    @property
+    def work_dir(self) -> Path:
+        """This attempt's private folder, made on first use (steps that write nothing cost nothing)."""
+        self.attempt_dir.mkdir(parents=True, exist_ok=True)
+        return self.attempt_dir
 
     def previous_images(self) -> list[Path]:
         """Image files produced by the newest earlier step that produced any."""

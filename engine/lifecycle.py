@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, bindparam, delete, insert, select, update
 
 from engine.commands import session_ended
 from engine.errors import StaleLease
@@ -34,6 +34,8 @@ class Claim:
     total_steps: int
     batch_id: str | None
     item_index: int | None
+    previous: tuple = ()  # (step_index, attempt, output) of the run's earlier steps
+    step_row: tuple = ()  # the step's row as this claim left it (items), valid while the lease is held
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Policy:
 def claim_in(tx: Tx, runner_id: str, policy: Policy) -> Claim | None:
     """Take the best runnable step in this transaction, or None when nothing is runnable."""
     now = time.time()
-    found = tx.conn.execute(tx.store.dialect.claim_query(now)).first()
+    found = tx.conn.execute(tx.store.dialect.claim_query, {"now": now}).first()
     if found is None:
         return None
     session_id, index = found.session_id, found.step_index
@@ -64,21 +66,25 @@ def claim_in(tx: Tx, runner_id: str, policy: Policy) -> Claim | None:
     if session["status"] == "pending":
         tx.emit("session", session_id, "session.started", {"session_id": session_id, "run": session["run"]})
         _item_started(tx, session)
+    earlier = tx.projection.children("steps", session_id)  # one read for all steps; seeds the next get
     step = tx.get("steps", (session_id, index))
     attempt = step["attempts"] + 1
     tx.emit("session", session_id, "step.claimed", {
         "session_id": session_id, "run": session["run"], "step_index": index, "attempt": attempt,
         "runner_id": runner_id,
     })
-    tx.conn.execute(delete(leases).where(leases.c.session_id == session_id, leases.c.step_index == index))
-    tx.conn.execute(insert(leases).values(
-        session_id=session_id, step_index=index, run=session["run"], attempt=attempt, runner_id=runner_id,
-        expires_at=now + policy.lease_seconds, progress=0.0, message=None,
-    ))
+    # No lease exists for a pending step: every way out of `running` removes it.
+    tx.conn.execute(INSERT_LEASE, {
+        "session_id": session_id, "step_index": index, "run": session["run"], "attempt": attempt,
+        "runner_id": runner_id, "expires_at": now + policy.lease_seconds, "progress": 0.0, "message": None,
+    })
     step_spec = json.loads(session["steps"])[index]
+    step_row = tuple(tx.get("steps", (session_id, index)).items())
+    previous = tuple((s["step_index"], s["attempts"], json.loads(s["output"] or "{}"))
+                     for s in earlier if s["step_index"] < index)
     return Claim(session_id, session["run"], index, step["step_type"], step["domain"], attempt, runner_id,
                  session["workflow_id"], json.loads(session["params"]), step_spec.get("config", {}),
-                 session["total_steps"], session["batch_id"], session["item_index"])
+                 session["total_steps"], session["batch_id"], session["item_index"], previous, step_row)
 
 
 def _item_started(tx: Tx, session: dict) -> None:
@@ -98,15 +104,29 @@ def claim(store: Store, runner_id: str, policy: Policy) -> Claim | None:
     return store.write(lambda tx: claim_in(tx, runner_id, policy))
 
 
-def _lease_clause(claim: Claim):
-    return and_(leases.c.session_id == claim.session_id, leases.c.step_index == claim.step_index,
-                leases.c.runner_id == claim.runner_id, leases.c.attempt == claim.attempt,
-                leases.c.run == claim.run)
+_HELD = and_(leases.c.session_id == bindparam("sid"), leases.c.step_index == bindparam("idx"),
+             leases.c.runner_id == bindparam("rid"), leases.c.attempt == bindparam("attempt"),
+             leases.c.run == bindparam("run"))
+DELETE_LEASE = delete(leases).where(leases.c.session_id == bindparam("sid"), leases.c.step_index == bindparam("idx"))
+INSERT_LEASE = insert(leases)
+TAKE_LEASE = delete(leases).where(_HELD)
+RENEW_LEASE = update(leases).where(_HELD)
+SESSION_STATUS = select(sessions.c.status).where(sessions.c.session_id == bindparam("sid"))
+
+
+def _held(claim: Claim) -> dict[str, Any]:
+    return {"sid": claim.session_id, "idx": claim.step_index, "rid": claim.runner_id, "attempt": claim.attempt,
+            "run": claim.run}
 
 
 def _take_lease(tx: Tx, claim: Claim) -> None:
-    """Fencing: the caller must still hold this step's lease, or nothing is recorded."""
-    removed = tx.conn.execute(delete(leases).where(_lease_clause(claim))).rowcount
+    """Fencing: the caller must still hold this step's lease, or nothing is recorded.
+
+    While the lease is held, only its holder changes the step's row (every other way out of
+    `running` removes the lease first), so the row the claim left is still current."""
+    removed = tx.conn.execute(TAKE_LEASE, _held(claim)).rowcount
+    if removed and claim.step_row:
+        tx.projection.seed("steps", dict(claim.step_row))
     step = tx.get("steps", (claim.session_id, claim.step_index))
     if not removed or step is None or step["status"] != "running" or step["attempts"] != claim.attempt \
             or step["run"] != claim.run:
@@ -121,8 +141,8 @@ def heartbeat(store: Store, claim: Claim, policy: Policy, progress: float | None
         values.update(progress=max(0.0, min(1.0, progress)), message=message)
 
     def renew(tx: Tx) -> tuple[bool, str | None]:
-        owned = tx.conn.execute(update(leases).where(_lease_clause(claim)).values(**values)).rowcount > 0
-        status = tx.conn.execute(select(sessions.c.status).where(sessions.c.session_id == claim.session_id)).scalar()
+        owned = tx.conn.execute(RENEW_LEASE.values(**values), _held(claim)).rowcount > 0
+        status = tx.conn.execute(SESSION_STATUS, {"sid": claim.session_id}).scalar()
         return owned, status
 
     return store.write(renew)
@@ -130,7 +150,7 @@ def heartbeat(store: Store, claim: Claim, policy: Policy, progress: float | None
 
 def session_status(store: Store, session_id: str) -> str | None:
     with store.read() as conn:
-        return conn.execute(select(sessions.c.status).where(sessions.c.session_id == session_id)).scalar()
+        return conn.execute(SESSION_STATUS, {"sid": session_id}).scalar()
 
 
 def complete_in(tx: Tx, claim: Claim, output: dict[str, Any], duration_s: float) -> bool:
@@ -207,8 +227,7 @@ def reap_expired(store: Store, policy: Policy, now: float | None = None, own_run
             alive = lease is not None and lease.expires_at >= now and lease.runner_id != own_runner_id
             if step is None or step["status"] != "running" or step["attempts"] != row.attempts or alive:
                 return False
-            tx.conn.execute(delete(leases).where(leases.c.session_id == row.session_id,
-                                                 leases.c.step_index == row.step_index))
+            tx.conn.execute(DELETE_LEASE, {"sid": row.session_id, "idx": row.step_index})
             _failed_attempt(tx, row.session_id, row.run, row.step_index, row.attempts, "TIMEOUT",
                             "the runner holding this step stopped (lease expired)", True, policy)
             return True

@@ -89,15 +89,19 @@ class Outbox:
     def attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int) -> Path:
         return self.root / ATTEMPTS / session_id / f"r{run}-s{step_index}-a{attempt}"
 
-    def fresh_attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int) -> Path:
+    def fresh_attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int, create: bool = True) -> Path:
+        """The attempt's folder, emptied of anything an earlier life of this attempt left."""
         folder = self.attempt_dir(session_id, run, step_index, attempt)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        if create:
+            folder.mkdir(parents=True)
         return folder
 
     def publish(self, attempt_dir: Path, target_dir: Path, names: list[str]) -> None:
         """Rename a committed attempt's files into place; safe to repeat after a crash."""
-        target_dir.mkdir(parents=True, exist_ok=True)
+        if names:
+            target_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
             source = attempt_dir / name
             if source.exists():
@@ -105,6 +109,8 @@ class Outbox:
         self.discard(attempt_dir)
 
     def discard(self, attempt_dir: Path) -> None:
+        if not attempt_dir.exists():
+            return
         shutil.rmtree(attempt_dir, ignore_errors=True)
         parent = attempt_dir.parent
         try:

@@ -51,6 +51,9 @@ class Runner:
         self.idle_sleep = runner["idle_poll_seconds"]
         self.progress_every = 1.0 / max(runner["progress_writes_per_second"], 0.01)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-worker")
+        # result.json and summary.json are written off the claim loop, in order; a crash before
+        # they are written is mended by recovery (ended sessions without result.json get one).
+        self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finisher")
         self.stop_event = threading.Event()
         self.on_step = on_step or (lambda claim, outcome: None)
         self.steps_done = 0
@@ -75,6 +78,7 @@ class Runner:
                 lifecycle.reap_expired(self.store, self.policy)
                 last_reap = time.monotonic()
             if until_idle and (before_idle_check is None or before_idle_check()) and self.nothing_left():
+                self.finisher.submit(lambda: None).result()  # every result.json is written before we say idle
                 break
             self.stop_event.wait(self.idle_sleep)
         return self.steps_done
@@ -84,6 +88,11 @@ class Runner:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        self.finisher.shutdown(wait=True)
+
+    def _finish(self, events) -> None:
+        if any(e.type.startswith(("session.", "batch.")) for e in events):
+            self.finisher.submit(self.outbox.finish, self.store, events)
 
     def nothing_left(self) -> bool:
         """No step is running anywhere and none is waiting to run (paused sessions wait for a user)."""
@@ -99,14 +108,15 @@ class Runner:
 
     def execute(self, claim: Claim) -> Claim | None:
         """Run one claimed step to its recorded end; returns the next claim, if one was taken."""
-        work_dir = self.outbox.fresh_attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt)
+        work_dir = self.outbox.fresh_attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt,
+                                                 create=False)
         token = CancellationToken()
         progress = _Progress()
         notices: list[tuple[str, dict[str, Any]]] = []
         context = StepContext(
             session_id=claim.session_id, run=claim.run, step_index=claim.step_index, step_type=claim.step_type,
             domain=claim.domain, attempt=claim.attempt, params=claim.params, step_config=claim.step_config,
-            previous=self._previous_outputs(claim), work_dir=work_dir, inbox=self.config.inbox, token=token,
+            previous=self._previous_outputs(claim), attempt_dir=work_dir, inbox=self.config.inbox, token=token,
             progress=progress.set, config=self.config, shared=self.registry.shared,
             notify=lambda kind, data: notices.append((kind, data)),
         )
@@ -150,21 +160,15 @@ class Runner:
                 token.set("paused")
 
     def _previous_outputs(self, claim: Claim) -> list[dict[str, Any]]:
-        import json
-
-        if claim.step_index == 0:
-            return []
-        with self.store.read() as conn:
-            session = conn.execute(select(sessions).where(sessions.c.session_id == claim.session_id)).mappings().first()
-            rows = conn.execute(select(steps.c.step_index, steps.c.attempts, steps.c.output)
-                                .where(steps.c.session_id == claim.session_id, steps.c.step_index < claim.step_index)
-                                .order_by(steps.c.step_index)).all()
+        """Earlier steps' outputs with absolute paths: in the outbox, or (another runner is just
+        renaming them) still in their committed attempt folder."""
+        session = {"session_id": claim.session_id, "run": claim.run, "batch_id": claim.batch_id,
+                   "item_index": claim.item_index}
         outputs = []
-        for row in rows:
-            output = json.loads(row.output or "{}")
-            resolved = self.outbox.published(dict(session), output)
-            pending = self.outbox.attempt_dir(claim.session_id, claim.run, row.step_index, row.attempts)
-            for key in ("images", "files"):  # not yet renamed (another runner mid-publish): read in place
+        for index, attempt, output in claim.previous:
+            resolved = self.outbox.published(session, output)
+            pending = self.outbox.attempt_dir(claim.session_id, claim.run, index, attempt)
+            for key in ("images", "files"):
                 resolved[key] = [p if os.path.exists(p) or not (pending / os.path.basename(p)).exists()
                                  else str(pending / os.path.basename(p)) for p in resolved[key]]
             outputs.append(resolved)
@@ -190,7 +194,7 @@ class Runner:
         session = {"session_id": claim.session_id, "run": claim.run, "batch_id": claim.batch_id,
                    "item_index": claim.item_index}
         self.outbox.publish(work_dir, self.outbox.dir_of(session), output["images"] + output["files"])
-        self.outbox.finish(self.store, events)
+        self._finish(events)
         self.steps_done += 1
         self.on_step(claim, "completed")
         return next_claim
@@ -203,7 +207,7 @@ class Runner:
         except StaleLease:
             self.on_step(claim, "stale")
             return None
-        self.outbox.finish(self.store, events)
+        self._finish(events)
         self.on_step(claim, "failed")
         return None
 

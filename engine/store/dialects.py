@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from sqlalchemy import event, select
+from sqlalchemy import bindparam, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import Select
 
 from engine.store.tables import sessions, steps
 
 
-def claim_candidates(now: float) -> Select:
-    """Pending steps whose predecessors are done, highest priority first, then the oldest."""
+def claim_candidates() -> Select:
+    """Pending steps whose predecessors are done, highest priority first, then the oldest.
+    Bound parameter: `now` (epoch seconds; steps waiting out a retry backoff are not yet due)."""
+    now = bindparam("now")
     return (
         select(steps.c.session_id, steps.c.step_index)
         .join(sessions, sessions.c.session_id == steps.c.session_id)
@@ -50,9 +52,8 @@ class SqliteDialect:
         def _begin(conn):
             conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
-    def claim_query(self, now: float) -> Select:
-        # The writer already holds SQLite's single write lock: no row locking needed.
-        return claim_candidates(now)
+    # The writer already holds SQLite's single write lock: no row locking needed.
+    claim_query = claim_candidates()
 
 
 class PostgresDialect:
@@ -61,8 +62,7 @@ class PostgresDialect:
     def install(self, engine: Engine, writer: bool) -> None:
         return None
 
-    def claim_query(self, now: float) -> Select:
-        return claim_candidates(now).with_for_update(of=steps, skip_locked=True)
+    claim_query = claim_candidates().with_for_update(of=steps, skip_locked=True)
 
 
 def dialect_for(url: str, synchronous: str, busy_timeout_ms: int):

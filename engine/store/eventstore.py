@@ -22,6 +22,7 @@ from engine.store.projection import DatabaseProjection, MemoryProjection
 from engine.store.tables import PROJECTIONS, events, leases
 
 T = TypeVar("T")
+INSERT_EVENT = insert(events)
 
 
 class Tx:
@@ -40,7 +41,7 @@ class Tx:
                "data": "", "created_at": created_at}
         event = Event(stream_type, stream_id, seq, type, data, created_at)
         row["data"] = event.row()["data"]
-        event_id = self.conn.execute(insert(events).values(**row)).inserted_primary_key[0]
+        event_id = self.conn.execute(INSERT_EVENT, row).inserted_primary_key[0]
         event = Event(stream_type, stream_id, seq, type, data, created_at, event_id)
         reducer.apply(self.projection, event)
         self.emitted.append(event)

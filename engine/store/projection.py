@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
 from engine.store.tables import PROJECTIONS
@@ -17,6 +17,24 @@ from engine.store.tables import PROJECTIONS
 Row = dict[str, Any]
 KEYS = {name: [c.name for c in table.primary_key.columns] for name, table in PROJECTIONS.items()}
 PARENT = {"steps": "session_id", "items": "batch_id"}
+
+
+def _by_key(table) -> Any:
+    return and_(*[table.c[k] == bindparam(f"key_{k}") for k in KEYS[table.name]])
+
+
+# Statements built once, with bound parameters: SQLAlchemy compiles each a single time.
+SELECT = {name: select(t).where(_by_key(t)).with_for_update() for name, t in PROJECTIONS.items()}
+CHILDREN = {name: select(PROJECTIONS[name]).where(PROJECTIONS[name].c[parent] == bindparam("parent")).with_for_update()
+            for name, parent in PARENT.items()}
+UPDATE = {name: update(t).where(_by_key(t)).values({c.name: bindparam(c.name) for c in t.columns})
+          for name, t in PROJECTIONS.items()}
+DELETE = {name: delete(t).where(_by_key(t)) for name, t in PROJECTIONS.items()}
+INSERT = {name: insert(t) for name, t in PROJECTIONS.items()}
+
+
+def _key_params(table: str, key: tuple) -> dict[str, Any]:
+    return {f"key_{k}": v for k, v in zip(KEYS[table], key)}
 
 
 class MemoryProjection:
@@ -64,9 +82,7 @@ class DatabaseProjection:
     def get(self, table: str, key: tuple) -> Row | None:
         entry = (table, key)
         if entry not in self._rows:
-            t = PROJECTIONS[table]
-            clause = and_(*[t.c[k] == v for k, v in zip(KEYS[table], key)])
-            row = self.conn.execute(select(t).where(clause).with_for_update()).mappings().first()
+            row = self.conn.execute(SELECT[table], _key_params(table, key)).mappings().first()
             self._rows[entry] = dict(row) if row else None
             if row:
                 self._in_db.add(entry)
@@ -85,8 +101,7 @@ class DatabaseProjection:
 
     def children(self, table: str, parent_id: str) -> list[Row]:
         if (table, parent_id) not in self._loaded_parents:
-            t = PROJECTIONS[table]
-            for row in self.conn.execute(select(t).where(t.c[PARENT[table]] == parent_id).with_for_update()).mappings():
+            for row in self.conn.execute(CHILDREN[table], {"parent": parent_id}).mappings():
                 self.seed(table, row)
             self._loaded_parents.add((table, parent_id))
         found = [
@@ -98,20 +113,21 @@ class DatabaseProjection:
     def flush(self) -> None:
         """Write the changed rows: inserts, updates and deletes, grouped per table."""
         inserts: dict[str, list[Row]] = defaultdict(list)
+        updates: dict[str, list[Row]] = defaultdict(list)
         for entry in self._dirty:
             table, key = entry
             row = self._rows[entry]
-            t = PROJECTIONS[table]
-            clause = and_(*[t.c[k] == v for k, v in zip(KEYS[table], key)])
             if row is None:
                 if entry in self._in_db:
-                    self.conn.execute(delete(t).where(clause))
+                    self.conn.execute(DELETE[table], _key_params(table, key))
                     self._in_db.discard(entry)
             elif entry in self._in_db:
-                self.conn.execute(update(t).where(clause).values(**row))
+                updates[table].append({**row, **_key_params(table, key)})
             else:
                 inserts[table].append(row)
                 self._in_db.add(entry)
+        for table, rows in updates.items():
+            self.conn.execute(UPDATE[table], rows)
         for table, rows in inserts.items():
-            self.conn.execute(insert(PROJECTIONS[table]), rows)
+            self.conn.execute(INSERT[table], rows)
         self._dirty.clear()
