@@ -105,8 +105,8 @@ def claim(store: Store, runner_id: str, policy: Policy) -> Claim | None:
 
 
 _HELD = and_(leases.c.session_id == bindparam("sid"), leases.c.step_index == bindparam("idx"),
-             leases.c.runner_id == bindparam("rid"), leases.c.attempt == bindparam("attempt"),
-             leases.c.run == bindparam("run"))
+             leases.c.runner_id == bindparam("rid"), leases.c.attempt == bindparam("held_attempt"),
+             leases.c.run == bindparam("held_run"))
 DELETE_LEASE = delete(leases).where(leases.c.session_id == bindparam("sid"), leases.c.step_index == bindparam("idx"))
 INSERT_LEASE = insert(leases)
 TAKE_LEASE = delete(leases).where(_HELD)
@@ -115,8 +115,8 @@ SESSION_STATUS = select(sessions.c.status).where(sessions.c.session_id == bindpa
 
 
 def _held(claim: Claim) -> dict[str, Any]:
-    return {"sid": claim.session_id, "idx": claim.step_index, "rid": claim.runner_id, "attempt": claim.attempt,
-            "run": claim.run}
+    return {"sid": claim.session_id, "idx": claim.step_index, "rid": claim.runner_id, "held_attempt": claim.attempt,
+            "held_run": claim.run}
 
 
 def _take_lease(tx: Tx, claim: Claim) -> None:

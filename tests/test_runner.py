@@ -74,7 +74,7 @@ def test_failures_are_retried_with_backoff_then_fail_the_session(backend_install
 
 def test_two_runners_on_one_database_never_complete_a_step_twice(backend_install):
     install = backend_install
-    ids = [submit(install, {"workflow": "noop3"}).target_id for _ in range(40)]
+    ids = [submit(install, {"workflow": "tick3"}).target_id for _ in range(40)]
     workers = [runner(install, runner_id=f"runner-{n}") for n in range(2)]
     threads = [threading.Thread(target=w.run, kwargs={"until_idle": True}) for w in workers]
     for thread in threads:
