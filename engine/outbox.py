@@ -128,14 +128,16 @@ class Outbox:
 
     # result.json and summary.json ----------------------------------------------------------
 
-    def write_result(self, store: Store, session_id: str) -> Path | None:
-        with store.read() as conn:
-            session = conn.execute(select(sessions).where(sessions.c.session_id == session_id)).mappings().first()
-            if session is None:
-                return None
-            step_rows = conn.execute(select(steps).where(steps.c.session_id == session_id)
-                                     .order_by(steps.c.step_index)).mappings().all()
-        session = dict(session)
+    def write_result(self, store: Store, session_id: str, rows: tuple | None = None) -> Path | None:
+        """result.json of a session, from its rows (as committed; read from the store if not given)."""
+        if rows is None:
+            with store.read() as conn:
+                found = conn.execute(select(sessions).where(sessions.c.session_id == session_id)).mappings().first()
+                if found is None:
+                    return None
+                rows = (found, conn.execute(select(steps).where(steps.c.session_id == session_id)
+                                            .order_by(steps.c.step_index)).mappings().all())
+        session, step_rows = dict(rows[0]), rows[1]
         folder = self.dir_of(session)
         params = json.loads(session["params"])
         report_steps, images, files = [], [], []
@@ -184,11 +186,13 @@ class Outbox:
         atomic_write_json(path, summary)
         return path
 
-    def finish(self, store: Store, events) -> None:
-        """Write result.json / summary.json for the sessions and batches these events ended."""
+    def finish(self, store: Store, events, rows: dict | None = None) -> None:
+        """Write result.json / summary.json for the sessions and batches these events ended
+        (`rows`: session id -> (session row, step rows) already in hand)."""
+        rows = rows or {}
         for event in events:
             if event.type in ("session.completed", "session.failed", "session.cancelled"):
-                self.write_result(store, event.stream_id)
+                self.write_result(store, event.stream_id, rows.get(event.stream_id))
         for event in events:
             if event.type in ("batch.completed", "batch.failed", "batch.cancelled"):
                 self.write_summary(store, event.stream_id)

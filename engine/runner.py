@@ -90,9 +90,9 @@ class Runner:
         self.executor.shutdown(wait=True)
         self.finisher.shutdown(wait=True)
 
-    def _finish(self, events) -> None:
+    def _finish(self, events, rows: dict | None = None) -> None:
         if any(e.type.startswith(("session.", "batch.")) for e in events):
-            self.finisher.submit(self.outbox.finish, self.store, events)
+            self.finisher.submit(self.outbox.finish, self.store, events, rows)
 
     def nothing_left(self) -> bool:
         """No step is running anywhere and none is waiting to run (paused sessions wait for a user)."""
@@ -179,8 +179,13 @@ class Runner:
     def _completed(self, claim: Claim, result: StepResult, duration: float, work_dir) -> Claim | None:
         output = {"images": list(result.images), "files": list(result.files), "data": result.data}
 
+        ended: dict[str, tuple] = {}
+
         def record(tx: Tx) -> Claim | None:
-            lifecycle.complete_in(tx, claim, output, duration)
+            ended.clear()  # a retried transaction starts over
+            if lifecycle.complete_in(tx, claim, output, duration):
+                ended[claim.session_id] = (tx.get("sessions", (claim.session_id,)),
+                                           tx.projection.children("steps", claim.session_id))
             if self.stop_event.is_set():
                 return None
             return lifecycle.claim_in(tx, self.runner_id, self.policy)
@@ -194,7 +199,7 @@ class Runner:
         session = {"session_id": claim.session_id, "run": claim.run, "batch_id": claim.batch_id,
                    "item_index": claim.item_index}
         self.outbox.publish(work_dir, self.outbox.dir_of(session), output["images"] + output["files"])
-        self._finish(events)
+        self._finish(events, ended)
         self.steps_done += 1
         self.on_step(claim, "completed")
         return next_claim

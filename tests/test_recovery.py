@@ -56,7 +56,7 @@ def assert_everything_done_once(install, session_ids, steps_per_session=3):
 @pytest.mark.slow
 def test_sigkill_at_random_instants_loses_nothing_and_repeats_nothing(tmp_path):
     install = Installation(tmp_path / "engine")
-    session_ids = [submit(install, {"workflow": "files3"}).target_id for _ in range(60)]
+    session_ids = [submit(install, {"workflow": "files3"}).target_id for _ in range(100)]
     rng = random.Random(int(os.environ.get("ENGINE_TEST_SEED", "0")) or None)
     kills = 0
     while kills < KILL_POINTS:

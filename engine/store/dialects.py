@@ -6,22 +6,16 @@ from sqlalchemy import bindparam, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql import Select
 
-from engine.store.tables import sessions, steps
+from engine.store.tables import sessions
 
 
 def claim_candidates() -> Select:
-    """Pending steps whose predecessors are done, highest priority first, then the oldest.
-    Bound parameter: `now` (epoch seconds; steps waiting out a retry backoff are not yet due)."""
-    now = bindparam("now")
+    """The ready session with the highest priority, then the oldest; its current step is the one to run
+    (the steps before it are done). Bound parameter `now`: a retry's backoff must have passed.
+    An index on (ready, priority DESC, created_event) makes this the first rows of one index scan."""
     return (
-        select(steps.c.session_id, steps.c.step_index)
-        .join(sessions, sessions.c.session_id == steps.c.session_id)
-        .where(
-            sessions.c.status.in_(("pending", "running")),
-            steps.c.status == "pending",
-            steps.c.step_index == sessions.c.current_step,
-            (steps.c.not_before.is_(None)) | (steps.c.not_before <= now),
-        )
+        select(sessions.c.session_id, sessions.c.current_step.label("step_index"))
+        .where(sessions.c.ready == 1, sessions.c.ready_at <= bindparam("now"))
         .order_by(sessions.c.priority.desc(), sessions.c.created_event.asc())
         .limit(1)
     )
@@ -62,7 +56,7 @@ class PostgresDialect:
     def install(self, engine: Engine, writer: bool) -> None:
         return None
 
-    claim_query = claim_candidates().with_for_update(of=steps, skip_locked=True)
+    claim_query = claim_candidates().with_for_update(of=sessions, skip_locked=True)
 
 
 def dialect_for(url: str, synchronous: str, busy_timeout_ms: int):

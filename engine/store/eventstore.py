@@ -7,6 +7,7 @@ appends one event and folds it through the reducer into the projections.
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
@@ -59,6 +60,9 @@ class Store:
         self.dialect = dialect_for(url, synchronous, busy_timeout_ms)
         self.writer = self._engine(writer=True)
         self.reader = self._engine(writer=False)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._writer_connections: list[Connection] = []
 
     def _engine(self, writer: bool) -> Engine:
         kwargs: dict[str, Any] = {}
@@ -73,8 +77,23 @@ class Store:
         return cls(config.database_url, config.get("database", "synchronous"), config.get("database", "busy_timeout_ms"))
 
     def close(self) -> None:
+        with self._lock:
+            for conn in self._writer_connections:
+                conn.close()
+            self._writer_connections.clear()
+        self._local = threading.local()
         self.writer.dispose()
         self.reader.dispose()
+
+    def _writer_connection(self) -> Connection:
+        """Each thread keeps its own writing connection (one database connection per thread)."""
+        conn = getattr(self._local, "writer", None)
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self.writer.connect()
+            self._local.writer = conn
+            with self._lock:
+                self._writer_connections.append(conn)
+        return conn
 
     # writing ---------------------------------------------------------------------------------
 
@@ -86,13 +105,16 @@ class Store:
         """Like `write`, also returning the events the transaction appended."""
         for attempt in range(attempts):
             tx = None
+            conn = self._writer_connection()
             try:
-                with self.writer.begin() as conn:
+                with conn.begin():
                     tx = Tx(conn, self)
                     result = fn(tx)
                     tx.projection.flush()
                 return result, tx.emitted
             except (OperationalError, IntegrityError) as exc:
+                if conn.invalidated:
+                    self._local.writer = None
                 if attempt == attempts - 1 or not _is_conflict(exc):
                     raise
                 time.sleep(0.01 * (2 ** attempt))

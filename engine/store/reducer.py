@@ -68,6 +68,7 @@ def _session_created(p: Projection, e: Event) -> None:
         "steps": dumps(steps), "error_code": None, "error_message": None,
         "created_event": e.event_id or 0, "created_at": e.created_at, "started_at": None,
         "updated_at": e.created_at, "finished_at": None, "last_seq": e.seq,
+        "ready": 0 if d.get("hold") or not steps else 1, "ready_at": None if d.get("hold") or not steps else 0.0,
     })
     for index, step in enumerate(steps):
         p.put("steps", _fresh_step(e.stream_id, index, 1, step))
@@ -80,6 +81,18 @@ def _fresh_step(session_id: str, index: int, run: int, step: dict) -> Row:
         "started_at": None, "finished_at": None, "duration_s": None, "error_code": None,
         "error_message": None, "output": None,
     }
+
+
+def _set_ready(p: Projection, session: Row, step: Row | None = None) -> None:
+    """The claim queue: a session is ready when it may run and its current step waits to run.
+    `ready_at` is when (a retry's backoff); the runner claims the best ready session's step."""
+    index = session["current_step"]
+    if session["status"] in ("pending", "running") and index < session["total_steps"]:
+        step = step if step is not None and step["step_index"] == index else p.get("steps", (session["session_id"], index))
+        if step is not None and step["status"] == "pending":
+            session["ready"], session["ready_at"] = 1, step["not_before"] or 0.0
+            return
+    session["ready"], session["ready_at"] = 0, None
 
 
 def _session_transition(p: Projection, e: Event) -> None:
@@ -111,6 +124,7 @@ def _session_transition(p: Projection, e: Event) -> None:
             p.delete("steps", (e.stream_id, step["step_index"]))
         p.delete("sessions", (e.stream_id,))
         return
+    _set_ready(p, session)
     p.put("sessions", session)
 
 
@@ -137,6 +151,7 @@ def _step_event(p: Projection, e: Event) -> None:
     session["updated_at"] = e.created_at
     session["last_seq"] = e.seq
     p.put("steps", step)
+    _set_ready(p, session, step)
     p.put("sessions", session)
 
 

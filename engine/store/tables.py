@@ -61,8 +61,12 @@ sessions = Table(
     Column("updated_at", String(32), nullable=False),
     Column("finished_at", String(32)),
     Column("last_seq", Integer, nullable=False),
+    # The claim queue (see reducer._set_ready): 1 when the current step may be claimed from ready_at on.
+    Column("ready", Integer, nullable=False, server_default="0"),
+    Column("ready_at", Float),
 )
-Index("ix_sessions_claim", sessions.c.status, sessions.c.priority, sessions.c.created_event)
+Index("ix_sessions_status", sessions.c.status)
+Index("ix_sessions_ready", sessions.c.ready, sessions.c.priority.desc(), sessions.c.created_event)
 Index("ix_sessions_job_id", sessions.c.job_id)
 Index("ix_sessions_batch", sessions.c.batch_id)
 
