@@ -65,6 +65,17 @@ def unique_destination(folder: Path, name: str, content_hash: str) -> Path:
     return folder / f"{stem}-{content_hash[:8]}-{counter}{suffix}"
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class Inbox:
     def __init__(self, config, store: Store, intake: Intake | None = None) -> None:
         self.config = config
@@ -147,11 +158,26 @@ class Inbox:
         return Outcome(path.name, False, code=error.code, message=error.message)
 
     def _move(self, path: Path, folder: Path, content_hash: str, destination: Path | None = None) -> None:
-        destination = destination or unique_destination(folder, path.name, content_hash)
+        """Move a taken file out of the inbox. A hard link then an unlink, not a rename: renaming out
+        of a watched folder makes inotify hold back every later event for half a second (the wait for
+        a matching IN_MOVED_TO), which would slow the pickup of the next file."""
+        if destination is None:
+            same_name = folder / path.name
+            if same_name.exists() and _sha256(same_name) == content_hash:
+                _unlink(path)  # a crash fell between the link and the unlink: finish the move
+                return
+            destination = unique_destination(folder, path.name, content_hash)
         try:
-            os.replace(path, destination)
+            os.link(path, destination)
         except FileNotFoundError:
-            pass
+            return
+        except OSError:  # no hard links here (some network shares): a plain rename
+            try:
+                os.replace(path, destination)
+            except FileNotFoundError:
+                pass
+            return
+        _unlink(path)
 
     # watching --------------------------------------------------------------------------------
 

@@ -264,3 +264,21 @@ def test_a_file_committed_but_not_moved_is_only_moved_on_restart(install):
     assert query(install, "SELECT count(*) FROM sessions") == [(1,)]
     assert (install.config.inbox / "accepted" / "once.json").read_bytes() == content
     assert submit  # the helper module is used elsewhere; this test drives commands directly
+
+
+def test_a_crash_between_link_and_unlink_leaves_one_accepted_copy(install):
+    """The move out of the inbox is a hard link then an unlink; a crash in between is finished."""
+    from engine.inbox import Inbox
+
+    content = job(params={"prompt": "linked"})
+    path = install.config.inbox / "linked.json"
+    path.write_bytes(content)
+    Inbox(install.config, install.store).scan()
+    accepted = install.config.inbox / "accepted" / "linked.json"
+    import os as _os
+
+    _os.link(accepted, path)  # as if the unlink never happened
+    Inbox(install.config, install.store).scan()
+    assert not path.exists()
+    assert sorted(p.name for p in (install.config.inbox / "accepted").iterdir()) == ["linked.json"]
+    assert query(install, "SELECT count(*) FROM sessions") == [(1,)]
