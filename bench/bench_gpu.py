@@ -1,0 +1,168 @@
+"""GPU benchmark: a full-size SDXL-architecture pipeline with random weights (SDXL's published
+configs), saved as safetensors, registered, and run txt2img at 1024x1024, 30 steps: five sessions
+end to end through the engine, beside the same pipeline called directly in the same run.
+
+    python bench/bench_gpu.py [--folder /tmp/engine-gpu] [--images 5] [--steps 30] [--size 1024]
+
+Prints figures and writes them to $OUT/gpu_bench.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5,
+    norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
+    transformer_layers_per_block=[1, 2, 10], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    upcast_attention=False, use_linear_projection=True,
+)
+VAE = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=1024,
+    scaling_factor=0.13025, up_block_types=["UpDecoderBlock2D"] * 4, force_upcast=True,
+)
+TEXT_1 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+TEXT_2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+              max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+SCHEDULER = dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, interpolation_type="linear",
+                 num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
+
+
+def build_sdxl(folder: Path) -> float:
+    """Random-weight SDXL (about 3.5 billion parameters), built on the GPU, saved in fp16."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from engine.tinymodels import _write_tokenizer
+
+    started = time.perf_counter()
+    tokenizer_dir = folder.parent / "tokenizer-src"
+    _write_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        pipe = StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_1)),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2)), tokenizer=tokenizer,
+            tokenizer_2=tokenizer, unet=UNet2DConditionModel(**UNET), scheduler=EulerDiscreteScheduler(**SCHEDULER))
+    pipe.to(torch.float16)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    del pipe
+    torch.cuda.empty_cache()
+    return time.perf_counter() - started
+
+
+def direct(folder: Path, out: Path, prompts: list[str], steps: int, size: int, pipe=None):
+    """The same pipeline called directly, saving the same PNGs: what a hand-rolled script does."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from engine.outbox import a1111_parameters, save_png
+
+    load = 0.0
+    if pipe is None:
+        started = time.perf_counter()
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float16, use_safetensors=True).to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        load = time.perf_counter() - started
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for n, prompt in enumerate(prompts):
+        generator = torch.Generator("cuda").manual_seed(n)
+        image = pipe(prompt=prompt, num_inference_steps=steps, width=size, height=size, guidance_scale=7.0,
+                     generator=[generator]).images[0]
+        save_png(image, out / f"direct-{n}.png", a1111_parameters({"prompt": prompt, "steps": steps}, n))
+    torch.cuda.synchronize()
+    return pipe, load, time.perf_counter() - started
+
+
+def through_engine(folder: Path, root: Path, prompts: list[str], steps: int, size: int) -> dict:
+    from sqlalchemy import text
+
+    from engine import app, commands
+    from engine.config import load_config
+    from engine.intake import Intake
+    from engine.jobs import parse_job
+    from engine.registry import ModelRegistry
+    from engine.runner import Runner
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.toml").write_text('[database]\nsynchronous = "FULL"\n')
+    config = load_config(root / "config.toml")
+    store = app.init(config)
+    ModelRegistry(config.models_dir).add(folder, "sdxl-random")
+    intake = Intake(config)
+    for n, prompt in enumerate(prompts):
+        job = {"workflow": "txt2img", "params": {"model": "sdxl-random", "prompt": prompt, "width": size,
+                                                  "height": size, "steps": steps, "guidance_scale": 7.0, "seed": n}}
+        commands.submit(store, intake, parse_job(job), commands.Source(f"gpu-{n}.json", str(n)))
+    runner = Runner(config, store, app.registry_for(config))
+    started = time.perf_counter()
+    runner.run(until_idle=True)
+    wall = time.perf_counter() - started
+    runner.close()
+    with store.read() as conn:
+        loads = [json.loads(r[0]) for r in conn.execute(text("SELECT data FROM event_log WHERE type = 'model.loaded'"))]
+        inference = [r[0] for r in conn.execute(text(
+            "SELECT duration_s FROM steps WHERE step_type = 'inference_generation' ORDER BY session_id"))]
+        statuses = [r[0] for r in conn.execute(text("SELECT status FROM sessions"))]
+        outputs = [json.loads(r[0]) for r in conn.execute(text(
+            "SELECT output FROM steps WHERE step_type = 'inference_generation'"))]
+    store.close()
+    return {"wall_s": wall, "loads": len(loads), "load_s": sum(l["seconds"] for l in loads),
+            "inference_s": inference, "statuses": statuses,
+            "peak_memory_gib": max(o["data"]["peak_memory_bytes"] or 0 for o in outputs) / 2**30,
+            "dtype": outputs[0]["data"]["dtype"], "device": outputs[0]["data"]["device"]}
+
+
+def main() -> None:
+    import torch
+
+    from engine.app import quiet_libraries
+
+    quiet_libraries()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/engine-gpu"))
+    parser.add_argument("--images", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", type=int, default=1024)
+    args = parser.parse_args()
+    shutil.rmtree(args.folder, ignore_errors=True)
+    model = args.folder / "sdxl-random"
+    images = args.folder / "direct"
+    images.mkdir(parents=True)
+    prompts = [f"a lighthouse at dusk, variation {n}" for n in range(args.images)]
+    figures: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "images": args.images,
+                     "steps": args.steps, "size": args.size}
+    figures["build_s"] = build_sdxl(model)
+    pipe, figures["direct_load_s"], _ = direct(model, images, ["warm-up"], 10, args.size)
+    _, _, figures["direct_before_s"] = direct(model, images, prompts, args.steps, args.size, pipe)
+    engine = through_engine(model, args.folder / "engine", prompts, args.steps, args.size)
+    _, _, figures["direct_after_s"] = direct(model, images, prompts, args.steps, args.size, pipe)
+    figures["engine"] = engine
+    direct_s = (figures["direct_before_s"] + figures["direct_after_s"]) / 2
+    figures["direct_images_per_s"] = args.images / direct_s
+    figures["engine_images_per_s_after_load"] = args.images / (engine["wall_s"] - engine["load_s"])
+    figures["engine_images_per_s_with_load"] = args.images / engine["wall_s"]
+    figures["ratio_engine_to_direct"] = figures["engine_images_per_s_after_load"] / figures["direct_images_per_s"]
+    print(json.dumps(figures, indent=2))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_bench.json").write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
