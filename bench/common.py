@@ -17,5 +17,5 @@ def installation(name: str, settings: dict | None = None, base: Path | None = No
     return Installation(folder / "engine", settings=settings)
 
 
-def line(label: str, value: float, unit: str, goal: str = "") -> None:
-    print(f"  {label:<58} {value:>12,.1f} {unit:<10} {goal}")
+def line(label: str, value: float, unit: str, goal: str = "", digits: int = 1) -> None:
+    print(f"  {label:<58} {value:>12,.{digits}f} {unit:<10} {goal}")
