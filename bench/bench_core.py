@@ -10,7 +10,6 @@ import argparse
 import json
 import sqlite3
 import statistics
-import tempfile
 import time
 from pathlib import Path
 

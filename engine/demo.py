@@ -15,11 +15,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from rich.console import Console
 
-from engine.app import init, quiet_libraries, registry_for
+from engine.app import init, quiet_libraries
 from engine.config import DEFAULTS_FILE, load_config
-from engine.inbox import Inbox
 from engine.registry import ModelRegistry
-from engine.runner import Runner
 from engine.sqlconsole import run_sql
 
 SIZE = 64
@@ -98,7 +96,7 @@ def run_demo(folder: Path, console: Console) -> None:
     if not config_path.exists():
         config_path.write_text(DEFAULTS_FILE.read_text())
     config = load_config(config_path)
-    store = init(config)
+    init(config).close()
     console.print(f"[bold]engine demo[/] in {folder}")
     console.print("[yellow]The demo model has RANDOM WEIGHTS, built in code: its images are noise.[/]")
     _build_models(config, console)

@@ -187,7 +187,7 @@ def _failed_attempt(tx: Tx, session_id: str, run: int, index: int, attempt: int,
     if session["status"] in ("running", "pending"):
         tx.emit("session", session_id, "session.failed", {
             "session_id": session_id, "run": run, "code": code,
-            "message": f"step {index} ({session and json.loads(session['steps'])[index]['type']}): {message}"[:2000],
+            "message": f"step {index} ({json.loads(session['steps'])[index]['type']}): {message}"[:2000],
         })
         session_ended(tx, session_id, "failed")
         return True

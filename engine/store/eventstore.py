@@ -36,14 +36,11 @@ class Tx:
         self.emitted: list[Event] = []
 
     def emit(self, stream_type: str, stream_id: str, type: str, data: dict[str, Any]) -> Event:
+        """Append one event to its stream and fold it into the projections."""
         seq = reducer.stream_version(self.projection, stream_type, stream_id) + 1
-        created_at = now_iso()
-        row = {"stream_type": stream_type, "stream_id": stream_id, "seq": seq, "type": type,
-               "data": "", "created_at": created_at}
-        event = Event(stream_type, stream_id, seq, type, data, created_at)
-        row["data"] = event.row()["data"]
-        event_id = self.conn.execute(INSERT_EVENT, row).inserted_primary_key[0]
-        event = Event(stream_type, stream_id, seq, type, data, created_at, event_id)
+        pending = Event(stream_type, stream_id, seq, type, data, now_iso())
+        event_id = self.conn.execute(INSERT_EVENT, pending.row()).inserted_primary_key[0]
+        event = Event(stream_type, stream_id, seq, type, data, pending.created_at, event_id)
         reducer.apply(self.projection, event)
         self.emitted.append(event)
         return event
