@@ -58,6 +58,7 @@ class Policy:
 def claim_in(tx: Tx, runner_id: str, policy: Policy) -> Claim | None:
     """Take the best runnable step in this transaction, or None when nothing is runnable."""
     now = time.time()
+    tx.projection.flush()  # the claim query reads the tables: what this transaction changed must be there
     found = tx.conn.execute(tx.store.dialect.claim_query, {"now": now}).first()
     if found is None:
         return None

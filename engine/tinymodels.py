@@ -156,3 +156,55 @@ def build_tiny_lora(path: Path, pipeline_folder: Path, seed: int = 0) -> Path:
     StableDiffusionXLPipeline.save_lora_weights(path.parent, unet_lora_layers=get_peft_model_state_dict(unet),
                                                 weight_name=path.name, safe_serialization=True)
     return path
+
+
+def build_tiny_sd15(folder: Path, seed: int = 0) -> Path:
+    """A tiny SD 1.5-architecture pipeline (one CLIP text encoder, random weights) as a diffusers folder."""
+    import shutil
+
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )
+    tokenizer_dir = folder.parent / (folder.name + ".tokenizer-src")
+    _write_tokenizer(tokenizer_dir)
+    pipe = StableDiffusionPipeline(
+        vae=_vae(seed + 1), text_encoder=_text_encoder(False, 16, seed + 2),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir), unet=unet,
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                clip_sample=False, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    return folder
+
+
+def build_tiny_safety_checker(folder: Path, seed: int = 0, flag_everything: bool = False) -> Path:
+    """A tiny StableDiffusionSafetyChecker and its CLIP image processor, saved to a folder.
+    `flag_everything` lowers every concept's threshold below any score, so each image is flagged."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    checker = StableDiffusionSafetyChecker(config)
+    if flag_everything:
+        with torch.no_grad():
+            checker.concept_embeds_weights.fill_(-10.0)
+    checker.save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return Path(folder)

@@ -27,10 +27,13 @@ SIZE = {"width": 64, "height": 64, "steps": 3, "guidance_scale": 5.0}
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    from engine.tinymodels import build_tiny_controlnet, build_tiny_lora, build_tiny_sdxl, build_tiny_upscaler
+    from engine.tinymodels import (build_tiny_controlnet, build_tiny_lora, build_tiny_safety_checker, build_tiny_sd15,
+                                   build_tiny_sdxl, build_tiny_upscaler)
 
     folder = tmp_path_factory.mktemp("models")
     build_tiny_sdxl(folder / "tiny")
+    build_tiny_sd15(folder / "tiny15")
+    build_tiny_safety_checker(folder / "safety-strict", flag_everything=True)
     build_tiny_upscaler(folder / "up.safetensors")
     build_tiny_controlnet(folder / "cn", folder / "tiny")
     build_tiny_lora(folder / "style.safetensors", folder / "tiny")
@@ -42,6 +45,7 @@ def studio(tmp_path, models) -> Installation:
     install = Installation(tmp_path / "engine", settings={"handlers": {"modules": ["engine.domains", "tests.handlers"]}})
     registry = ModelRegistry(install.config.models_dir)
     registry.add(models / "tiny", "tiny")
+    registry.add(models / "tiny15", "tiny15")
     registry.add(models / "up.safetensors", "up")
     registry.add(models / "cn", "cn")
     registry.add(models / "style.safetensors", "style")
@@ -121,6 +125,46 @@ def test_img2img_inpaint_controlnet_and_lora(studio):
     assert images_of(studio, again)[0].tobytes() == plain, "the LoRA was removed after its job"
     inpainted = images_of(studio, ids["inpaint"])[0]
     assert inpainted.getpixel((2, 2)) != inpainted.getpixel((32, 32))
+
+
+def test_sd15_class_pipelines_run_txt2img_and_img2img(studio):
+    common = {**SIZE, "model": "tiny15", "prompt": "a lighthouse", "seed": 4}
+    plain = submit(studio, {"workflow": "txt2img", "params": common}).target_id
+    moved = submit(studio, {"workflow": "img2img", "params": {**common, "init_image": "images/start.png"}}).target_id
+    run_until_idle(studio)
+    assert status(studio, plain) == status(studio, moved) == "completed"
+    assert result_of(studio, plain)["steps"][2]["data"]["model"] == "tiny15"
+    assert images_of(studio, moved)[0].size == (64, 64)
+
+
+def test_the_warm_cache_evicts_the_least_recently_used_under_its_budget(tmp_path, models):
+    install = Installation(tmp_path / "engine", settings={
+        "handlers": {"modules": ["engine.domains"]}, "models": {"cache_budget_gib": 0.0001}})
+    registry = ModelRegistry(install.config.models_dir)
+    registry.add(models / "tiny", "tiny")
+    registry.add(models / "tiny15", "tiny15")
+    for priority, model in ((9, "tiny"), (8, "tiny15"), (7, "tiny")):  # one runner, one cache, in this order
+        submit(install, {"workflow": "txt2img", "priority": priority, "params": {**SIZE, "model": model, "prompt": "x"}})
+    run_until_idle(install)
+    events = [(r[0], json.loads(r[1])["model_id"]) for r in query(
+        install, "SELECT type, data FROM event_log WHERE stream_type = 'model' ORDER BY event_id")]
+    assert events == [("model.loaded", "tiny"), ("model.unloaded", "tiny"), ("model.loaded", "tiny15"),
+                      ("model.unloaded", "tiny15"), ("model.loaded", "tiny")]
+    install.store.close()
+
+
+def test_a_configured_safety_checker_blacks_out_flagged_images(tmp_path, models):
+    install = Installation(tmp_path / "engine", settings={
+        "handlers": {"modules": ["engine.domains"]}, "safety": {"model": str(models / "safety-strict")}})
+    ModelRegistry(install.config.models_dir).add(models / "tiny", "tiny")
+    session_id = submit(install, {"workflow": "txt2img", "params": {
+        **SIZE, "prompt": "x", "postprocess": [{"op": "safety_check"}]}}).target_id
+    run_until_idle(install)
+    result = result_of(install, session_id)
+    assert result["steps"][-1]["data"]["safety"] == {"flagged": [True]}
+    image = images_of(install, session_id)[0]
+    assert image.getextrema() == ((0, 0), (0, 0), (0, 0))
+    install.store.close()
 
 
 def test_every_contract_scheduler_runs_by_name(studio):

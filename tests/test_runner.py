@@ -151,3 +151,14 @@ def test_progress_is_visible_in_the_view_while_a_step_runs(install):
     thread.join()
     assert any(0.34 < value < 0.66 for value in seen), sorted(seen)
     worker.close()
+
+
+def test_a_session_runs_its_steps_back_to_back_before_lower_priorities(backend_install):
+    """The claim folded into a completion sees that completion: the same session's next step,
+    not a lower-priority session's, runs next."""
+    install = backend_install
+    high = submit(install, {"workflow": "noop3", "priority": 9}).target_id
+    low = submit(install, {"workflow": "noop3", "priority": 1}).target_id
+    order = []
+    run_until_idle(install, on_step=lambda claim, outcome: order.append((claim.session_id, claim.step_index)))
+    assert order == [(high, 0), (high, 1), (high, 2), (low, 0), (low, 1), (low, 2)]
