@@ -64,19 +64,28 @@ def recover(store: Store, outbox: Outbox, policy: Policy, runner_id: str | None 
 
 
 def finish_missing_results(store: Store, outbox: Outbox) -> int:
-    written = 0
+    """Ended sessions and batches get the result.json / summary.json a crash kept them from."""
     with store.read() as conn:
         ended = conn.execute(select(sessions.c.session_id, sessions.c.run, sessions.c.batch_id,
                                     sessions.c.item_index)
                              .where(sessions.c.status.in_(("completed", "failed", "cancelled")))).mappings().all()
         ended_batches = conn.execute(select(batches.c.batch_id)
                                      .where(batches.c.status.in_(("completed", "failed", "cancelled")))).all()
+    written = 0
     for row in ended:
-        if not (outbox.dir_of(dict(row)) / "result.json").exists():
+        if _missing(outbox.dir_of(dict(row)) / "result.json"):
             outbox.write_result(store, row["session_id"])
             written += 1
     for row in ended_batches:
-        if not (outbox.batch_dir(row.batch_id) / "summary.json").exists():
+        if _missing(outbox.batch_dir(row.batch_id) / "summary.json"):
             outbox.write_summary(store, row.batch_id)
             written += 1
     return written
+
+
+def _missing(path) -> bool:
+    """Whether path is absent; a temporary file of a write cut short beside it is removed."""
+    leftover = path.with_name(f".{path.name}.tmp")
+    if leftover.exists():
+        leftover.unlink()
+    return not path.exists()
