@@ -1,8 +1,9 @@
 """GPU benchmark: a full-size SDXL-architecture pipeline with random weights (SDXL's published
-configs), saved as safetensors, registered, and run txt2img at 1024x1024, 30 steps: five sessions
-end to end through the engine, beside the same pipeline called directly in the same run.
+configs), saved as safetensors, registered, and run txt2img at 1024x1024, 30 steps: sessions end
+to end through one long-lived engine runner, alternating image by image with the same pipeline
+called directly in the same process.
 
-    python bench/bench_gpu.py [--folder /tmp/engine-gpu] [--images 5] [--steps 30] [--size 1024]
+    python bench/bench_gpu.py [--folder /tmp/engine-gpu] [--images 5] [--rounds 2] [--steps 30] [--size 1024]
 
 Prints figures and writes them to $OUT/gpu_bench.json when OUT is set.
 """
@@ -159,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--folder", type=Path, default=Path("/tmp/engine-gpu"))
     parser.add_argument("--images", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="times through the prompts, alternating")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=1024)
     args = parser.parse_args()
@@ -175,24 +176,30 @@ def main() -> None:
     pipe, figures["direct_load_s"], _, _ = direct(model, images, ["warm-up"], 10, args.size)
     engine = EngineRounds(model, args.folder / "engine")
     figures["engine_warmup"] = engine.round(["warm-up"], 10, args.size)
-    direct_times, engine_walls, engine_rounds, direct_each = [], [], [], []
-    for _ in range(args.rounds):  # interleaved, so drift of the GPU's clocks hits both alike
-        _, _, seconds, each = direct(model, images, prompts, args.steps, args.size, pipe)
-        direct_times.append(seconds)
-        direct_each += each
-        result = engine.round(prompts, args.steps, args.size)
-        engine_walls.append(result["wall_s"])
-        engine_rounds.append(result)
+    # Interleaved image by image (a direct image, then one engine session), so drift of the GPU's
+    # clocks and of the host hits both alike.
+    direct_each, engine_rounds = [], []
+    for _ in range(args.rounds):
+        for n, prompt in enumerate(prompts):
+            _, _, seconds, _ = direct(model, images, [prompt], args.steps, args.size, pipe)
+            direct_each.append(round(seconds, 3))
+            engine_rounds.append(engine.round([prompt], args.steps, args.size))
+    engine_each = [r["wall_s"] for r in engine_rounds]
     loads = engine.loads()
+    count = len(direct_each)
     figures.update({
-        "direct_s_per_round": [round(t, 3) for t in direct_times], "direct_s_each": direct_each,
-        "engine_s_per_round": engine_walls, "engine_rounds": engine_rounds,
+        "direct_s_each": direct_each, "engine_session_wall_s_each": engine_each,
+        "engine_inference_step_s_each": [r["inference_s"][0] for r in engine_rounds],
+        "engine_all_completed": all(r["all_completed"] for r in engine_rounds),
+        "engine_peak_memory_gib": max(r["peak_memory_gib"] for r in engine_rounds),
+        "engine_dtype": engine_rounds[0]["dtype"], "engine_device": engine_rounds[0]["device"],
         "engine_model_loads": len(loads), "engine_sessions": engine.submitted,
         "engine_load_s": loads[0]["seconds"] if loads else None,
-        "direct_images_per_s": round(args.images * args.rounds / sum(direct_times), 4),
-        "engine_images_per_s": round(args.images * args.rounds / sum(engine_walls), 4),
+        "direct_images_per_s": round(count / sum(direct_each), 4),
+        "engine_images_per_s": round(count / sum(engine_each), 4),
         "median_direct_image_s": statistics.median(direct_each),
-        "median_engine_inference_step_s": statistics.median(x for r in engine_rounds for x in r["inference_s"]),
+        "median_engine_session_s": statistics.median(engine_each),
+        "pairwise_ratios": [round(d / e, 3) for d, e in zip(direct_each, engine_each)],
     })
     figures["ratio_engine_to_direct"] = round(figures["engine_images_per_s"] / figures["direct_images_per_s"], 4)
     print(json.dumps(figures, indent=2))
