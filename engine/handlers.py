@@ -104,7 +104,9 @@ class Registry:
         try:
             return self._handlers[step_type]
         except KeyError:
-            raise EngineError(f"no handler registered for step type {step_type!r}") from None
+            error = EngineError(f"no handler registered for step type {step_type!r} (see handlers.modules)")
+            error.retryable = False  # a configuration gap: trying again cannot help
+            raise error from None
 
     def step_types(self) -> list[str]:
         return sorted(self._handlers)
