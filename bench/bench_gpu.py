@@ -180,7 +180,7 @@ def main() -> None:
     # clocks and of the host hits both alike.
     direct_each, engine_rounds = [], []
     for _ in range(args.rounds):
-        for n, prompt in enumerate(prompts):
+        for prompt in prompts:
             _, _, seconds, _ = direct(model, images, [prompt], args.steps, args.size, pipe)
             direct_each.append(round(seconds, 3))
             engine_rounds.append(engine.round([prompt], args.steps, args.size))

@@ -113,7 +113,7 @@ def _submit_control(store: Store, job: ControlJob, source: Source) -> Submitted:
         earlier = _earlier_job(tx, key)
         if earlier is not None:
             return earlier
-        target_type, target_id = _find_target(tx, job.target)
+        target_type, target_id = _lookup(tx.conn, job.target)
         apply_control(tx, target_type, target_id, job.action)
         tx.emit("job", key, "job.received", {
             "job_key": key, "job_id": job.job_id, "file_name": source.file_name, "content_hash": source.content_hash,
@@ -133,7 +133,7 @@ def control(store: Store, target: str, action: str) -> tuple[str, str, list]:
     Returns the target's type and id, and the events appended."""
 
     def record(tx: Tx) -> tuple[str, str]:
-        target_type, target_id = _find_target(tx, target)
+        target_type, target_id = _lookup(tx.conn, target)
         apply_control(tx, target_type, target_id, action)
         return target_type, target_id
 
@@ -146,11 +146,8 @@ def find_target(store: Store, target: str) -> tuple[str, str]:
         return _lookup(conn, target)
 
 
-def _find_target(tx: Tx, target: str) -> tuple[str, str]:
-    return _lookup(tx.conn, target)
-
-
 def _lookup(conn, target: str) -> tuple[str, str]:
+    """(session | batch, id) of a session id, batch id or accepted job_id."""
     if conn.execute(select(sessions.c.session_id).where(sessions.c.session_id == target)).first():
         return "session", target
     if conn.execute(select(batches.c.batch_id).where(batches.c.batch_id == target)).first():

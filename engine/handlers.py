@@ -36,9 +36,6 @@ class CancellationToken:
         if self._event.is_set():
             raise Cancelled(f"interrupted: {self.reason}", reason=self.reason)
 
-    def wait(self, seconds: float) -> bool:
-        return self._event.wait(seconds)
-
 
 @dataclass
 class StepContext:
@@ -107,9 +104,6 @@ class Registry:
             error = EngineError(f"no handler registered for step type {step_type!r} (see handlers.modules)")
             error.retryable = False  # a configuration gap: trying again cannot help
             raise error from None
-
-    def step_types(self) -> list[str]:
-        return sorted(self._handlers)
 
 
 def load_registry(modules: list[str]) -> Registry:

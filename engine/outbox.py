@@ -89,13 +89,12 @@ class Outbox:
     def attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int) -> Path:
         return self.root / ATTEMPTS / session_id / f"r{run}-s{step_index}-a{attempt}"
 
-    def fresh_attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int, create: bool = True) -> Path:
-        """The attempt's folder, emptied of anything an earlier life of this attempt left."""
+    def fresh_attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int) -> Path:
+        """The attempt's folder, emptied of anything an earlier life of this attempt left (the
+        handler's context makes it on first use)."""
         folder = self.attempt_dir(session_id, run, step_index, attempt)
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
-        if create:
-            folder.mkdir(parents=True)
         return folder
 
     def publish(self, attempt_dir: Path, target_dir: Path, names: list[str]) -> None:

@@ -108,8 +108,7 @@ class Runner:
 
     def execute(self, claim: Claim) -> Claim | None:
         """Run one claimed step to its recorded end; returns the next claim, if one was taken."""
-        work_dir = self.outbox.fresh_attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt,
-                                                 create=False)
+        work_dir = self.outbox.fresh_attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt)
         token = CancellationToken()
         progress = _Progress()
         notices: list[tuple[str, dict[str, Any]]] = []

@@ -115,10 +115,11 @@ def generator_device(device: DeviceInfo) -> str:
 
 def discovery_step(ctx: StepContext) -> StepResult:
     """device_discovery: choose the device for this session (params.device, else config)."""
-    device = select(ctx.params.get("device") or ctx.config.get("device", "preferred"))
+    found = discover()
+    device = select(ctx.params.get("device") or ctx.config.get("device", "preferred"), found)
     dtype = str(dtype_for(device, ctx.config.get("device", "dtype"))).replace("torch.", "")
     return StepResult(data={"device": device.id, "device_name": device.name, "dtype": dtype,
-                            "devices": [asdict(d) for d in discover()]})
+                            "devices": [asdict(d) for d in found]})
 
 
 def device_of(ctx: StepContext) -> DeviceInfo:

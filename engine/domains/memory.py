@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-from typing import Any
 
 from engine.domains.device import DeviceInfo, system_memory
 from engine.errors import OutOfMemory
@@ -77,6 +76,3 @@ def weights_bytes(path) -> int:
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
 
-
-def describe(device: DeviceInfo) -> dict[str, Any]:
-    return {"device": device.id, "free_bytes": free_memory(device), "total_bytes": device.total_memory}

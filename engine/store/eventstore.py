@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
-from sqlalchemy import create_engine, delete, insert, select, text
+from sqlalchemy import create_engine, delete, insert, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -196,10 +196,6 @@ class Store:
                                 differences.append(
                                     f"{name} {key}.{column}: live {live[key].get(column)!r}, log {value!r}")
         return differences
-
-    def ping(self) -> None:
-        with self.read() as conn:
-            conn.execute(text("SELECT 1"))
 
 
 def _is_conflict(exc: DBAPIError) -> bool:
