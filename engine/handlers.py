@@ -9,6 +9,7 @@ The real domains register this way, and so do the test and benchmark handlers.
 from __future__ import annotations
 
 import importlib
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +56,15 @@ class StepContext:
     config: Any
     shared: dict[str, Any]
     notify: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
+    work_dir_made: bool = False
 
     @property
     def work_dir(self) -> Path:
-        """This attempt's private folder, made on first use (steps that write nothing cost nothing)."""
-        self.attempt_dir.mkdir(parents=True, exist_ok=True)
+        """This attempt's private folder, made empty on first use (steps that write nothing cost nothing)."""
+        if not self.work_dir_made:
+            shutil.rmtree(self.attempt_dir, ignore_errors=True)  # anything an earlier life of it left
+            self.attempt_dir.mkdir(parents=True)
+            self.work_dir_made = True
         return self.attempt_dir
 
     def previous_images(self) -> list[Path]:

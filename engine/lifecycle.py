@@ -59,10 +59,10 @@ def claim_in(tx: Tx, runner_id: str, policy: Policy) -> Claim | None:
     """Take the best runnable step in this transaction, or None when nothing is runnable."""
     now = time.time()
     tx.projection.flush()  # the claim query reads the tables: what this transaction changed must be there
-    found = tx.conn.execute(tx.store.dialect.claim_query, {"now": now}).first()
+    found = tx.store.dialect.fetch_one(tx.conn, tx.store.dialect.claim_query, {"now": now})
     if found is None:
         return None
-    session_id, index = found.session_id, found.step_index
+    session_id, index = found["session_id"], found["step_index"]
     session = tx.get("sessions", (session_id,))
     if session["status"] == "pending":
         tx.emit("session", session_id, "session.started", {"session_id": session_id, "run": session["run"]})
@@ -75,7 +75,7 @@ def claim_in(tx: Tx, runner_id: str, policy: Policy) -> Claim | None:
         "runner_id": runner_id,
     })
     # No lease exists for a pending step: every way out of `running` removes it.
-    tx.conn.execute(INSERT_LEASE, {
+    tx.store.dialect.execute(tx.conn, INSERT_LEASE, {
         "session_id": session_id, "step_index": index, "run": session["run"], "attempt": attempt,
         "runner_id": runner_id, "expires_at": now + policy.lease_seconds, "progress": 0.0, "message": None,
     })
@@ -125,7 +125,7 @@ def _take_lease(tx: Tx, claim: Claim) -> None:
 
     While the lease is held, only its holder changes the step's row (every other way out of
     `running` removes the lease first), so the row the claim left is still current."""
-    removed = tx.conn.execute(TAKE_LEASE, _held(claim)).rowcount
+    removed = tx.store.dialect.execute(tx.conn, TAKE_LEASE, _held(claim))
     if removed and claim.step_row:
         tx.projection.seed("steps", dict(claim.step_row))
     step = tx.get("steps", (claim.session_id, claim.step_index))
@@ -204,32 +204,39 @@ def release_in(tx: Tx, claim: Claim, reason: str) -> None:
     })
 
 
-def reap_expired(store: Store, policy: Policy, now: float | None = None, own_runner_id: str | None = None) -> int:
-    """Running steps whose lease expired (or vanished) go back to pending, the attempt counted.
+def reap_expired(store: Store, policy: Policy, now: float | None = None, own_runner_id: str | None = None,
+                 orphans: bool = False) -> int:
+    """Running steps whose lease expired go back to pending, the attempt counted.
 
-    `own_runner_id`: a restarting runner's id; its leases are dead whatever their expiry."""
+    Every running step holds a lease (claims insert one; every way out of `running` removes it), so
+    the leases table, indexed by expiry, finds them. `own_runner_id`: a restarting runner's id; its
+    leases are dead whatever their expiry. `orphans`: also look for running steps with no lease at
+    all (a scan of the steps table, done once at start)."""
     now = time.time() if now is None else now
-    dead = (leases.c.expires_at.is_(None)) | (leases.c.expires_at < now)
+    dead = leases.c.expires_at < now
     if own_runner_id:
         dead = dead | (leases.c.runner_id == own_runner_id)
     with store.read() as conn:
-        expired = conn.execute(
-            select(steps.c.session_id, steps.c.step_index, steps.c.run, steps.c.attempts)
-            .select_from(steps.outerjoin(leases, and_(leases.c.session_id == steps.c.session_id,
-                                                      leases.c.step_index == steps.c.step_index)))
-            .where(steps.c.status == "running", dead)
-        ).all()
+        found = conn.execute(select(leases.c.session_id, leases.c.step_index).where(dead)).all()
+        if orphans:
+            found += conn.execute(
+                select(steps.c.session_id, steps.c.step_index)
+                .select_from(steps.outerjoin(leases, and_(leases.c.session_id == steps.c.session_id,
+                                                          leases.c.step_index == steps.c.step_index)))
+                .where(steps.c.status == "running", leases.c.session_id.is_(None))
+            ).all()
     count = 0
-    for row in expired:
-        def reap(tx: Tx, row=row) -> bool:
-            step = tx.get("steps", (row.session_id, row.step_index))
-            lease = tx.conn.execute(select(leases).where(leases.c.session_id == row.session_id,
-                                                         leases.c.step_index == row.step_index)).first()
-            alive = lease is not None and lease.expires_at >= now and lease.runner_id != own_runner_id
-            if step is None or step["status"] != "running" or step["attempts"] != row.attempts or alive:
+    for session_id, index in found:
+        def reap(tx: Tx, session_id=session_id, index=index) -> bool:
+            lease = tx.conn.execute(select(leases).where(leases.c.session_id == session_id,
+                                                         leases.c.step_index == index)).first()
+            if lease is not None and lease.expires_at >= now and lease.runner_id != own_runner_id:
+                return False  # renewed meanwhile
+            tx.conn.execute(DELETE_LEASE, {"sid": session_id, "idx": index})
+            step = tx.get("steps", (session_id, index))
+            if step is None or step["status"] != "running":
                 return False
-            tx.conn.execute(DELETE_LEASE, {"sid": row.session_id, "idx": row.step_index})
-            _failed_attempt(tx, row.session_id, row.run, row.step_index, row.attempts, "TIMEOUT",
+            _failed_attempt(tx, session_id, step["run"], index, step["attempts"], "TIMEOUT",
                             "the runner holding this step stopped (lease expired)", True, policy)
             return True
         count += store.write(reap)

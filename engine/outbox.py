@@ -89,16 +89,11 @@ class Outbox:
     def attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int) -> Path:
         return self.root / ATTEMPTS / session_id / f"r{run}-s{step_index}-a{attempt}"
 
-    def fresh_attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int) -> Path:
-        """The attempt's folder, emptied of anything an earlier life of this attempt left (the
-        handler's context makes it on first use)."""
-        folder = self.attempt_dir(session_id, run, step_index, attempt)
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        return folder
-
-    def publish(self, attempt_dir: Path, target_dir: Path, names: list[str]) -> None:
-        """Rename a committed attempt's files into place; safe to repeat after a crash."""
+    def publish(self, attempt_dir: Path | None, target_dir: Path, names: list[str]) -> None:
+        """Rename a committed attempt's files into place; safe to repeat after a crash.
+        `attempt_dir` None: the attempt wrote nothing."""
+        if attempt_dir is None:
+            return
         if names:
             target_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
@@ -107,8 +102,8 @@ class Outbox:
                 os.replace(source, target_dir / name)
         self.discard(attempt_dir)
 
-    def discard(self, attempt_dir: Path) -> None:
-        if not attempt_dir.exists():
+    def discard(self, attempt_dir: Path | None) -> None:
+        if attempt_dir is None or not attempt_dir.exists():
             return
         shutil.rmtree(attempt_dir, ignore_errors=True)
         parent = attempt_dir.parent

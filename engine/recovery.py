@@ -27,7 +27,7 @@ ATTEMPT_NAME = re.compile(r"^r(\d+)-s(\d+)-a(\d+)$")
 def recover(store: Store, outbox: Outbox, policy: Policy, runner_id: str | None = None) -> dict[str, int]:
     """Run once when a runner starts. Leases held under this runner's own id belonged to its previous
     life (ids are unique per runner), so they are taken back at once instead of after expiry."""
-    report = {"reaped": reap_expired(store, policy, own_runner_id=runner_id), "published": 0, "removed": 0,
+    report = {"reaped": reap_expired(store, policy, own_runner_id=runner_id, orphans=True), "published": 0, "removed": 0,
               "results": 0}
     attempts_root = outbox.root / ATTEMPTS
     now = time.time()

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from engine import lifecycle
 from engine.errors import Cancelled, EngineError, StaleLease
@@ -27,7 +27,7 @@ from engine.lifecycle import Claim, Policy
 from engine.outbox import Outbox
 from engine.recovery import recover
 from engine.store import Store, Tx
-from engine.store.tables import sessions, steps
+from engine.store.tables import leases, sessions
 
 log = logging.getLogger("engine.runner")
 
@@ -95,47 +95,47 @@ class Runner:
             self.finisher.submit(self.outbox.finish, self.store, events, rows)
 
     def nothing_left(self) -> bool:
-        """No step is running anywhere and none is waiting to run (paused sessions wait for a user)."""
+        """No step is running anywhere (each holds a lease) and none is waiting to run, a retry's
+        backoff included (paused sessions wait for a user, not for us)."""
         with self.store.read() as conn:
-            busy = conn.execute(
-                select(func.count()).select_from(steps.join(sessions, sessions.c.session_id == steps.c.session_id))
-                .where((steps.c.status == "running") |
-                       ((steps.c.status == "pending") & sessions.c.status.in_(("pending", "running"))))
-            ).scalar()
-        return busy == 0
+            waiting = conn.execute(select(sessions.c.session_id).where(sessions.c.ready == 1).limit(1)).first()
+            running = conn.execute(select(leases.c.session_id).limit(1)).first()
+        return waiting is None and running is None
 
     # one step ------------------------------------------------------------------------------
 
     def execute(self, claim: Claim) -> Claim | None:
         """Run one claimed step to its recorded end; returns the next claim, if one was taken."""
-        work_dir = self.outbox.fresh_attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt)
+        attempt_dir = self.outbox.attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt)
         token = CancellationToken()
         progress = _Progress()
         notices: list[tuple[str, dict[str, Any]]] = []
         context = StepContext(
             session_id=claim.session_id, run=claim.run, step_index=claim.step_index, step_type=claim.step_type,
             domain=claim.domain, attempt=claim.attempt, params=claim.params, step_config=claim.step_config,
-            previous=self._previous_outputs(claim), attempt_dir=work_dir, inbox=self.config.inbox, token=token,
+            previous=self._previous_outputs(claim), attempt_dir=attempt_dir, inbox=self.config.inbox, token=token,
             progress=progress.set, config=self.config, shared=self.registry.shared,
             notify=lambda kind, data: notices.append((kind, data)),
         )
+        def written():  # the attempt's folder, or None when the handler wrote nothing
+            return attempt_dir if context.work_dir_made else None
+
         started = time.monotonic()
         try:
             handler = self.registry.get(claim.step_type)
-            future = self.executor.submit(handler, context)
-            result = self._wait(future, claim, token, progress)
+            result = self._wait(self.executor.submit(handler, context), claim, token, progress)
         except Cancelled:
             self._record_notices(notices)
-            return self._interrupted(claim, token, work_dir)
+            return self._interrupted(claim, token, written())
         except EngineError as exc:
             self._record_notices(notices)
-            return self._failed(claim, exc.code, exc.message, exc.retryable, work_dir)
+            return self._failed(claim, exc.code, exc.message, exc.retryable, written())
         except Exception as exc:  # a handler's own bug or a library error: the step failed
             self._record_notices(notices)
             log.exception("step %s of %s failed", claim.step_index, claim.session_id)
-            return self._failed(claim, "STEP_FAILED", f"{type(exc).__name__}: {exc}", True, work_dir)
+            return self._failed(claim, "STEP_FAILED", f"{type(exc).__name__}: {exc}", True, written())
         self._record_notices(notices)
-        return self._completed(claim, result, time.monotonic() - started, work_dir)
+        return self._completed(claim, result, time.monotonic() - started, written())
 
     def _wait(self, future, claim: Claim, token: CancellationToken, progress: "_Progress") -> StepResult:
         last_beat = time.monotonic()
@@ -165,6 +165,9 @@ class Runner:
                    "item_index": claim.item_index}
         outputs = []
         for index, attempt, output in claim.previous:
+            if not (output.get("images") or output.get("files")):
+                outputs.append({"images": [], "files": [], "data": output.get("data", {})})
+                continue
             resolved = self.outbox.published(session, output)
             pending = self.outbox.attempt_dir(claim.session_id, claim.run, index, attempt)
             for key in ("images", "files"):

@@ -1,10 +1,22 @@
-"""The small ways SQLite and PostgreSQL differ: connecting, beginning a writer, claiming a step."""
+"""The small ways SQLite and PostgreSQL differ: connecting, beginning a writer, claiming a step,
+and how the store's hot statements are executed.
+
+The hot statements (projection reads and writes, event inserts, claims, leases) are SQLAlchemy Core
+statements built once. PostgreSQL executes them through SQLAlchemy. On SQLite, where a runner's
+step costs little more than the statements' own bookkeeping, they are compiled once by SQLAlchemy
+and run on the connection's DBAPI cursor, inside the same transaction. Their columns are plain
+integers, floats and text, so there is no type processing to skip.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import bindparam, event, select
-from sqlalchemy.engine import Engine
-from sqlalchemy.sql import Select
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql import Executable, Select
+
+Row = dict[str, Any]
 
 from engine.store.tables import sessions
 
@@ -21,7 +33,31 @@ def claim_candidates() -> Select:
     )
 
 
-class SqliteDialect:
+class Dialect:
+    """Executing the store's prepared statements through SQLAlchemy (any database)."""
+
+    name = ""
+
+    def fetch_one(self, conn: Connection, stmt: Executable, params: dict[str, Any]) -> Row | None:
+        row = conn.execute(stmt, params).mappings().first()
+        return dict(row) if row is not None else None
+
+    def fetch_all(self, conn: Connection, stmt: Executable, params: dict[str, Any]) -> list[Row]:
+        return [dict(row) for row in conn.execute(stmt, params).mappings()]
+
+    def execute(self, conn: Connection, stmt: Executable, params: dict[str, Any]) -> int:
+        """Run one statement; the number of rows it changed."""
+        return conn.execute(stmt, params).rowcount
+
+    def execute_many(self, conn: Connection, stmt: Executable, rows: list[dict[str, Any]]) -> None:
+        conn.execute(stmt, rows)
+
+    def insert_id(self, conn: Connection, stmt: Executable, params: dict[str, Any]) -> int:
+        """Insert one row; its generated primary key."""
+        return conn.execute(stmt, params).inserted_primary_key[0]
+
+
+class SqliteDialect(Dialect):
     name = "sqlite"
 
     def __init__(self, synchronous: str, busy_timeout_ms: int) -> None:
@@ -29,6 +65,8 @@ class SqliteDialect:
             raise ValueError(f"database.synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous}")
         self.synchronous = synchronous.upper()
         self.busy_timeout_ms = busy_timeout_ms
+        self._prepared: dict[tuple, tuple[Executable, str, tuple[str, ...], dict[str, Any]]] = {}
+        self._sa_dialect = None
 
     def install(self, engine: Engine, writer: bool) -> None:
         """Pragmas on every connection; writers take the write lock at BEGIN (IMMEDIATE)."""
@@ -42,15 +80,57 @@ class SqliteDialect:
             cursor.execute(f"PRAGMA synchronous = {self.synchronous}")
             cursor.close()
 
+        begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
+
         @event.listens_for(engine, "begin")
         def _begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+            conn.connection.driver_connection.execute(begin)
+
+        self._sa_dialect = engine.dialect
+
+    def _cursor_call(self, conn: Connection, stmt: Executable, params: dict[str, Any]):
+        """(DBAPI cursor, SQL, positional values) for a statement compiled once per set of keys."""
+        key = (id(stmt), tuple(params))
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            compiled = stmt.compile(dialect=self._sa_dialect, column_keys=list(params))
+            defaults = {name: bind.value for name, bind in compiled.binds.items() if bind.value is not None}
+            prepared = (stmt, compiled.string, tuple(compiled.positiontup or ()), defaults)
+            self._prepared[key] = prepared  # the statement is kept, so its id stays its own
+        _, sql, names, defaults = prepared
+        values = tuple(params[n] if n in params else defaults[n] for n in names)
+        return conn.connection.driver_connection.cursor(), sql, values, names
+
+    def fetch_one(self, conn, stmt, params):
+        cursor, sql, values, _ = self._cursor_call(conn, stmt, params)
+        row = cursor.execute(sql, values).fetchone()
+        return dict(zip([d[0] for d in cursor.description], row)) if row is not None else None
+
+    def fetch_all(self, conn, stmt, params):
+        cursor, sql, values, _ = self._cursor_call(conn, stmt, params)
+        rows = cursor.execute(sql, values).fetchall()
+        columns = [d[0] for d in cursor.description] if cursor.description else []
+        return [dict(zip(columns, row)) for row in rows]
+
+    def execute(self, conn, stmt, params):
+        cursor, sql, values, _ = self._cursor_call(conn, stmt, params)
+        return cursor.execute(sql, values).rowcount
+
+    def execute_many(self, conn, stmt, rows):
+        if not rows:
+            return
+        cursor, sql, _, names = self._cursor_call(conn, stmt, rows[0])
+        cursor.executemany(sql, [tuple(row[n] for n in names) for row in rows])
+
+    def insert_id(self, conn, stmt, params):
+        cursor, sql, values, _ = self._cursor_call(conn, stmt, params)
+        return cursor.execute(sql, values).lastrowid
 
     # The writer already holds SQLite's single write lock: no row locking needed.
     claim_query = claim_candidates()
 
 
-class PostgresDialect:
+class PostgresDialect(Dialect):
     name = "postgresql"
 
     def install(self, engine: Engine, writer: bool) -> None:

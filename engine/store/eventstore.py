@@ -32,14 +32,14 @@ class Tx:
     def __init__(self, conn: Connection, store: "Store") -> None:
         self.conn = conn
         self.store = store
-        self.projection = DatabaseProjection(conn)
+        self.projection = DatabaseProjection(conn, store.dialect)
         self.emitted: list[Event] = []
 
     def emit(self, stream_type: str, stream_id: str, type: str, data: dict[str, Any]) -> Event:
         """Append one event to its stream and fold it into the projections."""
         seq = reducer.stream_version(self.projection, stream_type, stream_id) + 1
         pending = Event(stream_type, stream_id, seq, type, data, now_iso())
-        event_id = self.conn.execute(INSERT_EVENT, pending.row()).inserted_primary_key[0]
+        event_id = self.store.dialect.insert_id(self.conn, INSERT_EVENT, pending.row())
         event = Event(stream_type, stream_id, seq, type, data, pending.created_at, event_id)
         reducer.apply(self.projection, event)
         self.emitted.append(event)

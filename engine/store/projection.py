@@ -27,8 +27,6 @@ def _by_key(table) -> Any:
 SELECT = {name: select(t).where(_by_key(t)).with_for_update() for name, t in PROJECTIONS.items()}
 CHILDREN = {name: select(PROJECTIONS[name]).where(PROJECTIONS[name].c[parent] == bindparam("parent")).with_for_update()
             for name, parent in PARENT.items()}
-UPDATE = {name: update(t).where(_by_key(t)).values({c.name: bindparam(c.name) for c in t.columns})
-          for name, t in PROJECTIONS.items()}
 DELETE = {name: delete(t).where(_by_key(t)) for name, t in PROJECTIONS.items()}
 INSERT = {name: insert(t) for name, t in PROJECTIONS.items()}
 
@@ -63,12 +61,16 @@ class MemoryProjection:
 
 
 class DatabaseProjection:
-    """Rows read from and written back to the database within one transaction."""
+    """Rows read from and written back to the database within one transaction.
 
-    def __init__(self, conn: Connection) -> None:
+    Only the columns that changed are written: an UPDATE naming every column would rewrite every
+    index of the table, and each step would cost many more pages in the write-ahead log."""
+
+    def __init__(self, conn: Connection, dialect) -> None:
         self.conn = conn
+        self.dialect = dialect
         self._rows: dict[tuple[str, tuple], Row | None] = {}
-        self._in_db: set[tuple[str, tuple]] = set()
+        self._stored: dict[tuple[str, tuple], Row] = {}  # rows as the database holds them now
         self._dirty: dict[tuple[str, tuple], None] = {}
         self._loaded_parents: set[tuple[str, str]] = set()
 
@@ -77,15 +79,15 @@ class DatabaseProjection:
         entry = (table, tuple(row[k] for k in KEYS[table]))
         if entry not in self._rows:
             self._rows[entry] = dict(row)
-            self._in_db.add(entry)
+            self._stored[entry] = dict(row)
 
     def get(self, table: str, key: tuple) -> Row | None:
         entry = (table, key)
         if entry not in self._rows:
-            row = self.conn.execute(SELECT[table], _key_params(table, key)).mappings().first()
-            self._rows[entry] = dict(row) if row else None
-            if row:
-                self._in_db.add(entry)
+            row = self.dialect.fetch_one(self.conn, SELECT[table], _key_params(table, key))
+            self._rows[entry] = row
+            if row is not None:
+                self._stored[entry] = dict(row)
         row = self._rows[entry]
         return dict(row) if row is not None else None
 
@@ -101,7 +103,7 @@ class DatabaseProjection:
 
     def children(self, table: str, parent_id: str) -> list[Row]:
         if (table, parent_id) not in self._loaded_parents:
-            for row in self.conn.execute(CHILDREN[table], {"parent": parent_id}).mappings():
+            for row in self.dialect.fetch_all(self.conn, CHILDREN[table], {"parent": parent_id}):
                 self.seed(table, row)
             self._loaded_parents.add((table, parent_id))
         found = [
@@ -111,23 +113,39 @@ class DatabaseProjection:
         return sorted(found, key=lambda r: tuple(r[k] for k in KEYS[table]))
 
     def flush(self) -> None:
-        """Write the changed rows: inserts, updates and deletes, grouped per table."""
+        """Write the changed rows: inserts, updates of the changed columns, deletes; grouped per table."""
         inserts: dict[str, list[Row]] = defaultdict(list)
-        updates: dict[str, list[Row]] = defaultdict(list)
+        updates: dict[tuple[str, tuple[str, ...]], list[Row]] = defaultdict(list)
         for entry in self._dirty:
             table, key = entry
-            row = self._rows[entry]
+            row, stored = self._rows[entry], self._stored.get(entry)
             if row is None:
-                if entry in self._in_db:
-                    self.conn.execute(DELETE[table], _key_params(table, key))
-                    self._in_db.discard(entry)
-            elif entry in self._in_db:
-                updates[table].append({**row, **_key_params(table, key)})
+                if stored is not None:
+                    self.dialect.execute(self.conn, DELETE[table], _key_params(table, key))
+                    del self._stored[entry]
+            elif stored is not None:
+                changed = tuple(column for column, value in row.items() if stored[column] != value)
+                if changed:
+                    updates[(table, changed)].append({**{c: row[c] for c in changed}, **_key_params(table, key)})
+                    self._stored[entry] = dict(row)
             else:
                 inserts[table].append(row)
-                self._in_db.add(entry)
-        for table, rows in updates.items():
-            self.conn.execute(UPDATE[table], rows)
+                self._stored[entry] = dict(row)
+        for (table, columns), rows in updates.items():
+            self.dialect.execute_many(self.conn, _update(table, columns), rows)
         for table, rows in inserts.items():
-            self.conn.execute(INSERT[table], rows)
+            self.dialect.execute_many(self.conn, INSERT[table], rows)
         self._dirty.clear()
+
+
+_UPDATES: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+
+def _update(table: str, columns: tuple[str, ...]):
+    """UPDATE of these columns by primary key, built once per set of columns."""
+    statement = _UPDATES.get((table, columns))
+    if statement is None:
+        t = PROJECTIONS[table]
+        statement = update(t).where(_by_key(t)).values({c: bindparam(c) for c in columns})
+        _UPDATES[(table, columns)] = statement
+    return statement

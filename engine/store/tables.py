@@ -88,7 +88,6 @@ steps = Table(
     Column("error_message", Text),
     Column("output", Text),
 )
-Index("ix_steps_status", steps.c.status)
 
 batches = Table(
     "batches",
