@@ -14,8 +14,8 @@ import socket
 import threading
 import time
 import uuid
+import queue
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
 from sqlalchemy import select
@@ -50,7 +50,7 @@ class Runner:
         self.control_every = runner["control_poll_seconds"]
         self.idle_sleep = runner["idle_poll_seconds"]
         self.progress_every = 1.0 / max(runner["progress_writes_per_second"], 0.01)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-worker")
+        self.worker = _Worker()
         # result.json and summary.json are written off the claim loop, in order; a crash before
         # they are written is mended by recovery (ended sessions without result.json get one).
         self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finisher")
@@ -87,7 +87,7 @@ class Runner:
         self.stop_event.set()
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        self.worker.close()
         self.finisher.shutdown(wait=True)
 
     def _finish(self, events, rows: dict | None = None) -> None:
@@ -123,7 +123,8 @@ class Runner:
         started = time.monotonic()
         try:
             handler = self.registry.get(claim.step_type)
-            result = self._wait(self.executor.submit(handler, context), claim, token, progress)
+            self.worker.start(handler, context)
+            result = self._wait(claim, token, progress)
         except Cancelled:
             self._record_notices(notices)
             return self._interrupted(claim, token, written())
@@ -137,12 +138,13 @@ class Runner:
         self._record_notices(notices)
         return self._completed(claim, result, time.monotonic() - started, written())
 
-    def _wait(self, future, claim: Claim, token: CancellationToken, progress: "_Progress") -> StepResult:
+    def _wait(self, claim: Claim, token: CancellationToken, progress: "_Progress") -> StepResult:
+        """Wait for the handler, renewing the lease and passing pause and cancel on to it."""
         last_beat = time.monotonic()
         while True:
             try:
-                return future.result(timeout=self.control_every)
-            except FutureTimeout:
+                return self.worker.result(timeout=self.control_every)
+            except queue.Empty:
                 pass
             now = time.monotonic()
             value = progress.take_if_due(self.progress_every)
@@ -239,6 +241,39 @@ class Runner:
 
         self.store.write(record)
         notices.clear()
+
+
+class _Worker:
+    """The one thread that runs handlers (one per device), fed through two queues: lighter than an
+    executor's futures, which matters when steps are short."""
+
+    def __init__(self) -> None:
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="engine-worker", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._requests.get()) is not None:
+            handler, context = job
+            try:
+                self._results.put((True, handler(context)))
+            except BaseException as exc:  # handed to the runner thread, which records it
+                self._results.put((False, exc))
+
+    def start(self, handler, context) -> None:
+        self._requests.put((handler, context))
+
+    def result(self, timeout: float):
+        """The handler's result (or its exception, raised here); queue.Empty while it still runs."""
+        ok, value = self._results.get(timeout=timeout)
+        if ok:
+            return value
+        raise value
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._thread.join()
 
 
 class _Progress:

@@ -92,9 +92,10 @@ class DatabaseProjection:
         return dict(row) if row is not None else None
 
     def put(self, table: str, row: Row) -> None:
-        """Change a row read earlier in this transaction, or insert a new one (never read: new)."""
+        """Change a row read earlier in this transaction, or insert a new one (never read: new).
+        The row is taken as it is: the reducer hands over fresh dicts and never touches them again."""
         entry = (table, tuple(row[k] for k in KEYS[table]))
-        self._rows[entry] = dict(row)
+        self._rows[entry] = row
         self._dirty[entry] = None
 
     def delete(self, table: str, key: tuple) -> None:
@@ -127,10 +128,10 @@ class DatabaseProjection:
                 changed = tuple(column for column, value in row.items() if stored[column] != value)
                 if changed:
                     updates[(table, changed)].append({**{c: row[c] for c in changed}, **_key_params(table, key)})
-                    self._stored[entry] = dict(row)
+                    self._stored[entry] = row
             else:
                 inserts[table].append(row)
-                self._stored[entry] = dict(row)
+                self._stored[entry] = row
         for (table, columns), rows in updates.items():
             self.dialect.execute_many(self.conn, _update(table, columns), rows)
         for table, rows in inserts.items():
