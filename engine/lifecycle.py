@@ -35,7 +35,6 @@ class Claim:
     batch_id: str | None
     item_index: int | None
     previous: tuple = ()  # (step_index, attempt, output) of the run's earlier steps
-    step_row: tuple = ()  # the step's row as this claim left it (items), valid while the lease is held
 
 
 @dataclass(frozen=True)
@@ -80,12 +79,11 @@ def claim_in(tx: Tx, runner_id: str, policy: Policy) -> Claim | None:
         "runner_id": runner_id, "expires_at": now + policy.lease_seconds, "progress": 0.0, "message": None,
     })
     step_spec = json.loads(session["steps"])[index]
-    step_row = tuple(tx.get("steps", (session_id, index)).items())
     previous = tuple((s["step_index"], s["attempts"], json.loads(s["output"] or "{}"))
                      for s in earlier if s["step_index"] < index)
     return Claim(session_id, session["run"], index, step["step_type"], step["domain"], attempt, runner_id,
                  session["workflow_id"], json.loads(session["params"]), step_spec.get("config", {}),
-                 session["total_steps"], session["batch_id"], session["item_index"], previous, step_row)
+                 session["total_steps"], session["batch_id"], session["item_index"], previous)
 
 
 def _item_started(tx: Tx, session: dict) -> None:
@@ -121,13 +119,10 @@ def _held(claim: Claim) -> dict[str, Any]:
 
 
 def _take_lease(tx: Tx, claim: Claim) -> None:
-    """Fencing: the caller must still hold this step's lease, or nothing is recorded.
-
-    While the lease is held, only its holder changes the step's row (every other way out of
-    `running` removes the lease first), so the row the claim left is still current."""
+    """Fencing: the caller must still hold this step's lease, or nothing is recorded."""
     removed = tx.store.dialect.execute(tx.conn, TAKE_LEASE, _held(claim))
-    if removed and claim.step_row:
-        tx.projection.seed("steps", dict(claim.step_row))
+    # One read of all the session's steps: the reducer then finds the next one without another.
+    tx.projection.children("steps", claim.session_id)
     step = tx.get("steps", (claim.session_id, claim.step_index))
     if not removed or step is None or step["status"] != "running" or step["attempts"] != claim.attempt \
             or step["run"] != claim.run:
