@@ -74,16 +74,21 @@ class StateMachine:
         self.machine = Machine(
             model=None, states=states, transitions=transitions, initial=states[0], auto_transitions=False
         )
+        self._dests: dict[tuple[str, str, bool], str] = {}
 
     def allowed(self, trigger: str, state: str) -> bool:
         return bool(self.machine.get_transitions(trigger=trigger, source=state))
 
     def dest(self, trigger: str, state: str, started: bool = False) -> str:
         """The state `trigger` leads to from `state`; InvalidTransition when it is not allowed."""
+        known = self._dests.get((trigger, state, started))
+        if known is not None:
+            return known  # the machine is fixed data: answers are remembered (replay asks millions of times)
         candidates = self.machine.get_transitions(trigger=trigger, source=state)
         for transition in candidates:
             wanted = [c.target for c in transition.conditions if c.func == "has_started"]
             if all(flag == started for flag in wanted):
+                self._dests[(trigger, state, started)] = transition.dest
                 return transition.dest
         raise InvalidTransition(
             f"cannot {trigger} a {self.name} that is {state}",

@@ -35,15 +35,9 @@ class Event:
 
     @classmethod
     def from_row(cls, row: Any) -> "Event":
-        return cls(
-            stream_type=row.stream_type,
-            stream_id=row.stream_id,
-            seq=row.seq,
-            type=row.type,
-            data=json.loads(row.data),
-            created_at=row.created_at,
-            event_id=row.event_id,
-        )
+        """From a row of the events table, columns in table order (unpacked: replay reads millions)."""
+        event_id, stream_type, stream_id, seq, type_, data, created_at = row
+        return cls(stream_type, stream_id, seq, type_, json.loads(data), created_at, event_id)
 
 
 def dumps(value: Any) -> str:

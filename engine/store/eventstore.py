@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from engine.store import reducer
 from engine.store.dialects import dialect_for
 from engine.store.events import Event, now_iso
+from engine.store.projection import INSERT as PROJECTION_INSERTS
 from engine.store.projection import DatabaseProjection, MemoryProjection
 from engine.store.tables import PROJECTIONS, events, leases
 
@@ -164,7 +165,7 @@ class Store:
                 tx.conn.execute(delete(table))
                 rows = list(projection.tables[name].values())
                 for start in range(0, len(rows), 5000):
-                    tx.conn.execute(insert(table), rows[start:start + 5000])
+                    self.dialect.execute_many(tx.conn, PROJECTION_INSERTS[name], rows[start:start + 5000])
                 counts[name] = len(rows)
             running = {(r["session_id"], r["step_index"]) for r in projection.tables["steps"].values()
                        if r["status"] == "running"}
