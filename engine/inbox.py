@@ -21,7 +21,8 @@ from engine import commands
 from engine.errors import EngineError, ValidationError
 from engine.intake import Intake
 from engine.jobs import parse_job_bytes
-from engine.outbox import Outbox, atomic_write_json
+from engine.files import atomic_write_json
+from engine.outbox import Outbox
 from engine.store import Store
 
 log = logging.getLogger("engine.inbox")

@@ -36,6 +36,12 @@ class Claim:
     item_index: int | None
     previous: tuple = ()  # (step_index, attempt, output) of the run's earlier steps
 
+    @property
+    def session_ref(self) -> dict[str, Any]:
+        """What the outbox needs to name this session's folder."""
+        return {"session_id": self.session_id, "run": self.run, "batch_id": self.batch_id,
+                "item_index": self.item_index}
+
 
 @dataclass(frozen=True)
 class Policy:

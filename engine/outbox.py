@@ -8,6 +8,7 @@ Every file is written under a temporary name and renamed; result.json is written
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -17,24 +18,11 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 from sqlalchemy import select
 
+from engine.files import atomic_write_bytes, atomic_write_json
 from engine.store import Store
 from engine.store.tables import batches, items, sessions, steps
 
 ATTEMPTS = ".attempts"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
 def a1111_parameters(params: dict[str, Any], seed: int, extra: dict[str, Any] | None = None) -> str:
@@ -64,12 +52,9 @@ def save_png(image: Image.Image, path: Path, parameters: str | None) -> None:
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG", pnginfo=info)
+    atomic_write_bytes(path, encoded.getvalue())
 
 
 class Outbox:

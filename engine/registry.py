@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.errors import UnknownModel, UnsafeModelFormat, ValidationError
+from engine.files import atomic_write_json
 
 KINDS = ("pipeline", "lora", "controlnet", "vae", "upscaler", "safety")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -166,10 +166,7 @@ class ModelRegistry:
         entry = ModelEntry(model_id, kind, stored, fmt, family, _native_size(path) if path.is_dir() else 0, sha)
         index = self._read_index()
         index[model_id] = asdict(entry)
-        self.models_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.index_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
-        os.replace(tmp, self.index_file)
+        atomic_write_json(self.index_file, index)
         return entry
 
 

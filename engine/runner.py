@@ -122,20 +122,19 @@ class Runner:
 
         started = time.monotonic()
         try:
-            handler = self.registry.get(claim.step_type)
-            self.worker.start(handler, context)
-            result = self._wait(claim, token, progress)
+            try:
+                handler = self.registry.get(claim.step_type)
+                self.worker.start(handler, context)
+                result = self._wait(claim, token, progress)
+            finally:
+                self._record_notices(notices)  # models loaded on the way are recorded whatever the outcome
         except Cancelled:
-            self._record_notices(notices)
             return self._interrupted(claim, token, written())
         except EngineError as exc:
-            self._record_notices(notices)
             return self._failed(claim, exc.code, exc.message, exc.retryable, written())
         except Exception as exc:  # a handler's own bug or a library error: the step failed
-            self._record_notices(notices)
             log.exception("step %s of %s failed", claim.step_index, claim.session_id)
             return self._failed(claim, "STEP_FAILED", f"{type(exc).__name__}: {exc}", True, written())
-        self._record_notices(notices)
         return self._completed(claim, result, time.monotonic() - started, written())
 
     def _wait(self, claim: Claim, token: CancellationToken, progress: "_Progress") -> StepResult:
@@ -163,8 +162,7 @@ class Runner:
     def _previous_outputs(self, claim: Claim) -> list[dict[str, Any]]:
         """Earlier steps' outputs with absolute paths: in the outbox, or (another runner is just
         renaming them) still in their committed attempt folder."""
-        session = {"session_id": claim.session_id, "run": claim.run, "batch_id": claim.batch_id,
-                   "item_index": claim.item_index}
+        session = claim.session_ref
         outputs = []
         for index, attempt, output in claim.previous:
             if not (output.get("images") or output.get("files")):
@@ -200,9 +198,7 @@ class Runner:
             self.outbox.discard(work_dir)
             self.on_step(claim, "stale")
             return None
-        session = {"session_id": claim.session_id, "run": claim.run, "batch_id": claim.batch_id,
-                   "item_index": claim.item_index}
-        self.outbox.publish(work_dir, self.outbox.dir_of(session), output["images"] + output["files"])
+        self.outbox.publish(work_dir, self.outbox.dir_of(claim.session_ref), output["images"] + output["files"])
         self._finish(events, ended)
         self.steps_done += 1
         self.on_step(claim, "completed")

@@ -60,7 +60,9 @@ def _require(projection: Projection, table: str, key: tuple) -> Row:
 def _session_created(p: Projection, e: Event) -> None:
     d = e.data
     steps = d["steps"]
-    p.put("sessions", {
+    for index, step in enumerate(steps):
+        p.put("steps", _fresh_step(e.stream_id, index, 1, step))
+    session = {
         "session_id": e.stream_id, "job_id": d.get("job_id"), "batch_id": d.get("batch_id"),
         "item_index": d.get("item_index"), "workflow_id": d["workflow_id"],
         "status": "paused" if d.get("hold") else "pending", "run": 1, "current_step": 0,
@@ -68,10 +70,9 @@ def _session_created(p: Projection, e: Event) -> None:
         "steps": dumps(steps), "error_code": None, "error_message": None,
         "created_event": e.event_id or 0, "created_at": e.created_at, "started_at": None,
         "updated_at": e.created_at, "finished_at": None, "last_seq": e.seq,
-        "ready": 0 if d.get("hold") or not steps else 1, "ready_at": None if d.get("hold") or not steps else 0.0,
-    })
-    for index, step in enumerate(steps):
-        p.put("steps", _fresh_step(e.stream_id, index, 1, step))
+    }
+    _set_ready(p, session)
+    p.put("sessions", session)
 
 
 def _fresh_step(session_id: str, index: int, run: int, step: dict) -> Row:
