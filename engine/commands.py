@@ -228,10 +228,6 @@ def session_ended(tx: Tx, session_id: str, status: str) -> None:
     batch = tx.get("batches", (batch_id,))
     ended = batch["completed_items"] + batch["failed_items"] + batch["cancelled_items"]
     if batch["status"] not in TERMINAL and ended == batch["total_items"]:
-        if batch["status"] == "pending":
-            tx.emit("batch", batch_id, "batch.started", {"batch_id": batch_id})
-        if batch["status"] == "paused":
-            tx.emit("batch", batch_id, "batch.resumed", {"batch_id": batch_id})
         tx.emit("batch", batch_id, "batch.completed", {
             "batch_id": batch_id, "completed_items": batch["completed_items"], "failed_items": batch["failed_items"],
             "cancelled_items": batch["cancelled_items"],

@@ -44,6 +44,12 @@ RUN_TRANSITIONS = [
     {"trigger": "delete", "source": ["pending", "paused", *TERMINAL], "dest": "deleted"},
 ]
 
+# A batch completes when its last item ends, even if it was never started or is paused (its items
+# can be cancelled one by one); otherwise it moves as a session does.
+BATCH_TRANSITIONS = [t for t in RUN_TRANSITIONS if t["trigger"] != "complete"] + [
+    {"trigger": "complete", "source": ["pending", "running", "paused"], "dest": "completed"},
+]
+
 STEP_STATES = ["pending", "running", "completed", "failed", "cancelled"]
 
 STEP_TRANSITIONS = [
@@ -100,6 +106,6 @@ class StateMachine:
 
 
 SESSION = StateMachine("session", RUN_STATES, RUN_TRANSITIONS)
-BATCH = StateMachine("batch", RUN_STATES, RUN_TRANSITIONS)
+BATCH = StateMachine("batch", RUN_STATES, BATCH_TRANSITIONS)
 STEP = StateMachine("step", STEP_STATES, STEP_TRANSITIONS)
 ITEM = StateMachine("item", ITEM_STATES, ITEM_TRANSITIONS)

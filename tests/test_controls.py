@@ -130,3 +130,12 @@ def test_an_item_session_is_restarted_through_its_batch_only(install):
     with pytest.raises(InvalidTransition, match="restart the batch"):
         commands.control(install.store, item_session, "restart")
     assert batch.target_type == "batch"
+
+
+def test_a_held_batch_whose_items_are_all_cancelled_one_by_one_ends(install):
+    batch = submit(install, {"kind": "batch", "workflow": "noop1", "hold": True, "items": [{}, {}]})
+    for (session_id,) in query(install, "SELECT session_id FROM items ORDER BY item_index"):
+        commands.control(install.store, session_id, "cancel")
+    assert query(install, "SELECT status, cancelled_items, total_items FROM batches") == [("completed", 2, 2)]
+    assert batch.target_type == "batch"
+    assert install.store.verify() == []
