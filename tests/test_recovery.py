@@ -27,6 +27,10 @@ def start_runner(install, runner_id="runner-under-test", pause="0.03"):
     env["ENGINE_TEST_WRITE_PAUSE"] = pause
     env["ENGINE_RUNNER_LEASE_SECONDS"] = "1.0"
     env["ENGINE_RUNNER_HEARTBEAT_SECONDS"] = "0.2"
+    # Every kill counts an attempt for the step in flight, and a restarted runner takes that step
+    # first: kills landing early in a few lives in a row could exhaust the default 3 attempts and
+    # fail a session, as designed. This test is about loss and duplication, so attempts never run out.
+    env["ENGINE_RUNNER_MAX_ATTEMPTS"] = "1000"
     return subprocess.Popen([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet", "--runner-id", runner_id],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=install.folder)
 
