@@ -3,6 +3,7 @@ state rebuilt from the event log equals the live projections."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -27,7 +28,9 @@ class EngineMachine(RuleBasedStateMachine):
         super().__init__()
         self.folder = Path(tempfile.mkdtemp(prefix="engine-stateful-"))
         self.install = Installation(self.folder)
-        self.policy = Policy.from_config(self.install.config)
+        # No retry backoff: whether a retried step can be claimed yet must not depend on the wall
+        # clock, or hypothesis sees a different rule sequence when it replays an example.
+        self.policy = dataclasses.replace(Policy.from_config(self.install.config), backoff_base=0.0)
         self.targets: list[str] = []
         self.claims: list[lifecycle.Claim] = []
 
