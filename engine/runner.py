@@ -54,6 +54,9 @@ class Runner:
         # result.json and summary.json are written off the claim loop, in order; a crash before
         # they are written is mended by recovery (ended sessions without result.json get one).
         self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finisher")
+        # Its thread is started now, not at the first session's end: a thread cannot be started
+        # when memory has run out, and the result.json of a step that ran out must still be written.
+        self.finisher.submit(lambda: None).result()
         self.stop_event = threading.Event()
         self.on_step = on_step or (lambda claim, outcome: None)
         self.steps_done = 0

@@ -1,4 +1,4 @@
-"""Handlers for tests and benchmarks (no-op, sleep, fail-N-times, write-a-file), registered
+"""Handlers for tests and benchmarks (no-op, sleep, fail-N-times, write-a-file, cap-memory), registered
 through the same `handlers.modules` mechanism the real domains use."""
 
 from __future__ import annotations
@@ -46,8 +46,21 @@ def write_file(ctx: StepContext) -> StepResult:
     return StepResult(files=[name], data={"bytes": path.stat().st_size})
 
 
+def cap_memory(ctx: StepContext) -> StepResult:
+    """Lowers this process's address-space limit to what it uses now plus ENGINE_TEST_HEADROOM_MIB,
+    so that a later step's large allocations really fail (the runner must be its own process)."""
+    import resource
+
+    headroom = int(os.environ["ENGINE_TEST_HEADROOM_MIB"]) * 2**20
+    with open("/proc/self/status") as status:
+        used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (used + headroom, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return StepResult(data={"limit_bytes": used + headroom})
+
+
 def register(registry: Registry) -> None:
     registry.add("noop", noop)
     registry.add("sleep", sleep)
     registry.add("fail_n_times", fail_n_times)
     registry.add("write_file", write_file)
+    registry.add("cap_memory", cap_memory)

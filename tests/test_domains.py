@@ -84,6 +84,7 @@ def test_txt2img_end_to_end_with_a1111_parameters_and_one_model_load(studio):
     assert parameters.splitlines()[1] == "Negative prompt: blurry"
     assert "Steps: 3" in parameters and "Seed: 42" in parameters and "Size: 64x64" in parameters
     assert [s["domain"] for s in result["steps"]] == ["device", "model", "inference"]
+    assert result["steps"][2]["data"]["out_of_memory_retry"] is False
     assert query(studio, "SELECT count(*) FROM event_log WHERE type = 'model.loaded'") == [(1,)]
     loads = [json.loads(r[0]) for r in query(studio, "SELECT data FROM event_log WHERE type = 'model.loaded'")]
     assert loads[0]["model_id"] == "tiny" and len(loads[0]["file_hash"]) == 64
@@ -263,6 +264,44 @@ def test_directml_is_preferred_when_present_with_cpu_seeds_and_fp32(monkeypatch)
     assert device.select("cpu", found).id == "cpu"
     with pytest.raises(Exception, match="DEVICE_UNAVAILABLE|not available"):
         device.select("cuda:3", found)
+
+
+def run_capped(install, headroom_mib: int) -> None:
+    """A real runner process whose address space is capped (by the capped workflow's cap step) at
+    what it uses after loading the model plus headroom_mib, so large allocations really fail.
+    One malloc arena with a fixed mmap threshold keeps the address space the allocations take
+    close to their size, and one OpenMP thread keeps libgomp from starting (and, failing to
+    start, aborting on) threads under the cap."""
+    env = {**install.env(), "ENGINE_TEST_HEADROOM_MIB": str(headroom_mib), "MALLOC_ARENA_MAX": "1",
+           "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=install.folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="caps the address space through /proc")
+def test_out_of_memory_inside_a_step_retries_one_image_at_a_time_then_fails_plainly(studio):
+    """Sixteen 192x192 images need more than 220 MiB above the loaded model; one needs less than 80
+    (both measured). Under a 150 MiB cap the sixteen really fail to allocate, and the step frees
+    caches and makes the images one at a time; under a 20 MiB cap even one fails, and the session
+    fails with OUT_OF_MEMORY."""
+    job = {"workflow": "txt2img-capped", "params": {"prompt": "oom", "seed": 11, "num_images": 16, "width": 192,
+                                                     "height": 192, "steps": 2, "guidance_scale": 5.0}}
+    fits_singly = submit(studio, job).target_id
+    run_capped(studio, headroom_mib=150)
+    result = result_of(studio, fits_singly)
+    assert result["status"] == "completed", result["error"]
+    assert result["images"] == [f"{n:05d}-{11 + n}.png" for n in range(16)]
+    generation = result["steps"][3]
+    assert generation["type"] == "inference_generation" and generation["data"]["out_of_memory_retry"] is True
+    assert [Image.open(studio.config.outbox / fits_singly / name).size for name in result["images"]] == [(192, 192)] * 16
+
+    never_fits = submit(studio, job).target_id
+    run_capped(studio, headroom_mib=20)
+    result = result_of(studio, never_fits)
+    assert result["status"] == "failed" and result["error"]["code"] == "OUT_OF_MEMORY"
+    assert "even one image at a time" in result["error"]["message"]
+    assert result["images"] == []
 
 
 def test_a_session_runs_end_to_end_on_the_directml_path(studio):

@@ -126,6 +126,15 @@ def generate(ctx: StepContext, pipe, inputs: dict[str, Any], seeds: list[int], d
     return list(result.images)
 
 
+def _generate_or_none_on_oom(ctx: StepContext, pipe, inputs: dict[str, Any], seeds: list[int], device) -> list | None:
+    try:
+        return generate(ctx, pipe, inputs, seeds, device)
+    except Exception as exc:
+        if memory.is_oom(exc):
+            return None
+        raise
+
+
 def generation_step(ctx: StepContext) -> StepResult:
     """inference_generation: make the session's images into the attempt folder."""
     import torch
@@ -151,14 +160,10 @@ def generation_step(ctx: StepContext) -> StepResult:
         seeds = [(p["seed"] + i) % 2**32 for i in range(p["num_images"])]
         memory.reset_peak(device)
         # 4. Denoise; on out-of-memory free caches and retry once, one image at a time.
-        try:
-            images = generate(ctx, pipe, inputs, seeds, device)
-        except Exception as exc:
-            if not memory.is_oom(exc):
-                raise
+        images = _generate_or_none_on_oom(ctx, pipe, inputs, seeds, device)
+        retried = images is None
+        if retried:  # outside the except block, so the failed attempt's tensors can be freed
             memory.free_caches(device)
-            if hasattr(pipe, "enable_vae_slicing"):
-                pipe.enable_vae_slicing()
             try:
                 images = [img for seed in seeds for img in generate(ctx, pipe, inputs, [seed], device)]
             except Exception as again:
@@ -179,5 +184,5 @@ def generation_step(ctx: StepContext) -> StepResult:
     return StepResult(images=names, data={
         "mode": mode, "seeds": seeds, "device": device.id, "dtype": str(dtype).replace("torch.", ""),
         "model": cached.entry.id, "model_loaded_here": loaded, "scheduler": scheduler_name,
-        "peak_memory_bytes": memory.peak_bytes(device),
+        "peak_memory_bytes": memory.peak_bytes(device), "out_of_memory_retry": retried,
     })

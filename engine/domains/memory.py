@@ -37,12 +37,18 @@ def check_fits(required: int, device: DeviceInfo, already_loaded: bool, weights:
         )
 
 
+# How out-of-memory reads on each device: CUDA and MPS ("out of memory"), torch's CPU allocator,
+# and DirectML.
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough gpu video memory", "could not allocate tensor")
+
+
 def is_oom(exc: BaseException) -> bool:
     import torch
 
-    if isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())):
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(text in message for text in OOM_MESSAGES)
 
 
 def free_caches(device: DeviceInfo) -> None:
