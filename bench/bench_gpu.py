@@ -3,9 +3,15 @@ configs), saved as safetensors, registered, and run txt2img at 1024x1024, 30 ste
 to end through one long-lived engine runner, alternating image by image with the same pipeline
 called directly in the same process.
 
-    python bench/bench_gpu.py [--folder /tmp/engine-gpu] [--images 5] [--rounds 2] [--steps 30] [--size 1024]
+    python bench/bench_gpu.py [--seconds 420] [--steps 30] [--size 1024] [--folder /tmp/engine-gpu]
+    python bench/bench_gpu.py --pool bench/results/gpu-h100-*.json     # several runs together
+    python bench/bench_gpu.py --tiny --seconds 10 --steps 4 --size 64  # the script itself, on a CPU
 
-Prints figures and writes them to $OUT/gpu_bench.json when OUT is set.
+Pairs (one image called directly, one engine session; the order swapped every pair) run until
+--seconds are spent. Every call of the pipeline class is timed on whichever thread makes it, with
+the calling thread's CPU time, the host's steal time and the driver's GPU-busy samples, so the
+figures separate the diffusers call from what the engine adds around it. Prints figures and
+writes them to $OUT/gpu_bench.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
+import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,31 +76,123 @@ def build_sdxl(folder: Path) -> float:
     return time.perf_counter() - started
 
 
-def direct(folder: Path, out: Path, prompts: list[str], steps: int, size: int, pipe=None):
-    """The same pipeline called directly, saving the same PNGs: what a hand-rolled script does."""
+def device_name() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def load_direct(folder: Path):
+    """The pipeline as a hand-rolled script loads it."""
     import torch
     from diffusers import StableDiffusionXLPipeline
 
+    started = time.perf_counter()
+    dtype = torch.float16 if device_name() == "cuda" else torch.float32
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).to(device_name())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, time.perf_counter() - started
+
+
+def direct(pipe, out: Path, prompt: str, seed: int, steps: int, size: int) -> float:
+    """One image from the pipeline called directly, saved as the engine saves it: what a
+    hand-rolled script does. Returns its wall time."""
+    import torch
+
     from engine.outbox import a1111_parameters, save_png
 
-    load = 0.0
-    if pipe is None:
-        started = time.perf_counter()
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float16, use_safetensors=True).to("cuda")
-        pipe.set_progress_bar_config(disable=True)
-        load = time.perf_counter() - started
-    torch.cuda.synchronize()
     started = time.perf_counter()
-    each = []
-    for n, prompt in enumerate(prompts):
-        one = time.perf_counter()
-        generator = torch.Generator("cuda").manual_seed(n)
-        image = pipe(prompt=prompt, num_inference_steps=steps, width=size, height=size, guidance_scale=7.0,
-                     generator=[generator]).images[0]
-        save_png(image, out / f"direct-{n}.png", a1111_parameters({"prompt": prompt, "steps": steps}, n))
-        each.append(round(time.perf_counter() - one, 3))
-    torch.cuda.synchronize()
-    return pipe, load, time.perf_counter() - started, each
+    generator = torch.Generator(device_name()).manual_seed(seed)
+    image = pipe(prompt=prompt, num_inference_steps=steps, width=size, height=size, guidance_scale=7.0,
+                 generator=[generator]).images[0]
+    save_png(image, out / f"direct-{seed}.png", a1111_parameters({"prompt": prompt, "steps": steps}, seed))
+    return time.perf_counter() - started
+
+
+def cpu_steal_s() -> float | None:
+    """Seconds of CPU time the host took from this machine's CPUs so far (all CPUs together)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class GpuSamples:
+    """The driver's own samples of GPU utilisation over a span (no sampling thread), and why the
+    clocks are held back, if they are. Diagnostics: where NVML is missing or refuses, left out."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001 - any failure here only drops the diagnostics
+            self.nvml = None
+
+    def since(self, microseconds: int) -> dict:
+        if self.nvml is None:
+            return {}
+        out = {}
+        try:
+            _, samples = self.nvml.nvmlDeviceGetSamples(self.handle, self.nvml.NVML_GPU_UTILIZATION_SAMPLES,
+                                                         microseconds)
+            values = [s.sampleValue.uiVal for s in samples if s.timeStamp >= microseconds]
+            out["gpu_util_pct"] = round(sum(values) / len(values), 1) if values else None
+        except Exception:  # noqa: BLE001
+            out["gpu_util_pct"] = None
+        try:
+            out["clock_event_reasons"] = int(self.nvml.nvmlDeviceGetCurrentClocksEventReasons(self.handle))
+        except Exception:  # noqa: BLE001
+            out["clock_event_reasons"] = None
+        return out
+
+
+class CallLog:
+    """Times every call of the pipeline class, on whichever thread makes it, tagged with the arm
+    (direct or engine) being measured: the diffusers call itself, apart from what surrounds it."""
+
+    def __init__(self) -> None:
+        self.arm = "warm-up"
+        self.calls: list[dict] = []
+        self.gpu = GpuSamples()
+
+    def install(self, cls) -> None:
+        import functools
+
+        original = cls.__call__
+        log = self
+
+        @functools.wraps(original)
+        def timed(pipe, *args, **kwargs):
+            synchronize()
+            steal, thread_cpu, started = cpu_steal_s(), time.thread_time(), time.perf_counter()
+            since = int(time.time() * 1e6)
+            try:
+                return original(pipe, *args, **kwargs)
+            finally:
+                synchronize()
+                wall = time.perf_counter() - started
+                stolen = cpu_steal_s()
+                log.calls.append({
+                    "arm": log.arm, "wall_s": round(wall, 4),
+                    "thread_cpu_s": round(time.thread_time() - thread_cpu, 4),
+                    "host_steal_s": round(stolen - steal, 3) if stolen is not None and steal is not None else None,
+                    "thread": threading.current_thread().name, **log.gpu.since(since)})
+
+        cls.__call__ = timed
+
+    def of(self, arm: str) -> list[dict]:
+        return [c for c in self.calls if c["arm"] == arm]
 
 
 class EngineRounds:
@@ -116,31 +217,27 @@ class EngineRounds:
         self.runner = Runner(self.config, self.store, app.registry_for(self.config))
         self.submitted = 0
 
-    def round(self, prompts: list[str], steps: int, size: int) -> dict:
+    def session(self, prompt: str, seed: int, steps: int, size: int) -> dict:
+        """One txt2img session end to end: submitted, run to its end by the runner, outbox written."""
         from sqlalchemy import text
 
         from engine import commands
         from engine.jobs import parse_job
 
-        first = self.submitted
-        for n, prompt in enumerate(prompts):
-            job = {"workflow": "txt2img", "params": {"model": "sdxl-random", "prompt": prompt, "width": size,
-                                                      "height": size, "steps": steps, "guidance_scale": 7.0, "seed": n}}
-            commands.submit(self.store, self.intake, parse_job(job), commands.Source(f"gpu-{self.submitted}.json", "x"))
-            self.submitted += 1
+        job = {"workflow": "txt2img", "params": {"model": "sdxl-random", "prompt": prompt, "width": size,
+                                                  "height": size, "steps": steps, "guidance_scale": 7.0, "seed": seed}}
         started = time.perf_counter()
+        commands.submit(self.store, self.intake, parse_job(job), commands.Source(f"gpu-{self.submitted}.json", "x"))
         self.runner.run(until_idle=True)
         wall = time.perf_counter() - started
+        self.submitted += 1
         with self.store.read() as conn:
-            rows = conn.execute(text(
-                "SELECT st.duration_s, st.output FROM steps st JOIN sessions s ON s.session_id = st.session_id "
-                "WHERE st.step_type = 'inference_generation' ORDER BY s.created_event")).all()[first:]
-            statuses = [r[0] for r in conn.execute(text("SELECT status FROM sessions"))]
-        outputs = [json.loads(r[1])["data"] for r in rows]
-        return {"wall_s": round(wall, 3), "inference_s": [round(r[0], 3) for r in rows],
-                "all_completed": set(statuses) == {"completed"},
-                "peak_memory_gib": round(max(o["peak_memory_bytes"] or 0 for o in outputs) / 2**30, 2),
-                "dtype": outputs[0]["dtype"], "device": outputs[0]["device"]}
+            status, output = conn.execute(text(
+                "SELECT s.status, st.output FROM steps st JOIN sessions s ON s.session_id = st.session_id "
+                "WHERE st.step_type = 'inference_generation' ORDER BY s.created_event DESC LIMIT 1")).one()
+        data = json.loads(output)["data"]
+        return {"wall_s": wall, "completed": status == "completed", "device": data["device"], "dtype": data["dtype"],
+                "peak_memory_gib": round((data["peak_memory_bytes"] or 0) / 2**30, 2)}
 
     def loads(self) -> list[dict]:
         from sqlalchemy import text
@@ -149,62 +246,145 @@ class EngineRounds:
             return [json.loads(r[0]) for r in conn.execute(text("SELECT data FROM event_log WHERE type = 'model.loaded'"))]
 
 
-def main() -> None:
-    import statistics
+def ratio_interval(runs: list[list[tuple[float, float]]], draws: int = 5000) -> tuple[float, float]:
+    """95% bootstrap interval of engine images/s over direct images/s: (direct s, engine s) pairs
+    drawn again with replacement within each run (runs on different machines stay apart)."""
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(draws):
+        direct_total = engine_total = 0.0
+        for pairs in runs:
+            for _ in pairs:
+                d, e = pairs[rng.randrange(len(pairs))]
+                direct_total, engine_total = direct_total + d, engine_total + e
+        ratios.append(direct_total / engine_total)
+    ratios.sort()
+    return round(ratios[int(0.025 * draws)], 4), round(ratios[int(0.975 * draws) - 1], 4)
 
+
+def summary(*runs: tuple[list[float], list[float]]) -> dict:
+    """Engine against direct over one or more runs, each (direct seconds, engine seconds) per pair."""
+    direct_s = [d for run in runs for d in run[0]]
+    engine_s = [e for run in runs for e in run[1]]
+    low, high = ratio_interval([list(zip(*run)) for run in runs])
+    return {"pairs": len(direct_s), "direct_images_per_s": round(len(direct_s) / sum(direct_s), 4),
+            "engine_images_per_s": round(len(engine_s) / sum(engine_s), 4),
+            "ratio": round(sum(direct_s) / sum(engine_s), 4), "ratio_95ci": [low, high],
+            "median_pairwise_ratio": round(statistics.median(d / e for d, e in zip(direct_s, engine_s)), 4),
+            "median_direct_s": round(statistics.median(direct_s), 3),
+            "median_engine_s": round(statistics.median(engine_s), 3)}
+
+
+def call_seconds(figures: dict, arm: str) -> list[float]:
+    return [c["wall_s"] for c in figures["calls"] if c["arm"] == arm]
+
+
+def outside_call_ms(figures: dict, arm: str) -> list[float]:
+    """Per image: what surrounds the diffusers call (PNG writing; for the engine also its steps)."""
+    each = figures["direct_s_each" if arm == "direct" else "engine_s_each"]
+    return [1000 * (whole - call) for whole, call in zip(each, call_seconds(figures, arm))]
+
+
+def pooled(paths: list[Path]) -> dict:
+    """The figures of several runs (their gpu_bench.json files) taken together."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    engine_ms = [ms for r in runs for ms in outside_call_ms(r, "engine")]
+    direct_ms = [ms for r in runs for ms in outside_call_ms(r, "direct")]
+    return {
+        "runs": [str(p) for p in paths],
+        "end_to_end": summary(*[(r["direct_s_each"], r["engine_s_each"]) for r in runs]),
+        "diffusers_call_only": summary(*[(call_seconds(r, "direct"), call_seconds(r, "engine")) for r in runs]),
+        "engine_outside_call_ms_median": round(statistics.median(engine_ms), 1),
+        "direct_outside_call_ms_median": round(statistics.median(direct_ms), 1),
+        "engine_adds_ms_median_pairwise": round(statistics.median(e - d for e, d in zip(engine_ms, direct_ms)), 1),
+        "engine_model_loads_per_run": [r["engine_model_loads"] for r in runs],
+        "engine_sessions_per_run": [r["engine_sessions"] for r in runs],
+        "engine_all_completed": all(r["engine_all_completed"] for r in runs),
+        "gpu_busy_pct_median": round(statistics.median(c["gpu_util_pct"] for r in runs for c in r["calls"]
+                                                       if c["arm"] in ("direct", "engine") and c.get("gpu_util_pct")), 1),
+        "calling_thread_cpu_over_wall": round(
+            sum(c["thread_cpu_s"] for r in runs for c in r["calls"] if c["arm"] in ("direct", "engine"))
+            / sum(c["wall_s"] for r in runs for c in r["calls"] if c["arm"] in ("direct", "engine")), 3),
+    }
+
+
+def main() -> None:
     import torch
+    from diffusers import StableDiffusionXLPipeline
 
     from engine.app import quiet_libraries
 
     quiet_libraries()
     parser = argparse.ArgumentParser()
     parser.add_argument("--folder", type=Path, default=Path("/tmp/engine-gpu"))
-    parser.add_argument("--images", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2, help="times through the prompts, alternating")
+    parser.add_argument("--seconds", type=float, default=420, help="time for the measured pairs")
+    parser.add_argument("--max-pairs", type=int, default=200)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--tiny", action="store_true", help="a tiny SDXL instead (to try the script on a CPU)")
+    parser.add_argument("--pool", type=Path, nargs="+", help="only print the figures of these runs taken together")
     args = parser.parse_args()
+    if args.pool:
+        print(json.dumps(pooled(args.pool), indent=1))
+        return
     shutil.rmtree(args.folder, ignore_errors=True)
     model = args.folder / "sdxl-random"
     images = args.folder / "direct"
     images.mkdir(parents=True)
-    prompts = [f"a lighthouse at dusk, variation {n}" for n in range(args.images)]
-    figures: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "images": args.images,
-                     "rounds": args.rounds, "steps": args.steps, "size": args.size}
-    figures["build_s"] = round(build_sdxl(model), 1)
+    figures: dict = {"gpu": torch.cuda.get_device_name(0) if device_name() == "cuda" else None, "torch": torch.__version__, "steps": args.steps,
+                     "size": args.size, "cpus": os.cpu_count()}
+    if args.tiny:
+        from engine.tinymodels import build_tiny_sdxl
+
+        started = time.perf_counter()
+        build_tiny_sdxl(model)
+        figures["build_s"] = round(time.perf_counter() - started, 1)
+    else:
+        figures["build_s"] = round(build_sdxl(model), 1)
+    calls = CallLog()
+    calls.install(StableDiffusionXLPipeline)
     # Warm-up of both: the engine's first session also loads its model (the only load it may make).
-    pipe, figures["direct_load_s"], _, _ = direct(model, images, ["warm-up"], 10, args.size)
+    pipe, load_s = load_direct(model)
+    figures["direct_load_s"] = round(load_s, 2)
     engine = EngineRounds(model, args.folder / "engine")
-    figures["engine_warmup"] = engine.round(["warm-up"], 10, args.size)
-    # Interleaved image by image (a direct image, then one engine session), so drift of the GPU's
-    # clocks and of the host hits both alike.
-    direct_each, engine_rounds = [], []
-    for _ in range(args.rounds):
-        for prompt in prompts:
-            _, _, seconds, _ = direct(model, images, [prompt], args.steps, args.size, pipe)
-            direct_each.append(round(seconds, 3))
-            engine_rounds.append(engine.round([prompt], args.steps, args.size))
-    engine_each = [r["wall_s"] for r in engine_rounds]
+    for seed in range(2):
+        direct(pipe, images, "warm-up", seed, 10, args.size)
+        warm = engine.session("warm-up", seed, 10, args.size)
+    figures["engine_device"], figures["engine_dtype"] = warm["device"], warm["dtype"]
+    # Pairs until the time is spent, the order swapped every pair (direct first, then engine
+    # first), so drift of the GPU's clocks and of the host hits both arms alike.
+    direct_s, engine_s, sessions = [], [], []
+    started = time.perf_counter()
+    while time.perf_counter() - started < args.seconds and len(direct_s) < args.max_pairs:
+        n = len(direct_s)
+        prompt = f"a lighthouse at dusk, variation {n}"
+        for arm in (("direct", "engine") if n % 2 == 0 else ("engine", "direct")):
+            calls.arm = arm
+            if arm == "direct":
+                direct_s.append(direct(pipe, images, prompt, n, args.steps, args.size))
+            else:
+                sessions.append(engine.session(prompt, n, args.steps, args.size))
+                engine_s.append(sessions[-1]["wall_s"])
+        calls.arm = "between"
+    direct_calls, engine_calls = calls.of("direct"), calls.of("engine")
     loads = engine.loads()
-    count = len(direct_each)
     figures.update({
-        "direct_s_each": direct_each, "engine_session_wall_s_each": engine_each,
-        "engine_inference_step_s_each": [r["inference_s"][0] for r in engine_rounds],
-        "engine_all_completed": all(r["all_completed"] for r in engine_rounds),
-        "engine_peak_memory_gib": max(r["peak_memory_gib"] for r in engine_rounds),
-        "engine_dtype": engine_rounds[0]["dtype"], "engine_device": engine_rounds[0]["device"],
+        "end_to_end": summary((direct_s, engine_s)),
+        "diffusers_call_only": summary(([c["wall_s"] for c in direct_calls], [c["wall_s"] for c in engine_calls])),
+        "engine_outside_call_ms_median": round(1000 * statistics.median(
+            s - c["wall_s"] for s, c in zip(engine_s, engine_calls)), 1),
+        "direct_outside_call_ms_median": round(1000 * statistics.median(
+            d - c["wall_s"] for d, c in zip(direct_s, direct_calls)), 1),
+        "engine_all_completed": all(s["completed"] for s in sessions),
         "engine_model_loads": len(loads), "engine_sessions": engine.submitted,
         "engine_load_s": loads[0]["seconds"] if loads else None,
-        "direct_images_per_s": round(count / sum(direct_each), 4),
-        "engine_images_per_s": round(count / sum(engine_each), 4),
-        "median_direct_image_s": statistics.median(direct_each),
-        "median_engine_session_s": statistics.median(engine_each),
-        "pairwise_ratios": [round(d / e, 3) for d, e in zip(direct_each, engine_each)],
+        "engine_peak_memory_gib": max(s["peak_memory_gib"] for s in sessions),
+        "direct_s_each": [round(x, 3) for x in direct_s], "engine_s_each": [round(x, 3) for x in engine_s],
+        "calls": calls.calls,
     })
-    figures["ratio_engine_to_direct"] = round(figures["engine_images_per_s"] / figures["direct_images_per_s"], 4)
-    print(json.dumps(figures, indent=2))
+    print(json.dumps({k: v for k, v in figures.items() if k != "calls"}, indent=1))
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu_bench.json").write_text(json.dumps(figures, indent=2))
+        Path(os.environ["OUT"], "gpu_bench.json").write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
