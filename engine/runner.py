@@ -268,7 +268,10 @@ class _Worker:
         ok, value = self._results.get(timeout=timeout)
         if ok:
             return value
-        raise value
+        try:
+            raise value
+        finally:
+            del value  # else frame -> error -> traceback -> frame: the step's tensors live until a gc pass
 
     def close(self) -> None:
         self._requests.put(None)

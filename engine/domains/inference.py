@@ -126,12 +126,16 @@ def generate(ctx: StepContext, pipe, inputs: dict[str, Any], seeds: list[int], d
     return list(result.images)
 
 
-def _generate_or_none_on_oom(ctx: StepContext, pipe, inputs: dict[str, Any], seeds: list[int], device) -> list | None:
+def _generate_or_oom(ctx: StepContext, pipe, inputs: dict[str, Any], seeds: list[int], device,
+                     one_at_a_time: bool = False) -> tuple[list | None, str]:
+    """The images, or (None, the error's text) when the device ran out of memory."""
     try:
-        return generate(ctx, pipe, inputs, seeds, device)
+        if one_at_a_time:
+            return [image for seed in seeds for image in generate(ctx, pipe, inputs, [seed], device)], ""
+        return generate(ctx, pipe, inputs, seeds, device), ""
     except Exception as exc:
         if memory.is_oom(exc):
-            return None
+            return None, str(exc)
         raise
 
 
@@ -160,17 +164,16 @@ def generation_step(ctx: StepContext) -> StepResult:
         seeds = [(p["seed"] + i) % 2**32 for i in range(p["num_images"])]
         memory.reset_peak(device)
         # 4. Denoise; on out-of-memory free caches and retry once, one image at a time.
-        images = _generate_or_none_on_oom(ctx, pipe, inputs, seeds, device)
+        # Both happen outside an except block: a caught error's traceback holds the failed
+        # attempt's tensors until the block ends.
+        images, error = _generate_or_oom(ctx, pipe, inputs, seeds, device)
         retried = images is None
-        if retried:  # outside the except block, so the failed attempt's tensors can be freed
+        if retried:
             memory.free_caches(device)
-            try:
-                images = [img for seed in seeds for img in generate(ctx, pipe, inputs, [seed], device)]
-            except Exception as again:
-                if memory.is_oom(again):
-                    memory.free_caches(device)
-                    raise OutOfMemory(f"out of memory on {device.id} even one image at a time: {again}") from again
-                raise
+            images, error = _generate_or_oom(ctx, pipe, inputs, seeds, device, one_at_a_time=True)
+        if images is None:
+            memory.free_caches(device)
+            raise OutOfMemory(f"out of memory on {device.id} even one image at a time: {error}")
     finally:
         if adapters:
             base.unload_lora_weights()
