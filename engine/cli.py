@@ -439,12 +439,15 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
 @command
 def models_add(path: Path, model_id: Annotated[str, typer.Option("--id", help="the id jobs will use")],
                kind: Annotated[Optional[str], typer.Option(help="override the guessed kind")] = None,
+               configs_from: Annotated[Optional[Path], typer.Option(
+                   "--configs-from", help="for a single-file checkpoint: a diffusers pipeline folder of the same "
+                   "architecture, whose configs and tokenizers it is loaded with (offline)")] = None,
                config: ConfigOption = None) -> None:
     """Register a diffusers folder or a .safetensors file under an id."""
     from engine.registry import ModelRegistry
 
     cfg = _config(config or _state.get("models_config"))
-    entry = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle")).add(path, model_id, kind)
+    entry = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle")).add(path, model_id, kind, configs_from)
     out.print(f"added {entry.id}: {entry.kind} ({entry.format}) at {entry.path}", highlight=False)
 
 

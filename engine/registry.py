@@ -30,10 +30,19 @@ class ModelEntry:
     family: str = ""
     default_size: int = 0
     sha256: str = ""
+    # For a single-file pipeline: a diffusers pipeline folder of the same architecture whose
+    # configs, tokenizers and scheduler it is loaded with (a single file holds weights only).
+    configs_from: str = ""
 
     def location(self, models_dir: Path) -> Path:
-        path = Path(self.path)
-        return path if path.is_absolute() else models_dir / path
+        return _located(self.path, models_dir)
+
+    def configs_location(self, models_dir: Path) -> Path | None:
+        return _located(self.configs_from, models_dir) if self.configs_from else None
+
+
+def _located(path: str, models_dir: Path) -> Path:
+    return Path(path) if Path(path).is_absolute() else models_dir / path
 
 
 def file_sha256(path: Path) -> str:
@@ -140,7 +149,7 @@ class ModelRegistry:
             raise UnknownModel("no model is registered: engine models add PATH --id ID", [{"loc": "params.model"}])
         return pipelines[0]
 
-    def add(self, path: Path, model_id: str, kind: str | None = None) -> ModelEntry:
+    def add(self, path: Path, model_id: str, kind: str | None = None, configs_from: Path | None = None) -> ModelEntry:
         path = path.resolve()
         if not path.exists():
             raise ValidationError(f"{path}: no such file or folder")
@@ -157,17 +166,32 @@ class ModelRegistry:
         kind = kind or guessed_kind
         if kind not in KINDS:
             raise ValidationError(f"unknown model kind {kind!r}; one of {', '.join(KINDS)}")
-        try:
-            relative = path.relative_to(self.models_dir.resolve())
-            stored = str(relative)
-        except ValueError:
-            stored = str(path)
+        configs = self._configs_folder(configs_from, kind, fmt, family) if configs_from else ""
         sha = file_sha256(path) if path.is_file() else folder_fingerprint(path)
-        entry = ModelEntry(model_id, kind, stored, fmt, family, _native_size(path) if path.is_dir() else 0, sha)
+        entry = ModelEntry(model_id, kind, self._stored(path), fmt, family, _native_size(path) if path.is_dir() else 0,
+                           sha, configs)
         index = self._read_index()
         index[model_id] = asdict(entry)
         atomic_write_json(self.index_file, index)
         return entry
+
+    def _stored(self, path: Path) -> str:
+        """A path inside the models folder is kept relative to it, so the folder can move."""
+        try:
+            return str(path.relative_to(self.models_dir.resolve()))
+        except ValueError:
+            return str(path)
+
+    def _configs_folder(self, folder: Path, kind: str, fmt: str, family: str) -> str:
+        if kind != "pipeline" or fmt != "safetensors":
+            raise ValidationError("--configs-from is for single-file (.safetensors) pipeline checkpoints only")
+        folder = folder.resolve()
+        if not (folder / "model_index.json").is_file():
+            raise ValidationError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+        folder_family = guess_kind(folder)[2]
+        if folder_family != family:
+            raise ValidationError(f"{folder.name} is an {folder_family} pipeline; the checkpoint is {family}")
+        return self._stored(folder)
 
 
 def _native_size(folder: Path) -> int:

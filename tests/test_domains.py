@@ -238,6 +238,52 @@ def test_work_that_cannot_fit_is_refused_before_trying(studio):
                  id=session_id) == [(1,)], "refused once, not retried"
 
 
+def test_a_single_file_checkpoint_loads_offline_and_draws_what_its_folder_draws(studio, models, tmp_path):
+    """The tiny SD 1.5 pipeline written as one original-format file (the layout shared checkpoints
+    come in) and registered with its configs folder: `engine models add --configs-from` on the CLI,
+    loaded through from_single_file with no network, gives the folder's pixels for the same seed."""
+    from tests.ldm_checkpoint import write_ldm_checkpoint
+
+    single = write_ldm_checkpoint(models / "tiny15", tmp_path / "tiny15-original.safetensors")
+    done = subprocess.run([sys.executable, "-m", "engine", "models", "add", str(single), "--id", "tiny15-file",
+                           "--configs-from", str(models / "tiny15")], env=studio.env(), capture_output=True,
+                          text=True, timeout=120, cwd=studio.folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    entry = ModelRegistry(studio.config.models_dir).get("tiny15-file")
+    assert (entry.kind, entry.format, entry.family) == ("pipeline", "safetensors", "sd15")
+    params = {**SIZE, "prompt": "a kite", "seed": 21}
+    from_file = submit(studio, {"workflow": "txt2img", "params": {**params, "model": "tiny15-file"}}).target_id
+    from_folder = submit(studio, {"workflow": "txt2img", "params": {**params, "model": "tiny15"}}).target_id
+    ModelRegistry(studio.config.models_dir).add(single, "tiny15-bare")  # no configs: nothing to load it with
+    bare = submit(studio, {"workflow": "txt2img", "params": {**params, "model": "tiny15-bare"}}).target_id
+    offline = {**studio.env(), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet"], env=offline,
+                          capture_output=True, text=True, timeout=300, cwd=studio.folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert status(studio, from_file) == status(studio, from_folder) == "completed"
+    failure = result_of(studio, bare)["error"]
+    assert failure["code"] == "MODEL_LOAD_FAILED" and "--configs-from" in failure["message"]
+    file_image, folder_image = images_of(studio, from_file)[0], images_of(studio, from_folder)[0]
+    assert file_image.tobytes() == folder_image.tobytes()
+    loads = [json.loads(r[0]) for r in query(studio, "SELECT data FROM event_log WHERE type = 'model.loaded'")]
+    assert sorted(load["model_id"] for load in loads) == ["tiny15", "tiny15-file"]
+
+
+def test_a_single_file_checkpoint_is_registered_only_with_a_matching_configs_folder(studio, models, tmp_path):
+    from engine.errors import ValidationError
+    from tests.ldm_checkpoint import write_ldm_checkpoint
+
+    single = write_ldm_checkpoint(models / "tiny15", tmp_path / "tiny15-original.safetensors")
+    registry = ModelRegistry(studio.config.models_dir)
+    with pytest.raises(ValidationError, match="sdxl pipeline; the checkpoint is sd15"):
+        registry.add(single, "wrong", configs_from=models / "tiny")
+    with pytest.raises(ValidationError, match="no model_index.json"):
+        registry.add(single, "wrong", configs_from=tmp_path)
+    with pytest.raises(ValidationError, match="single-file"):
+        registry.add(models / "tiny", "wrong", configs_from=models / "tiny")
+    assert "wrong" not in registry.entries()
+
+
 def test_pickle_models_are_refused_unless_allowed(tmp_path):
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"\x80\x04K\x01.")

@@ -99,19 +99,38 @@ def _quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def load_pipeline(entry: ModelEntry, path, device: DeviceInfo, dtype) -> Any:
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+def load_pipeline(entry: ModelEntry, path, device: DeviceInfo, dtype, configs=None) -> Any:
+    """A registered pipeline on its device; `configs`: the diffusers folder a single file's
+    configs and tokenizers come from."""
+    from diffusers import DiffusionPipeline
 
     _quiet_loading()
     if entry.format == "diffusers":
         pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True,
                                                  local_files_only=True)
     else:
-        cls = StableDiffusionXLPipeline if entry.family == "sdxl" else StableDiffusionPipeline
-        pipe = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
+        pipe = _load_single_file(entry, path, dtype, configs)
     pipe = pipe.to(torch_device(device))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load_single_file(entry: ModelEntry, path, dtype, configs) -> Any:
+    """A single-file checkpoint holds weights only: configs, tokenizers and the scheduler come from
+    the diffusers folder it was registered with (offline), or else from the local Hugging Face cache."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if entry.family == "sdxl" else StableDiffusionPipeline
+    try:
+        return cls.from_single_file(str(path), config=str(configs) if configs else None, torch_dtype=dtype,
+                                    local_files_only=True)
+    except Exception as exc:
+        if configs is not None or memory.is_oom(exc):
+            raise
+        raise ModelLoadFailed(
+            f"could not load the single-file checkpoint {entry.id!r} ({type(exc).__name__}: {exc}); a single file "
+            "holds weights only: register it with `engine models add FILE --id ID --configs-from FOLDER`, FOLDER "
+            f"a diffusers pipeline folder of the same architecture ({entry.family})") from exc
 
 
 def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceInfo]:
@@ -120,8 +139,9 @@ def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceI
     dtype = dtype_for(device, ctx.config.get("device", "dtype"))
     entry = registry_of(ctx).get(model_id, "pipeline")
     path = entry.location(ctx.config.models_dir)
+    configs = entry.configs_location(ctx.config.models_dir)
     cached, loaded = cache_of(ctx).get(("pipeline", model_id, device.id, str(dtype)), entry, device,
-                                       lambda: load_pipeline(entry, path, device, dtype), path, ctx.notify)
+                                       lambda: load_pipeline(entry, path, device, dtype, configs), path, ctx.notify)
     return cached, loaded, device
 
 
