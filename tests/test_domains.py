@@ -249,8 +249,11 @@ def test_a_single_file_checkpoint_loads_offline_and_draws_what_its_folder_draws(
                            "--configs-from", str(models / "tiny15")], env=studio.env(), capture_output=True,
                           text=True, timeout=120, cwd=studio.folder)
     assert done.returncode == 0, done.stdout + done.stderr
-    entry = ModelRegistry(studio.config.models_dir).get("tiny15-file")
-    assert (entry.kind, entry.format, entry.family) == ("pipeline", "safetensors", "sd15")
+    listed = subprocess.run([sys.executable, "-m", "engine", "models", "--json"], env=studio.env(),
+                            capture_output=True, text=True, timeout=120, cwd=studio.folder)
+    row = next(r for r in json.loads(listed.stdout) if r["id"] == "tiny15-file")
+    assert (row["kind"], row["format"], row["family"]) == ("pipeline", "safetensors", "sd15")
+    assert Path(row["configs_from"]) == (models / "tiny15").resolve()
     params = {**SIZE, "prompt": "a kite", "seed": 21}
     from_file = submit(studio, {"workflow": "txt2img", "params": {**params, "model": "tiny15-file"}}).target_id
     from_folder = submit(studio, {"workflow": "txt2img", "params": {**params, "model": "tiny15"}}).target_id
