@@ -51,7 +51,7 @@ SCHEDULER = dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.000
                  num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
 
 
-def build_sdxl(folder: Path) -> float:
+def build_sdxl(folder: Path) -> None:
     """Random-weight SDXL (about 3.5 billion parameters), built on the GPU, saved in fp16."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -59,7 +59,6 @@ def build_sdxl(folder: Path) -> float:
 
     from engine.tinymodels import _write_tokenizer
 
-    started = time.perf_counter()
     tokenizer_dir = folder.parent / "tokenizer-src"
     _write_tokenizer(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -73,7 +72,6 @@ def build_sdxl(folder: Path) -> float:
     pipe.save_pretrained(folder, safe_serialization=True)
     del pipe
     torch.cuda.empty_cache()
-    return time.perf_counter() - started
 
 
 def device_name() -> str:
@@ -191,9 +189,6 @@ class CallLog:
 
         cls.__call__ = timed
 
-    def of(self, arm: str) -> list[dict]:
-        return [c for c in self.calls if c["arm"] == arm]
-
 
 class EngineRounds:
     """One engine installation (one runner process-wide model cache) driven in rounds of sessions."""
@@ -287,11 +282,16 @@ def outside_call_ms(figures: dict, arm: str) -> list[float]:
 
 def pooled(paths: list[Path]) -> dict:
     """The figures of several runs (their gpu_bench.json files) taken together."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    return {"runs": [str(p) for p in paths], **taken_together([json.loads(Path(p).read_text()) for p in paths])}
+
+
+def taken_together(runs: list[dict]) -> dict:
+    """Engine against direct over the pairs of one run or several (each run's raw figures)."""
+    busy = [c["gpu_util_pct"] for r in runs for c in r["calls"] if c["arm"] in ("direct", "engine")
+            and c.get("gpu_util_pct")]
     engine_ms = [ms for r in runs for ms in outside_call_ms(r, "engine")]
     direct_ms = [ms for r in runs for ms in outside_call_ms(r, "direct")]
     return {
-        "runs": [str(p) for p in paths],
         "end_to_end": summary(*[(r["direct_s_each"], r["engine_s_each"]) for r in runs]),
         "diffusers_call_only": summary(*[(call_seconds(r, "direct"), call_seconds(r, "engine")) for r in runs]),
         "engine_outside_call_ms_median": round(statistics.median(engine_ms), 1),
@@ -300,8 +300,7 @@ def pooled(paths: list[Path]) -> dict:
         "engine_model_loads_per_run": [r["engine_model_loads"] for r in runs],
         "engine_sessions_per_run": [r["engine_sessions"] for r in runs],
         "engine_all_completed": all(r["engine_all_completed"] for r in runs),
-        "gpu_busy_pct_median": round(statistics.median(c["gpu_util_pct"] for r in runs for c in r["calls"]
-                                                       if c["arm"] in ("direct", "engine") and c.get("gpu_util_pct")), 1),
+        "gpu_busy_pct_median": round(statistics.median(busy), 1) if busy else None,  # None: no NVML samples
         "calling_thread_cpu_over_wall": round(
             sum(c["thread_cpu_s"] for r in runs for c in r["calls"] if c["arm"] in ("direct", "engine"))
             / sum(c["wall_s"] for r in runs for c in r["calls"] if c["arm"] in ("direct", "engine")), 3),
@@ -331,16 +330,13 @@ def main() -> None:
     model = args.folder / "sdxl-random"
     images = args.folder / "direct"
     images.mkdir(parents=True)
-    figures: dict = {"gpu": torch.cuda.get_device_name(0) if device_name() == "cuda" else None, "torch": torch.__version__, "steps": args.steps,
-                     "size": args.size, "cpus": os.cpu_count()}
-    if args.tiny:
-        from engine.tinymodels import build_tiny_sdxl
+    figures: dict = {"gpu": torch.cuda.get_device_name(0) if device_name() == "cuda" else None,
+                     "torch": torch.__version__, "steps": args.steps, "size": args.size, "cpus": os.cpu_count()}
+    from engine.tinymodels import build_tiny_sdxl
 
-        started = time.perf_counter()
-        build_tiny_sdxl(model)
-        figures["build_s"] = round(time.perf_counter() - started, 1)
-    else:
-        figures["build_s"] = round(build_sdxl(model), 1)
+    started = time.perf_counter()
+    (build_tiny_sdxl if args.tiny else build_sdxl)(model)
+    figures["build_s"] = round(time.perf_counter() - started, 1)
     calls = CallLog()
     calls.install(StableDiffusionXLPipeline)
     # Warm-up of both: the engine's first session also loads its model (the only load it may make).
@@ -366,22 +362,15 @@ def main() -> None:
                 sessions.append(engine.session(prompt, n, args.steps, args.size))
                 engine_s.append(sessions[-1]["wall_s"])
         calls.arm = "between"
-    direct_calls, engine_calls = calls.of("direct"), calls.of("engine")
     loads = engine.loads()
     figures.update({
-        "end_to_end": summary((direct_s, engine_s)),
-        "diffusers_call_only": summary(([c["wall_s"] for c in direct_calls], [c["wall_s"] for c in engine_calls])),
-        "engine_outside_call_ms_median": round(1000 * statistics.median(
-            s - c["wall_s"] for s, c in zip(engine_s, engine_calls)), 1),
-        "direct_outside_call_ms_median": round(1000 * statistics.median(
-            d - c["wall_s"] for d, c in zip(direct_s, direct_calls)), 1),
-        "engine_all_completed": all(s["completed"] for s in sessions),
+        "direct_s_each": [round(x, 3) for x in direct_s], "engine_s_each": [round(x, 3) for x in engine_s],
+        "calls": calls.calls, "engine_all_completed": all(s["completed"] for s in sessions),
         "engine_model_loads": len(loads), "engine_sessions": engine.submitted,
         "engine_load_s": loads[0]["seconds"] if loads else None,
         "engine_peak_memory_gib": max(s["peak_memory_gib"] for s in sessions),
-        "direct_s_each": [round(x, 3) for x in direct_s], "engine_s_each": [round(x, 3) for x in engine_s],
-        "calls": calls.calls,
     })
+    figures.update(taken_together([figures]))
     print(json.dumps({k: v for k, v in figures.items() if k != "calls"}, indent=1))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_bench.json").write_text(json.dumps(figures, indent=1))

@@ -186,9 +186,9 @@ class ModelRegistry:
         if kind != "pipeline" or fmt != "safetensors":
             raise ValidationError("--configs-from is for single-file (.safetensors) pipeline checkpoints only")
         folder = folder.resolve()
-        if not (folder / "model_index.json").is_file():
-            raise ValidationError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
-        folder_family = guess_kind(folder)[2]
+        folder_kind, _, folder_family = guess_kind(folder)  # refuses what is no model folder at all
+        if folder_kind != "pipeline":
+            raise ValidationError(f"{folder}: a {folder_kind}, not a diffusers pipeline folder")
         if folder_family != family:
             raise ValidationError(f"{folder.name} is an {folder_family} pipeline; the checkpoint is {family}")
         return self._stored(folder)

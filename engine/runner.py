@@ -56,7 +56,7 @@ class Runner:
         self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finisher")
         # Its thread is started now, not at the first session's end: a thread cannot be started
         # when memory has run out, and the result.json of a step that ran out must still be written.
-        self.finisher.submit(lambda: None).result()
+        self._finisher_caught_up()
         self.stop_event = threading.Event()
         self.on_step = on_step or (lambda claim, outcome: None)
         self.steps_done = 0
@@ -81,7 +81,7 @@ class Runner:
                 lifecycle.reap_expired(self.store, self.policy)
                 last_reap = time.monotonic()
             if until_idle and (before_idle_check is None or before_idle_check()) and self.nothing_left():
-                self.finisher.submit(lambda: None).result()  # every result.json is written before we say idle
+                self._finisher_caught_up()  # every result.json is written before we say idle
                 break
             self.stop_event.wait(self.idle_sleep)
         return self.steps_done
@@ -92,6 +92,10 @@ class Runner:
     def close(self) -> None:
         self.worker.close()
         self.finisher.shutdown(wait=True)
+
+    def _finisher_caught_up(self) -> None:
+        """Returns once everything handed to the finisher is written (it runs in order)."""
+        self.finisher.submit(lambda: None).result()
 
     def _finish(self, events, rows: dict | None = None) -> None:
         if any(e.type.startswith(("session.", "batch.")) for e in events):

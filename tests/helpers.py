@@ -1,8 +1,11 @@
-"""Small helpers the tests share: submitting jobs, running until idle, reading the log."""
+"""Small helpers the tests share: submitting jobs, running until idle, the CLI in its own
+process, reading the log."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from collections import Counter
 
@@ -18,6 +21,14 @@ def submit(install, job: dict, name: str | None = None) -> commands.Submitted:
     name = name or f"{job.get('job_id') or uuid.uuid4().hex}.json"
     return commands.submit(install.store, install.intake, parse_job(job),
                            commands.Source(name, json.dumps(job, sort_keys=True)))
+
+
+def engine_process(install, *args: str, env: dict[str, str] | None = None) -> str:
+    """`python -m engine ARGS` as its own process in the installation's folder; must exit 0."""
+    done = subprocess.run([sys.executable, "-m", "engine", *args], env={**install.env(), **(env or {})},
+                          capture_output=True, text=True, timeout=300, cwd=install.folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def runner(install, **kwargs) -> Runner:

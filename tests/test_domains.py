@@ -18,7 +18,7 @@ from engine import commands
 from engine.errors import UnsafeModelFormat
 from engine.registry import ModelRegistry
 from tests.conftest import ROOT, Installation
-from tests.helpers import query, run_until_idle, runner, status, submit
+from tests.helpers import engine_process, query, run_until_idle, runner, status, submit
 
 pytestmark = pytest.mark.domains
 
@@ -245,13 +245,8 @@ def test_a_single_file_checkpoint_loads_offline_and_draws_what_its_folder_draws(
     from tests.ldm_checkpoint import write_ldm_checkpoint
 
     single = write_ldm_checkpoint(models / "tiny15", tmp_path / "tiny15-original.safetensors")
-    done = subprocess.run([sys.executable, "-m", "engine", "models", "add", str(single), "--id", "tiny15-file",
-                           "--configs-from", str(models / "tiny15")], env=studio.env(), capture_output=True,
-                          text=True, timeout=120, cwd=studio.folder)
-    assert done.returncode == 0, done.stdout + done.stderr
-    listed = subprocess.run([sys.executable, "-m", "engine", "models", "--json"], env=studio.env(),
-                            capture_output=True, text=True, timeout=120, cwd=studio.folder)
-    row = next(r for r in json.loads(listed.stdout) if r["id"] == "tiny15-file")
+    engine_process(studio, "models", "add", str(single), "--id", "tiny15-file", "--configs-from", str(models / "tiny15"))
+    row = next(r for r in json.loads(engine_process(studio, "models", "--json")) if r["id"] == "tiny15-file")
     assert (row["kind"], row["format"], row["family"]) == ("pipeline", "safetensors", "sd15")
     assert Path(row["configs_from"]) == (models / "tiny15").resolve()
     params = {**SIZE, "prompt": "a kite", "seed": 21}
@@ -259,10 +254,7 @@ def test_a_single_file_checkpoint_loads_offline_and_draws_what_its_folder_draws(
     from_folder = submit(studio, {"workflow": "txt2img", "params": {**params, "model": "tiny15"}}).target_id
     ModelRegistry(studio.config.models_dir).add(single, "tiny15-bare")  # no configs: nothing to load it with
     bare = submit(studio, {"workflow": "txt2img", "params": {**params, "model": "tiny15-bare"}}).target_id
-    offline = {**studio.env(), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet"], env=offline,
-                          capture_output=True, text=True, timeout=300, cwd=studio.folder)
-    assert done.returncode == 0, done.stdout + done.stderr
+    engine_process(studio, "run", "--until-idle", "--quiet", env={"HF_HUB_OFFLINE": "1"})
     assert status(studio, from_file) == status(studio, from_folder) == "completed"
     failure = result_of(studio, bare)["error"]
     assert failure["code"] == "MODEL_LOAD_FAILED" and "--configs-from" in failure["message"]
@@ -321,11 +313,9 @@ def run_capped(install, headroom_mib: int) -> None:
     One malloc arena with a fixed mmap threshold keeps the address space the allocations take
     close to their size, and one OpenMP thread keeps libgomp from starting (and, failing to
     start, aborting on) threads under the cap."""
-    env = {**install.env(), "ENGINE_TEST_HEADROOM_MIB": str(headroom_mib), "MALLOC_ARENA_MAX": "1",
-           "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet"], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=install.folder)
-    assert done.returncode == 0, done.stdout + done.stderr
+    engine_process(install, "run", "--until-idle", "--quiet", env={
+        "ENGINE_TEST_HEADROOM_MIB": str(headroom_mib), "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+        "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="caps the address space through /proc")
@@ -356,11 +346,8 @@ def test_out_of_memory_inside_a_step_retries_one_image_at_a_time_then_fails_plai
 def test_a_session_runs_end_to_end_on_the_directml_path(studio):
     """A real runner process whose torch_directml is the stand-in: the session records directml:0."""
     session_id = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "dml", "seed": 5}}).target_id
-    env = studio.env()
-    env["PYTHONPATH"] = str(ROOT / "tests" / "standins") + ":" + env["PYTHONPATH"]
-    done = subprocess.run([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet"], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=studio.folder)
-    assert done.returncode == 0, done.stdout + done.stderr
+    standins = str(ROOT / "tests" / "standins") + ":" + studio.env()["PYTHONPATH"]
+    engine_process(studio, "run", "--until-idle", "--quiet", env={"PYTHONPATH": standins})
     result = result_of(studio, session_id)
     assert result["status"] == "completed"
     assert result["steps"][0]["data"]["device"] == "directml:0"

@@ -150,9 +150,9 @@ def processing_step(ctx: StepContext) -> StepResult:
             data["safety"] = {"flagged": flags} if flags is not None else SAFETY_SKIPPED
         ctx.progress((number + 1) / max(len(ops), 1), op["op"])
     names = []
+    described = ", ".join(o["op"] + (f" x{o.get('scale', 2.0)}" if o["op"] == "upscale" else "") for o in ops)
     for (stem, _, parameters), image in zip(sources, images):
         name = f"{stem}-s{ctx.step_index}.png"
-        described = ", ".join(o["op"] + (f" x{o.get('scale', 2.0)}" if o["op"] == "upscale" else "") for o in ops)
         save_png(image, ctx.work_dir / name, ((parameters + ", ") if parameters else "") + f"Postprocess: {described}")
         names.append(name)
     data["sizes"] = [list(image.size) for image in images]
