@@ -5,7 +5,7 @@ the tests call. Every change is a state-machine transition recorded as an event.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -32,14 +32,22 @@ class Submitted:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a job came from: the file's name and content hash (its key when it has no job_id)."""
+    """Where a job came from. `identity` names that very file (see engine.ingest); a job submitted
+    without one (the CLI, the tests) gets a fresh one, so every submission is a new job unless its
+    job_id was seen before. `stored_as`: the name the inbox will move the file to."""
 
     file_name: str
     content_hash: str
+    identity: str = field(default_factory=lambda: uuid.uuid4().hex)
+    stored_as: str | None = None
 
     @property
     def file_key(self) -> str:
-        return f"file:{self.content_hash}:{self.file_name}"
+        return f"file:{self.identity}"
+
+    def fields(self) -> dict[str, Any]:
+        return {"job_key": self.file_key, "file_name": self.file_name, "content_hash": self.content_hash,
+                "file_identity": self.identity, "stored_as": self.stored_as}
 
 
 # submitting ----------------------------------------------------------------------------------
@@ -51,8 +59,7 @@ def submit(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob
     resolved = intake.session(job) if isinstance(job, SessionJob) else intake.batch(job)
 
     def record(tx: Tx) -> Submitted:
-        key = job.job_id or source.file_key
-        earlier = _earlier_job(tx, key)
+        earlier = _taken_before(tx, source, job.job_id)
         if earlier is not None:
             return earlier
         if isinstance(job, SessionJob):
@@ -61,25 +68,34 @@ def submit(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob
         else:
             target_type, target_id = "batch", new_id("bat")
             _create_batch(tx, target_id, job, resolved)
-        tx.emit("job", key, "job.received", {
-            "job_key": key, "job_id": job.job_id, "file_name": source.file_name,
-            "content_hash": source.content_hash, "target_type": target_type, "target_id": target_id,
+        tx.emit("job", source.file_key, "job.received", {
+            **source.fields(), "job_id": job.job_id, "target_type": target_type, "target_id": target_id,
         })
         return Submitted(target_type, target_id)
 
     return store.write(record)
 
 
-def _earlier_job(tx: Tx, key: str) -> Submitted | None:
-    row = tx.get("jobs", (key,))
-    if row is None or row["status"] != "accepted":
-        return None
-    if key.startswith("file:"):
-        return Submitted(row["target_type"], row["target_id"], already=True)
-    raise DuplicateJob(
-        f"job_id {row['job_id']!r} was already submitted as {row['target_type']} {row['target_id']}",
-        existing_type=row["target_type"], existing_id=row["target_id"],
-    )
+def taken_file(conn, identity: str) -> dict | None:
+    """The jobs row of the very file with this identity, if it was taken (accepted or rejected)."""
+    row = conn.execute(select(jobs).where(jobs.c.file_identity == identity)).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def _taken_before(tx: Tx, source: Source, job_id: str | None) -> Submitted | None:
+    """`already` when this very file was taken before (by another runner, or before a crash);
+    DUPLICATE_JOB when another job had this job_id."""
+    row = taken_file(tx.conn, source.identity)
+    if row is not None:
+        return Submitted(row["target_type"] or "rejected", row["target_id"] or "", already=True)
+    if job_id:
+        tx.store.dialect.serialize(tx.conn, f"job_id:{job_id}")  # two files with one job_id, two runners
+        row = tx.conn.execute(select(jobs.c.target_type, jobs.c.target_id)
+                              .where(jobs.c.job_id == job_id, jobs.c.status == "accepted")).first()
+        if row is not None:
+            raise DuplicateJob(f"job_id {job_id!r} was already submitted as {row.target_type} {row.target_id}",
+                               existing_type=row.target_type, existing_id=row.target_id)
+    return None
 
 
 def _create_session(tx: Tx, session_id: str, job: SessionJob, resolved: ResolvedSession, **extra: Any) -> None:
@@ -100,24 +116,36 @@ def _create_batch(tx: Tx, batch_id: str, job: BatchJob, resolved: list[ResolvedS
                                                    hold=job.hold), item, batch_id=batch_id, item_index=index)
 
 
-def record_rejection(store: Store, source: Source, error: dict[str, Any], job_id: str | None = None) -> None:
-    store.write(lambda tx: tx.emit("job", source.file_key, "job.rejected", {
-        "job_key": source.file_key, "job_id": job_id, "file_name": source.file_name,
-        "content_hash": source.content_hash, "code": error["code"], "message": error["message"],
-    }))
+def record_rejection(store: Store, source: Source, error: dict[str, Any], job_id: str | None = None) -> bool:
+    """job.rejected, with the whole error; False when this very file was recorded already."""
+
+    def record(tx: Tx) -> bool:
+        if taken_file(tx.conn, source.identity) is not None:
+            return False
+        tx.emit("job", source.file_key, "job.rejected", {
+            **source.fields(), "job_id": job_id, "code": error["code"], "message": error["message"], "error": error,
+        })
+        return True
+
+    return store.write(record)
+
+
+def record_stranded(store: Store, job_key: str, file_name: str, message: str) -> None:
+    """job.stranded: a taken file could not be moved out of the inbox (it stays there, skipped)."""
+    store.write(lambda tx: tx.emit("job", job_key, "job.stranded", {
+        "job_key": job_key, "file_name": file_name, "message": message[:2000]}))
 
 
 def _submit_control(store: Store, job: ControlJob, source: Source) -> Submitted:
     def record(tx: Tx) -> Submitted:
-        key = job.job_id or source.file_key
-        earlier = _earlier_job(tx, key)
+        earlier = _taken_before(tx, source, job.job_id)
         if earlier is not None:
             return earlier
         target_type, target_id = _lookup(tx.conn, job.target)
         apply_control(tx, target_type, target_id, job.action)
-        tx.emit("job", key, "job.received", {
-            "job_key": key, "job_id": job.job_id, "file_name": source.file_name, "content_hash": source.content_hash,
-            "target_type": target_type, "target_id": target_id, "action": job.action,
+        tx.emit("job", source.file_key, "job.received", {
+            **source.fields(), "job_id": job.job_id, "target_type": target_type, "target_id": target_id,
+            "action": job.action,
         })
         return Submitted("control", target_id)
 

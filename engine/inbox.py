@@ -1,33 +1,47 @@
-"""The inbox: job files dropped into a folder are taken exactly once.
+"""The inbox: job files dropped into a folder are taken exactly once, whatever they hold.
 
 A watchdog observer (or a polling observer, for network shares) wakes a scan; a scan also runs at
 start and on a timer, so nothing dropped while the engine was down or missed by the OS is lost.
 The events creating a session are committed first, then the file is moved to `accepted/`; a crash
-in between leaves the file in the inbox, and on restart it is recognised and only moved. Rejected
-files go to `rejected/` with `<name>.error.json` beside them. Nothing is ever deleted.
+in between leaves the file in the inbox, and on restart it is recognised by its identity
+(engine.ingest) and only moved. Several runners may watch one folder: the one whose transaction
+records a file's identity first takes it; the others see it taken and only help move it.
+
+Whatever goes wrong with one file is that file's problem: it is rejected (moved to `rejected/`
+with `<name>.error.json` beside it) or, when it cannot even be moved, recorded as stranded
+(`job.stranded`, `jobs.move_error`) and skipped. The scan never stops at a file. Nothing is
+ever deleted. Files in subfolders, files not named `*.json`, dotfiles and editor or download
+temporaries are not job files and are left alone.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
 from engine import commands
-from engine.errors import EngineError, ValidationError
+from engine.errors import EngineError, UnsafePath, ValidationError
+from engine.files import atomic_write_json
+from engine.ingest import SeenFile, display_name, look_at
 from engine.intake import Intake
 from engine.jobs import parse_job_bytes
-from engine.files import atomic_write_json
 from engine.outbox import Outbox
 from engine.store import Store
+from engine.store.tables import jobs
 
 log = logging.getLogger("engine.inbox")
 
 SKIPPED_SUFFIXES = (".tmp", ".part", ".partial", ".swp", ".swx", ".crdownload", "~")
+RETRY_STRANDED_SECONDS = 30.0  # how often a file that could not be moved is tried again, quietly
+GIVE_UP_AFTER = 5  # failures of one file (not its content's fault) before it is rejected anyway
 
 
 @dataclass(frozen=True)
@@ -40,14 +54,10 @@ class Outcome:
     message: str | None = None
 
 
-def is_candidate(path: Path) -> bool:
-    name = path.name
-    return (
-        not name.startswith((".", "~", "#"))
-        and name.lower().endswith(".json")
-        and not name.lower().endswith(SKIPPED_SUFFIXES)
-        and path.is_file()
-    )
+def is_job_name(name: str) -> bool:
+    shown = display_name(name).lower()
+    return (not shown.startswith((".", "~", "#")) and shown.endswith(".json")
+            and not shown.endswith(SKIPPED_SUFFIXES))
 
 
 def unique_destination(folder: Path, name: str, content_hash: str) -> Path:
@@ -58,23 +68,17 @@ def unique_destination(folder: Path, name: str, content_hash: str) -> Path:
         stem = stem.encode()[:150].decode("utf-8", "ignore") + "-" + content_hash[:8]
     candidates = [f"{stem}{suffix}", f"{stem}-{content_hash[:8]}{suffix}"]
     for candidate in candidates:
-        if not (folder / candidate).exists():
+        if not os.path.lexists(folder / candidate):
             return folder / candidate
     counter = 2
-    while (folder / f"{stem}-{content_hash[:8]}-{counter}{suffix}").exists():
+    while os.path.lexists(folder / f"{stem}-{content_hash[:8]}-{counter}{suffix}"):
         counter += 1
     return folder / f"{stem}-{content_hash[:8]}-{counter}{suffix}"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def _same_inode(a: Path, b: Path) -> bool:
+    first, second = os.lstat(a), os.lstat(b)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 class Inbox:
@@ -96,89 +100,195 @@ class Inbox:
         self._thread: threading.Thread | None = None
         self._observer = None
         self.waiting: set[str] = set()  # files still being written
+        self._stranded: dict[tuple, float] = {}  # stat key -> when to try moving it again
+        self._failures: dict[tuple, int] = {}  # stat key -> failed attempts to take it
 
     # taking files ----------------------------------------------------------------------------
 
-    def scan(self) -> list[Outcome]:
-        """Take every complete job file now in the inbox, oldest first."""
+    def candidates(self) -> list[Path]:
+        """The job files in the folder now, oldest first (not subfolders, not other names)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        entries = []
-        with os.scandir(self.folder) as found:
-            for entry in found:
-                path = Path(entry.path)
-                if is_candidate(path):
-                    try:
-                        entries.append((entry.stat().st_mtime, entry.name, path))
-                    except FileNotFoundError:
-                        continue
+        found = []
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                try:
+                    if is_job_name(entry.name) and not entry.is_dir(follow_symlinks=False):
+                        found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name, Path(entry.path)))
+                except OSError:
+                    continue
+        return [path for _, _, path in sorted(found)]
+
+    def scan(self) -> list[Outcome]:
+        """Take every complete job file now in the inbox; one file's trouble never stops the rest."""
         outcomes = []
         self.waiting = set()
-        for _, _, path in sorted(entries):
-            outcome = self.take(path)
+        for path in self.candidates():
+            try:
+                outcome = self.take(path)
+            except Exception as exc:  # not the file's content: the database, the disk, a bug
+                outcome = self._failed(path, exc)
             if outcome is not None:
                 outcomes.append(outcome)
         return outcomes
 
     def take(self, path: Path) -> Outcome | None:
-        """Ingest one file; None when it is still being written (or vanished)."""
+        """Ingest one file; None when it is still being written, gone, or was taken already."""
         try:
-            stat = path.stat()
-            raw = path.read_bytes() if stat.st_size <= self.max_bytes else b""
-        except (FileNotFoundError, PermissionError):
+            seen = look_at(path, self.max_bytes)
+        except FileNotFoundError:
             return None
-        content_hash = hashlib.sha256(raw).hexdigest() if raw else f"size-{stat.st_size}-{stat.st_mtime_ns}"
-        source = commands.Source(path.name, content_hash)
+        if self._stranded.get(seen.stat_key, 0.0) > time.monotonic():
+            return None
+        known = self._known(seen)
+        if known is not None:  # this very file was taken: before a crash, or by another runner
+            self._finish(seen, known)
+            return None
+        if seen.problem:
+            error_type = UnsafePath if seen.code == "UNSAFE_PATH" else ValidationError
+            return self._reject(seen, error_type(f"{seen.name}: {seen.problem}"))
         try:
-            if stat.st_size > self.max_bytes:
-                raise ValidationError(f"the file is {stat.st_size} bytes; at most {self.max_bytes} are taken")
-            try:
-                job = parse_job_bytes(raw)
-            except ValidationError:
-                if time.time() - stat.st_mtime < self.grace:
-                    self.waiting.add(path.name)
-                    return None
-                raise
+            job = parse_job_bytes(seen.raw)
+        except ValidationError as error:
+            if time.time() - seen.stat.st_mtime < self.grace:
+                self.waiting.add(path.name)
+                return None
+            return self._reject(seen, error)
+        destination = unique_destination(self.accepted, seen.name, seen.content_hash)
+        source = commands.Source(seen.name, seen.content_hash, seen.identity, destination.name)
+        try:
             submitted = commands.submit(self.store, self.intake, job, source)
         except EngineError as error:
-            return self._reject(path, source, error)
+            return self._reject(seen, error)
+        except (SQLAlchemyError, sqlite3.Error):
+            raise  # the database's trouble, not the file's: taken again at the next scan
+        except Exception as exc:  # something in the file that validation did not foresee
+            log.exception("taking %s failed", seen.name)
+            return self._reject(seen, ValidationError(f"this job could not be read: {type(exc).__name__}: {exc}"))
+        if submitted.already:
+            self._finish(seen, self._known(seen))
+            return None
         self.outbox.finish(self.store, submitted.events)
-        self._move(path, self.accepted, content_hash)
-        return Outcome(path.name, True, submitted.target_type, submitted.target_id)
+        self._move(seen, destination, source.file_key, None)
+        log.info("accepted %s as %s %s", seen.name, submitted.target_type, submitted.target_id)
+        return Outcome(seen.name, True, submitted.target_type, submitted.target_id)
 
-    def _reject(self, path: Path, source: commands.Source, error: EngineError) -> Outcome:
-        body = error.to_dict()
-        body["file"] = path.name
-        try:
-            commands.record_rejection(self.store, source, body)
-        except EngineError:
-            log.exception("could not record the rejection of %s", path.name)
-        destination = unique_destination(self.rejected, path.name, source.content_hash)
-        atomic_write_json(destination.with_name(destination.name + ".error.json"), body)
-        self._move(path, self.rejected, source.content_hash, destination)
-        log.warning("rejected %s: %s %s", path.name, error.code, error.message)
-        return Outcome(path.name, False, code=error.code, message=error.message)
+    def _known(self, seen: SeenFile) -> dict | None:
+        """The jobs row of this very file, if it was taken. A crash between the link and the unlink
+        of a move changed the file's change time: then its inode already sits at its destination."""
+        with self.store.read() as conn:
+            row = commands.taken_file(conn, seen.identity)
+            if row is not None:
+                return row
+            rows = conn.execute(select(jobs).where(jobs.c.content_hash == seen.content_hash,
+                                                   jobs.c.file_name == seen.name,
+                                                   jobs.c.stored_as.is_not(None))).mappings().all()
+        for row in rows:
+            destination = self._folder_of(row) / row["stored_as"]
+            try:
+                if _same_inode(seen.path, destination):
+                    return dict(row)
+            except OSError:
+                continue
+        return None
 
-    def _move(self, path: Path, folder: Path, content_hash: str, destination: Path | None = None) -> None:
-        """Move a taken file out of the inbox. A hard link then an unlink, not a rename: renaming out
-        of a watched folder makes inotify hold back every later event for half a second (the wait for
-        a matching IN_MOVED_TO), which would slow the pickup of the next file."""
-        if destination is None:
-            same_name = folder / path.name
-            if same_name.exists() and _sha256(same_name) == content_hash:
-                _unlink(path)  # a crash fell between the link and the unlink: finish the move
-                return
-            destination = unique_destination(folder, path.name, content_hash)
+    def _folder_of(self, row: dict) -> Path:
+        return self.accepted if row["status"] == "accepted" else self.rejected
+
+    def _finish(self, seen: SeenFile, row: dict | None) -> None:
+        """Complete what the ingest of a taken file left undone: the error file, the move."""
+        if row is None or not row.get("stored_as"):
+            return
+        destination = self._folder_of(row) / row["stored_as"]
+        if row["status"] == "rejected":
+            error_file = destination.with_name(destination.name + ".error.json")
+            if not error_file.exists():
+                self._write_error(error_file, self._rejection_of(row), row)
+        self._move(seen, destination, row["job_key"], row.get("move_error"))
+
+    def _rejection_of(self, row: dict) -> dict:
+        for event in reversed(self.store.stream("job", row["job_key"])):
+            if event.type == "job.rejected":
+                return event.data.get("error") or {"code": row["error_code"], "message": row["error_message"]}
+        return {"code": row["error_code"], "message": row["error_message"], "details": []}
+
+    def _reject(self, seen: SeenFile, error: EngineError) -> Outcome | None:
+        destination = unique_destination(self.rejected, seen.name, seen.content_hash)
+        body = {**error.to_dict(), "file": seen.name}
+        source = commands.Source(seen.name, seen.content_hash, seen.identity, destination.name)
+        if not commands.record_rejection(self.store, source, body):
+            self._finish(seen, self._known(seen))  # another runner rejected this very file just now
+            return None
+        row = {"job_key": source.file_key, "file_name": seen.name}
+        self._write_error(destination.with_name(destination.name + ".error.json"), body, row)
+        self._move(seen, destination, source.file_key, None)
+        log.warning("rejected %s: %s %s", seen.name, error.code, error.message)
+        return Outcome(seen.name, False, code=error.code, message=error.message)
+
+    def _write_error(self, path: Path, body: dict, row: dict) -> None:
         try:
-            os.link(path, destination)
+            atomic_write_json(path, body)
+        except OSError as exc:
+            log.warning("could not write %s: %s", display_name(path.name), exc)
+
+    def _move(self, seen: SeenFile, destination: Path, job_key: str, recorded_error: str | None) -> None:
+        """Move a taken file out of the inbox: a hard link then an unlink, not a rename, because
+        renaming out of a watched folder makes inotify hold back every later event for half a
+        second. Safe to repeat, and safe when another runner moves the same file at once. A file
+        that cannot be moved is recorded once as stranded and tried again now and then."""
+        path = seen.path
+        try:
+            now = os.lstat(path)
         except FileNotFoundError:
             return
-        except OSError:  # no hard links here (some network shares): a plain rename
+        if (now.st_ino, now.st_size, now.st_mtime_ns) != (seen.stat.st_ino, seen.stat.st_size, seen.stat.st_mtime_ns):
+            return  # another file was dropped under its name since: it will be taken on its own
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.replace(path, destination)
+                os.link(path, destination, follow_symlinks=False)
+            except FileNotFoundError:
+                return  # moved already (another runner)
+            except FileExistsError:
+                if not _same_inode(path, destination):
+                    raise OSError(f"{display_name(destination.name)} already holds another file") from None
+            except OSError:  # no hard links here (some network shares): a plain rename
+                if os.path.lexists(destination):
+                    raise
+                os.rename(path, destination)
+                self._stranded.pop(seen.stat_key, None)
+                return
+            try:
+                os.unlink(path)
             except FileNotFoundError:
                 pass
-            return
-        _unlink(path)
+            self._stranded.pop(seen.stat_key, None)
+        except OSError as exc:
+            self._stranded[seen.stat_key] = time.monotonic() + RETRY_STRANDED_SECONDS
+            if recorded_error is None:
+                message = f"could not be moved out of the inbox: {exc.strerror or exc}; it stays there and is skipped"
+                log.warning("%s %s", seen.name, message)
+                commands.record_stranded(self.store, job_key, seen.name, message)
+
+    def _failed(self, path: Path, exc: Exception) -> Outcome | None:
+        """Taking a file raised something that is not a verdict on its content. Logged; after a few
+        tries the file is rejected anyway, so one file can never hold the scan hostage."""
+        try:
+            seen = look_at(path, self.max_bytes)
+        except OSError:
+            return None
+        count = self._failures.get(seen.stat_key, 0) + 1
+        self._failures[seen.stat_key] = count
+        log.error("could not take %s (try %d): %s: %s", seen.name, count, type(exc).__name__, exc)
+        if count < GIVE_UP_AFTER:
+            return None
+        try:
+            outcome = self._reject(seen, ValidationError(
+                f"{seen.name} could not be taken ({type(exc).__name__}: {exc})"))
+        except Exception:
+            log.exception("could not reject %s either", seen.name)
+            return None
+        self._failures.pop(seen.stat_key, None)
+        return outcome
 
     # watching --------------------------------------------------------------------------------
 
@@ -220,5 +330,13 @@ class Inbox:
             self._thread.join(timeout=10)
 
     def idle(self) -> bool:
-        """Nothing in the folder waits to be taken."""
-        return not any(is_candidate(p) for p in self.folder.iterdir()) if self.folder.is_dir() else True
+        """Nothing in the folder waits to be taken (files that could not be moved do not count)."""
+        for path in self.candidates():
+            try:
+                status = os.lstat(path)
+            except OSError:
+                continue
+            key = (path.name, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+            if key not in self._stranded:
+                return False
+        return True

@@ -193,6 +193,8 @@ def parse_job_bytes(raw: bytes) -> SessionJob | BatchJob | ControlJob:
         raise ValidationError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError as exc:
         raise ValidationError("the JSON is nested too deeply") from exc
+    except ValueError as exc:  # an integer literal longer than Python converts, and the like
+        raise ValidationError(f"not valid JSON: {exc}") from exc
     return parse_job(data)
 
 

@@ -16,6 +16,7 @@ import time
 
 from sqlalchemy import select
 
+from engine.files import leftovers
 from engine.lifecycle import Policy, reap_expired
 from engine.outbox import ATTEMPTS, Outbox
 from engine.store import Store
@@ -85,7 +86,6 @@ def finish_missing_results(store: Store, outbox: Outbox) -> int:
 
 def _missing(path) -> bool:
     """Whether path is absent; a temporary file of a write cut short beside it is removed."""
-    leftover = path.with_name(f".{path.name}.tmp")
-    if leftover.exists():
-        leftover.unlink()
+    for leftover in leftovers(path):
+        leftover.unlink(missing_ok=True)
     return not path.exists()

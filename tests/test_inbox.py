@@ -247,23 +247,23 @@ def test_sigkill_during_the_ingest_of_500_files_takes_each_exactly_once(tmp_path
 
 
 def test_a_file_committed_but_not_moved_is_only_moved_on_restart(install):
-    """The crash window between the commit and the move, taken on purpose."""
+    """The crash window between the commit and the move, taken on purpose: the file's identity,
+    recorded with its ingest, tells it apart from a new drop."""
     from engine.inbox import Inbox
+    from engine.ingest import look_at
+    from engine.jobs import parse_job_bytes
 
     content = job(params={"prompt": "once"})
     path = install.config.inbox / "once.json"
     path.write_bytes(content)
-    import hashlib
-
-    submit_source = commands.Source("once.json", hashlib.sha256(content).hexdigest())
-    from engine.jobs import parse_job_bytes
-
-    first = commands.submit(install.store, install.intake, parse_job_bytes(content), submit_source)
-    outcomes = Inbox(install.config, install.store).scan()
-    assert [o.target_id for o in outcomes] == [first.target_id]
+    seen = look_at(path, 1 << 20)
+    source = commands.Source(seen.name, seen.content_hash, seen.identity, "once.json")
+    first = commands.submit(install.store, install.intake, parse_job_bytes(content), source)
+    assert Inbox(install.config, install.store).scan() == []
     assert query(install, "SELECT count(*) FROM sessions") == [(1,)]
+    assert query(install, "SELECT target_id FROM jobs") == [(first.target_id,)]
     assert (install.config.inbox / "accepted" / "once.json").read_bytes() == content
-    assert submit  # the helper module is used elsewhere; this test drives commands directly
+    assert not path.exists()
 
 
 def test_a_crash_between_link_and_unlink_leaves_one_accepted_copy(install):

@@ -10,9 +10,10 @@ integers, floats and text, so there is no type processing to skip.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
-from sqlalchemy import bindparam, event, select
+from sqlalchemy import bindparam, event, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Executable, Select
 
@@ -55,6 +56,9 @@ class Dialect:
     def insert_id(self, conn: Connection, stmt: Executable, params: dict[str, Any]) -> int:
         """Insert one row; its generated primary key."""
         return conn.execute(stmt, params).inserted_primary_key[0]
+
+    def serialize(self, conn: Connection, key: str) -> None:
+        """Make writers that name the same key take turns until this transaction ends."""
 
 
 class SqliteDialect(Dialect):
@@ -135,6 +139,11 @@ class PostgresDialect(Dialect):
 
     def install(self, engine: Engine, writer: bool) -> None:
         return None
+
+    def serialize(self, conn: Connection, key: str) -> None:
+        """A transaction-level advisory lock on the key's hash (SQLite's writers take turns anyway)."""
+        number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": number})
 
     claim_query = claim_candidates().with_for_update(of=sessions, skip_locked=True)
 

@@ -7,6 +7,9 @@ appends one event and folds it through the reducer into the projections.
 
 from __future__ import annotations
 
+import logging
+import random
+import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -14,7 +17,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from sqlalchemy import create_engine, delete, insert, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from engine.store import reducer
 from engine.store.dialects import dialect_for
@@ -24,6 +27,7 @@ from engine.store.projection import DatabaseProjection, MemoryProjection
 from engine.store.tables import PROJECTIONS, events, leases
 
 T = TypeVar("T")
+log = logging.getLogger("engine.store")
 INSERT_EVENT = insert(events)
 
 
@@ -61,6 +65,7 @@ class Store:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._writer_connections: list[Connection] = []
+        self._lock_logged = 0.0
 
     def _engine(self, writer: bool) -> Engine:
         kwargs: dict[str, Any] = {}
@@ -95,13 +100,20 @@ class Store:
 
     # writing ---------------------------------------------------------------------------------
 
-    def write(self, fn: Callable[[Tx], T], attempts: int = 8) -> T:
+    def write(self, fn: Callable[[Tx], T]) -> T:
         """Run fn(tx) in one writing transaction; retried when another writer got in the way."""
-        return self.write_events(fn, attempts)[0]
+        return self.write_events(fn)[0]
 
-    def write_events(self, fn: Callable[[Tx], T], attempts: int = 8) -> tuple[T, list[Event]]:
-        """Like `write`, also returning the events the transaction appended."""
-        for attempt in range(attempts):
+    def write_events(self, fn: Callable[[Tx], T]) -> tuple[T, list[Event]]:
+        """Like `write`, also returning the events the transaction appended.
+
+        A writer that cannot get the database's write lock (another program holds it longer than
+        the busy timeout) waits and tries again for as long as it takes, saying so in the log; a
+        conflict with another writer (two runners appending to one stream) is retried at once, a
+        bounded number of times, and then reported."""
+        waited_since: float | None = None
+        conflicts = 0
+        while True:
             tx = None
             conn = self._writer_connection()
             try:
@@ -109,14 +121,32 @@ class Store:
                     tx = Tx(conn, self)
                     result = fn(tx)
                     tx.projection.flush()
+                if waited_since is not None:
+                    log.info("got the database write lock after %.1f s", time.monotonic() - waited_since)
                 return result, tx.emitted
-            except (OperationalError, IntegrityError) as exc:
-                if conn.invalidated:
+            except (DBAPIError, sqlite3.Error) as exc:
+                if isinstance(exc, DBAPIError) and conn.invalidated:
                     self._local.writer = None
-                if attempt == attempts - 1 or not _is_conflict(exc):
+                kind = conflict_kind(exc)
+                if kind == "locked":
+                    waited_since = self._wait_for_lock(waited_since)
+                    continue
+                conflicts += 1
+                if kind != "conflict" or conflicts >= 50:
                     raise
-                time.sleep(0.01 * (2 ** attempt))
-        raise AssertionError("unreachable")
+                time.sleep(min(0.005 * conflicts, 0.1))
+
+    def _wait_for_lock(self, since: float | None) -> float:
+        """One pause while another program holds the write lock; logs every half minute."""
+        now = time.monotonic()
+        if since is None:
+            log.warning("the database is locked by another program; waiting for it")
+            since, self._lock_logged = now, now
+        elif now - self._lock_logged >= 30:
+            log.warning("still waiting for the database write lock (%.0f s so far)", now - since)
+            self._lock_logged = now
+        time.sleep(0.05 + random.random() * 0.2)
+        return since
 
     # reading ---------------------------------------------------------------------------------
 
@@ -199,9 +229,14 @@ class Store:
         return differences
 
 
-def _is_conflict(exc: DBAPIError) -> bool:
-    message = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
-    return any(word in message for word in (
-        "database is locked", "deadlock", "could not serialize", "duplicate key", "unique constraint",
-        "could not obtain lock",
-    ))
+def conflict_kind(exc: BaseException) -> str | None:
+    """'locked': the write lock is held elsewhere (wait); 'conflict': another writer won a race
+    (try again); None: a real error."""
+    orig = getattr(exc, "orig", None) or exc
+    message = str(orig).lower()
+    if any(word in message for word in ("database is locked", "database table is locked", "could not obtain lock",
+                                        "lock timeout", "database is busy")):
+        return "locked"
+    if any(word in message for word in ("deadlock", "could not serialize", "duplicate key", "unique constraint")):
+        return "conflict"
+    return None

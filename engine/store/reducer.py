@@ -217,14 +217,22 @@ def _item_event(p: Projection, e: Event) -> None:
 def _job_event(p: Projection, e: Event) -> None:
     d = e.data
     row = p.get("jobs", (e.stream_id,))
-    base = dict(row) if row else {"job_key": e.stream_id, "created_at": e.created_at}
+    base = dict(row) if row else {"job_key": e.stream_id, "created_at": e.created_at, "move_error": None}
     base.update(
         job_id=d.get("job_id"), status="accepted" if e.type == "job.received" else "rejected",
         file_name=d.get("file_name"), content_hash=d.get("content_hash"), target_type=d.get("target_type"),
         target_id=d.get("target_id"), error_code=d.get("code"), error_message=d.get("message"),
+        file_identity=d.get("file_identity"), stored_as=d.get("stored_as"),
         updated_at=e.created_at, last_seq=e.seq,
     )
     p.put("jobs", base)
+
+
+def _job_stranded(p: Projection, e: Event) -> None:
+    """The job's file could not be moved out of the inbox: it stays there, skipped, and says why."""
+    row = _require(p, "jobs", (e.stream_id,))
+    row.update(move_error=e.data.get("message"), updated_at=e.created_at, last_seq=e.seq)
+    p.put("jobs", row)
 
 
 def _model_event(p: Projection, e: Event) -> None:
@@ -259,6 +267,7 @@ _HANDLERS = {
     **{f"item.{verb}": _item_event for verb in ("started", "completed", "failed", "cancelled", "restarted")},
     "job.received": _job_event,
     "job.rejected": _job_event,
+    "job.stranded": _job_stranded,
     "model.loaded": _model_event,
     "model.unloaded": _model_event,
 }

@@ -2,8 +2,9 @@
 
 `events` is the truth. `sessions`, `steps`, `batches`, `items`, `jobs` and `models` are
 projections: they change only by folding new events through the reducer, in the transaction that
-appends them. The contract's read-only views over them are created by the Alembic migrations. `leases` is operational state (who owns a running step until when, live progress):
-it is not rebuilt from events, and a running step without a live lease is recovered.
+appends them. The contract's read-only views over them are created by the Alembic migrations. `leases` (who owns
+a running step until when, live progress) and `runners` (which runner processes live where) are
+operational state: not rebuilt from events; a running step without a live lease is recovered.
 """
 
 from __future__ import annotations
@@ -135,8 +136,14 @@ jobs = Table(
     Column("created_at", String(32), nullable=False),
     Column("updated_at", String(32), nullable=False),
     Column("last_seq", Integer, nullable=False),
+    # What identifies the very file taken (see engine.ingest); where it was moved; why it could not be.
+    Column("file_identity", String(64)),
+    Column("stored_as", Text),
+    Column("move_error", Text),
 )
 Index("ix_jobs_hash", jobs.c.content_hash)
+Index("ix_jobs_identity", jobs.c.file_identity)
+Index("ix_jobs_job_id", jobs.c.job_id)
 
 models = Table(
     "models",
@@ -166,6 +173,23 @@ leases = Table(
     Column("message", Text),
 )
 Index("ix_leases_expiry", leases.c.expires_at)
+
+# Operational, like leases: each runner process registers and heartbeats (see engine.runners).
+runners = Table(
+    "runners",
+    metadata,
+    Column("runner_id", String(128), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("process_started", Float),
+    Column("version", String(32)),
+    Column("devices", Text),
+    Column("warm_models", Text),
+    Column("status", String(16), nullable=False),
+    Column("started_at", String(32), nullable=False),
+    Column("last_heartbeat", String(32), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
 
 PROJECTIONS = {
     "sessions": sessions,
