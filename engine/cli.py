@@ -202,6 +202,18 @@ def sessions(config: ConfigOption = None, status: Annotated[Optional[str], typer
     _table(columns, rows, as_json)
 
 
+def _waiting_for_runner(cfg: Config, session_id: str, step_index: int) -> bool:
+    from engine.app import open_store
+    from engine.runners import lease_holder_state
+
+    store = open_store(cfg)
+    try:
+        with store.read() as conn:
+            return lease_holder_state(conn, session_id, step_index) == "waiting"
+    finally:
+        store.close()
+
+
 def _session_report(cfg: Config, session_id: str) -> dict:
     from engine.errors import NotFound
     from engine.outbox import Outbox
@@ -214,6 +226,11 @@ def _session_report(cfg: Config, session_id: str) -> dict:
                                  "error_code FROM step_status WHERE session_id = :id ORDER BY step_index",
                             id=report["session_id"])
     report["steps"] = [dict(zip(columns, s)) for s in steps]
+    for step in report["steps"]:
+        if step["status"] == "running" and _waiting_for_runner(cfg, report["session_id"], step["step_index"]):
+            step["status"] = "waiting for a runner"
+            report["waiting"] = (f"step {step['step_index']} waits for a runner: the one that held it is gone "
+                                 "or its lease expired; a live runner takes it back")
     _, extra = _query(cfg, "SELECT params, run, batch_id, item_index FROM sessions WHERE session_id = :id",
                       id=report["session_id"])
     report["params"] = json.loads(extra[0][0])
@@ -240,6 +257,8 @@ def session(session_id: str, config: ConfigOption = None, as_json: JsonOption = 
               f"step {report['current_step']}/{report['total_steps']} ({report['progress']:.0%})", highlight=False)
     if report["error_code"]:
         out.print(f"[red]{report['error_code']}[/]: {report['error_message']}", highlight=False)
+    if report.get("waiting"):
+        out.print(f"[yellow]{report['waiting']}[/]", highlight=False)
     _table(list(report["steps"][0]) if report["steps"] else [], [tuple(s.values()) for s in report["steps"]], False)
     out.print(f"outbox: {report['outbox']}", highlight=False)
 

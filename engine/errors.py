@@ -63,8 +63,9 @@ class InvalidTransition(EngineError):
 
 
 class OutOfMemory(EngineError):
+    """Transient: other work may have freed the memory by the next attempt."""
+
     code = "OUT_OF_MEMORY"
-    retryable = False
 
 
 class DeviceUnavailable(EngineError):

@@ -102,6 +102,11 @@ class Registry:
     def add(self, step_type: str, handler: Handler) -> None:
         self._handlers[step_type] = handler
 
+    def warm_models(self) -> list[str]:
+        """Ids of the models the domains keep warm in this process (none before the first load)."""
+        cache = self.shared.get("model_cache")
+        return cache.loaded_ids() if cache is not None else []
+
     def get(self, step_type: str) -> Handler:
         try:
             return self._handlers[step_type]

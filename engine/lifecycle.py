@@ -205,18 +205,20 @@ def release_in(tx: Tx, claim: Claim, reason: str) -> None:
     })
 
 
-def reap_expired(store: Store, policy: Policy, now: float | None = None, own_runner_id: str | None = None,
+def reap_expired(store: Store, policy: Policy, now: float | None = None, dead_runners: list[str] = (),
                  orphans: bool = False) -> int:
     """Running steps whose lease expired go back to pending, the attempt counted.
 
     Every running step holds a lease (claims insert one; every way out of `running` removes it), so
-    the leases table, indexed by expiry, finds them. `own_runner_id`: a restarting runner's id; its
+    the leases table, indexed by expiry, finds them. `dead_runners`: runners known to be gone (a
+    restarting runner's own earlier life, a process on this host that no longer exists); their
     leases are dead whatever their expiry. `orphans`: also look for running steps with no lease at
     all (a scan of the steps table, done once at start)."""
     now = time.time() if now is None else now
+    dead_ids = list(dead_runners)
     dead = leases.c.expires_at < now
-    if own_runner_id:
-        dead = dead | (leases.c.runner_id == own_runner_id)
+    if dead_ids:
+        dead = dead | leases.c.runner_id.in_(dead_ids)
     with store.read() as conn:
         found = conn.execute(select(leases.c.session_id, leases.c.step_index).where(dead)).all()
         if orphans:
@@ -231,14 +233,15 @@ def reap_expired(store: Store, policy: Policy, now: float | None = None, own_run
         def reap(tx: Tx, session_id=session_id, index=index) -> bool:
             lease = tx.conn.execute(select(leases).where(leases.c.session_id == session_id,
                                                          leases.c.step_index == index)).first()
-            if lease is not None and lease.expires_at >= now and lease.runner_id != own_runner_id:
+            if lease is not None and lease.expires_at >= now and lease.runner_id not in dead_ids:
                 return False  # renewed meanwhile
             tx.conn.execute(DELETE_LEASE, {"sid": session_id, "idx": index})
             step = tx.get("steps", (session_id, index))
             if step is None or step["status"] != "running":
                 return False
-            _failed_attempt(tx, session_id, step["run"], index, step["attempts"], "TIMEOUT",
-                            "the runner holding this step stopped (lease expired)", True, policy)
+            why = ("the runner holding this step is gone" if lease is not None and lease.runner_id in dead_ids
+                   else "the runner holding this step stopped (lease expired)")
+            _failed_attempt(tx, session_id, step["run"], index, step["attempts"], "TIMEOUT", why, True, policy)
             return True
         count += store.write(reap)
     return count

@@ -16,9 +16,11 @@ from engine.app import init, registry_for
 from engine.config import Config
 from engine.inbox import Inbox
 from engine.runner import Runner
+from engine.runners import lease_holder_state
 
 RUNNING = text(
-    "SELECT s.session_id, s.workflow_id, s.status, s.current_step, s.total_steps, s.progress, st.step_type, l.message "
+    "SELECT s.session_id, s.workflow_id, s.status, s.current_step, s.total_steps, s.progress, st.step_type, l.message, "
+    "st.status AS step_status "
     "FROM session_status s LEFT JOIN steps st ON st.session_id = s.session_id AND st.step_index = s.current_step "
     "LEFT JOIN leases l ON l.session_id = s.session_id AND l.step_index = s.current_step "
     "WHERE s.status IN ('running', 'pending', 'paused') ORDER BY s.status = 'running' DESC, s.priority DESC, "
@@ -31,13 +33,16 @@ def _view(store) -> Table:
     with store.read() as conn:
         rows = conn.execute(RUNNING).all()
         counts = dict(conn.execute(COUNTS).all())
+        waiting = {row.session_id for row in rows if row.step_status == "running"
+                   and lease_holder_state(conn, row.session_id, row.current_step) == "waiting"}
     table = Table(title="sessions: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no sessions")
     for column in ("session", "workflow", "status", "step", "progress"):
         table.add_column(column)
     for row in rows:
         bar = "#" * int(row.progress * 20)
         step = f"{row.current_step + (row.status != 'pending')}/{row.total_steps} {row.step_type or ''}"
-        table.add_row(row.session_id, row.workflow_id, row.status, step,
+        shown = "waiting for a runner" if row.session_id in waiting else row.status
+        table.add_row(row.session_id, row.workflow_id, shown, step,
                       f"{bar:<20} {row.progress:4.0%} {row.message or ''}")
     return table
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 
@@ -22,14 +23,16 @@ from engine.outbox import ATTEMPTS, Outbox
 from engine.store import Store
 from engine.store.tables import batches, leases, sessions, steps
 
+log = logging.getLogger("engine.recovery")
 ATTEMPT_NAME = re.compile(r"^r(\d+)-s(\d+)-a(\d+)$")
 
 
-def recover(store: Store, outbox: Outbox, policy: Policy, runner_id: str | None = None) -> dict[str, int]:
-    """Run once when a runner starts. Leases held under this runner's own id belonged to its previous
-    life (ids are unique per runner), so they are taken back at once instead of after expiry."""
-    report = {"reaped": reap_expired(store, policy, own_runner_id=runner_id, orphans=True), "published": 0, "removed": 0,
-              "results": 0}
+def recover(store: Store, outbox: Outbox, policy: Policy, dead_runners: list[str] = ()) -> dict[str, int]:
+    """Run once when a runner starts. `dead_runners`: runners known to be gone, whose leases are
+    taken back at once instead of after expiry: the starting runner's own id (its previous life,
+    when a stable --runner-id is given) and runners of this host whose process no longer exists."""
+    report = {"reaped": reap_expired(store, policy, dead_runners=dead_runners, orphans=True), "published": 0,
+              "removed": 0, "results": 0}
     attempts_root = outbox.root / ATTEMPTS
     now = time.time()
     if attempts_root.is_dir():
@@ -48,9 +51,9 @@ def recover(store: Store, outbox: Outbox, policy: Policy, runner_id: str | None 
                                                               leases.c.step_index == index)).first()
                     if step and step["status"] == "completed" and step["attempts"] == attempt and step["run"] == run:
                         output = json.loads(step["output"] or "{}")
-                        outbox.publish(folder, outbox.dir_of(dict(session)),
-                                       output.get("images", []) + output.get("files", []))
-                        report["published"] += 1
+                        if _tried(outbox.publish, folder, outbox.dir_of(dict(session)),
+                                  output.get("images", []) + output.get("files", [])):
+                            report["published"] += 1
                     elif lease is not None and lease.attempt == attempt and lease.run == run and lease.expires_at > now:
                         continue  # another runner is working in it right now
                     else:
@@ -75,17 +78,28 @@ def finish_missing_results(store: Store, outbox: Outbox) -> int:
     written = 0
     for row in ended:
         if _missing(outbox.dir_of(dict(row)) / "result.json"):
-            outbox.write_result(store, row["session_id"])
-            written += 1
+            written += _tried(outbox.write_result, store, row["session_id"])
     for row in ended_batches:
         if _missing(outbox.batch_dir(row.batch_id) / "summary.json"):
-            outbox.write_summary(store, row.batch_id)
-            written += 1
+            written += _tried(outbox.write_summary, store, row.batch_id)
     return written
+
+
+def _tried(write, *args) -> bool:
+    """An outbox write that may fail for want of space or permission: logged, done at a later start."""
+    try:
+        write(*args)
+        return True
+    except OSError as exc:
+        log.warning("recovery could not write to the outbox: %s", exc)
+        return False
 
 
 def _missing(path) -> bool:
     """Whether path is absent; a temporary file of a write cut short beside it is removed."""
     for leftover in leftovers(path):
-        leftover.unlink(missing_ok=True)
+        try:
+            leftover.unlink(missing_ok=True)
+        except OSError:
+            pass
     return not path.exists()

@@ -20,11 +20,12 @@ from typing import Any, Callable
 
 from sqlalchemy import select
 
-from engine import lifecycle
+from engine import __version__, lifecycle, runners
 from engine.errors import Cancelled, EngineError, StaleLease
+from engine.failures import Failure, classify
 from engine.handlers import CancellationToken, Registry, StepContext, StepResult
 from engine.lifecycle import Claim, Policy
-from engine.outbox import Outbox
+from engine.outbox import Outbox, OwedWrites
 from engine.recovery import recover
 from engine.store import Store, Tx
 from engine.store.tables import leases, sessions
@@ -60,31 +61,63 @@ class Runner:
         self.stop_event = threading.Event()
         self.on_step = on_step or (lambda claim, outcome: None)
         self.steps_done = 0
+        self.devices = [str(config.get("device", "preferred"))]
+        self._owed = OwedWrites(self.outbox)
+        self._last_beat = self._last_reap = time.monotonic()
 
     # the loop ------------------------------------------------------------------------------
 
     def recover(self) -> dict[str, int]:
-        return recover(self.store, self.outbox, self.policy, self.runner_id)
+        dead = runners.find_dead_here(self.store, self.runner_id)
+        runners.mark_gone(self.store, dead)
+        return recover(self.store, self.outbox, self.policy, [self.runner_id, *dead])
 
     def run(self, until_idle: bool = False, before_idle_check: Callable[[], bool] | None = None) -> int:
-        """Run steps until stopped (or, with until_idle, until nothing is left to do)."""
+        """Run steps until stopped (or, with until_idle, until nothing is left to do).
+
+        Nothing that goes wrong in one turn of the loop (the database, the disk) stops the runner:
+        it is logged, the runner waits a moment and goes on; a step it held is taken back when its
+        lease expires, as after a crash."""
+        runners.register(self.store, self.runner_id, self.policy.lease_seconds, __version__, self.devices)
         self.recover()
         claim: Claim | None = None
-        last_reap = time.monotonic()
         while not self.stop_event.is_set():
-            if claim is None:
-                claim = lifecycle.claim(self.store, self.runner_id, self.policy)
-            if claim is not None:
-                claim = self.execute(claim)
+            try:
+                if claim is None:
+                    claim = lifecycle.claim(self.store, self.runner_id, self.policy)
+                if claim is not None:
+                    claim = self.execute(claim)
+                    continue
+                self._housekeeping()
+                if until_idle and (before_idle_check is None or before_idle_check()) and self.nothing_left():
+                    self._finisher_caught_up()  # every result.json is written before we say idle
+                    if not self._owed.pending():
+                        break
+            except Exception:
+                log.exception("the runner's loop hit an error; going on in a moment")
+                claim = None
+                self.stop_event.wait(1.0)
                 continue
-            if time.monotonic() - last_reap > self.policy.lease_seconds / 2:
-                lifecycle.reap_expired(self.store, self.policy)
-                last_reap = time.monotonic()
-            if until_idle and (before_idle_check is None or before_idle_check()) and self.nothing_left():
-                self._finisher_caught_up()  # every result.json is written before we say idle
-                break
             self.stop_event.wait(self.idle_sleep)
         return self.steps_done
+
+    def _housekeeping(self) -> None:
+        """On a timer while idle: renew this runner's registration, take back the steps of runners
+        that died (on this host at once, elsewhere when their lease expires), and retry outbox
+        writes that failed (a full or read-only disk)."""
+        now = time.monotonic()
+        if now - self._last_beat >= self.heartbeat_every:
+            self._last_beat = now
+            runners.beat(self.store, self.runner_id, self.policy.lease_seconds, self.registry.warm_models())
+            dead = runners.find_dead_here(self.store, self.runner_id)
+            if dead:
+                runners.mark_gone(self.store, dead)
+                taken = lifecycle.reap_expired(self.store, self.policy, dead_runners=dead)
+                log.warning("runner(s) %s on this host are gone; took back %d step(s)", ", ".join(dead), taken)
+            self._owed.retry(self.store)
+        if now - self._last_reap > self.policy.lease_seconds / 2:
+            self._last_reap = now
+            lifecycle.reap_expired(self.store, self.policy)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -92,6 +125,10 @@ class Runner:
     def close(self) -> None:
         self.worker.close()
         self.finisher.shutdown(wait=True)
+        try:
+            runners.stopped(self.store, self.runner_id)
+        except Exception:
+            log.exception("could not record that runner %s stopped", self.runner_id)
 
     def _finisher_caught_up(self) -> None:
         """Returns once everything handed to the finisher is written (it runs in order)."""
@@ -99,7 +136,7 @@ class Runner:
 
     def _finish(self, events, rows: dict | None = None) -> None:
         if any(e.type.startswith(("session.", "batch.")) for e in events):
-            self.finisher.submit(self.outbox.finish, self.store, events, rows)
+            self.finisher.submit(self._owed.finish, self.store, events, rows)
 
     def nothing_left(self) -> bool:
         """No step is running anywhere (each holds a lease) and none is waiting to run, a retry's
@@ -137,11 +174,12 @@ class Runner:
                 self._record_notices(notices)  # models loaded on the way are recorded whatever the outcome
         except Cancelled:
             return self._interrupted(claim, token, written())
-        except EngineError as exc:
-            return self._failed(claim, exc.code, exc.message, exc.retryable, written())
-        except Exception as exc:  # a handler's own bug or a library error: the step failed
-            log.exception("step %s of %s failed", claim.step_index, claim.session_id)
-            return self._failed(claim, "STEP_FAILED", f"{type(exc).__name__}: {exc}", True, written())
+        except Exception as exc:  # the handler's error, a library's, the disk's: the attempt failed
+            failure = classify(exc)
+            if not isinstance(exc, EngineError):
+                log.warning("step %s of %s failed: %s", claim.step_index, claim.session_id, failure.message,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
+            return self._failed(claim, failure, written())
         return self._completed(claim, result, time.monotonic() - started, written())
 
     def _wait(self, claim: Claim, token: CancellationToken, progress: "_Progress") -> StepResult:
@@ -156,6 +194,8 @@ class Runner:
             value = progress.take_if_due(self.progress_every)
             if value is not None or now - last_beat >= self.heartbeat_every:
                 owned, status = lifecycle.heartbeat(self.store, claim, self.policy, *(value or (None, None)))
+                if now - last_beat >= self.heartbeat_every:
+                    runners.beat(self.store, self.runner_id, self.policy.lease_seconds)
                 last_beat = now
                 if not owned:
                     token.set("lease lost")
@@ -205,17 +245,17 @@ class Runner:
             self.outbox.discard(work_dir)
             self.on_step(claim, "stale")
             return None
-        self.outbox.publish(work_dir, self.outbox.dir_of(claim.session_ref), output["images"] + output["files"])
+        self._owed.publish(work_dir, self.outbox.dir_of(claim.session_ref), output["images"] + output["files"])
         self._finish(events, ended)
         self.steps_done += 1
         self.on_step(claim, "completed")
         return next_claim
 
-    def _failed(self, claim: Claim, code: str, message: str, retryable: bool, work_dir) -> None:
+    def _failed(self, claim: Claim, failure: Failure, work_dir) -> None:
         self.outbox.discard(work_dir)
         try:
-            _, events = self.store.write_events(
-                lambda tx: lifecycle.fail_in(tx, claim, code, message, retryable, self.policy))
+            _, events = self.store.write_events(lambda tx: lifecycle.fail_in(
+                tx, claim, failure.code, failure.message, failure.retryable, self.policy))
         except StaleLease:
             self.on_step(claim, "stale")
             return None

@@ -6,6 +6,7 @@ import gc
 
 from engine.domains.device import DeviceInfo, system_memory
 from engine.errors import OutOfMemory
+from engine.failures import is_oom  # noqa: F401  (the domains' name for it)
 
 # Rough bytes of activations per latent pixel per image in a UNet pass with classifier-free
 # guidance, at 2 bytes per value; measured order of magnitude for SDXL at 1024x1024.
@@ -35,20 +36,6 @@ def check_fits(required: int, device: DeviceInfo, already_loaded: bool, weights:
             f"needs about {needed / 2**30:.1f} GiB on {device.id}, {available / 2**30:.1f} GiB free; "
             "lower width, height or num_images"
         )
-
-
-# How out-of-memory reads on each device: CUDA and MPS ("out of memory"), torch's CPU allocator,
-# and DirectML.
-OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough gpu video memory", "could not allocate tensor")
-
-
-def is_oom(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
-        return True
-    message = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(text in message for text in OOM_MESSAGES)
 
 
 def free_caches(device: DeviceInfo) -> None:

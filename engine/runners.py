@@ -1,0 +1,118 @@
+"""Runner processes, registered in the store: who runs where, and which of them are gone.
+
+Each runner process writes one row (runner id, host, pid, the process's start time, version,
+devices, warm models) and renews it with its heartbeat. A runner on the same host can tell at once
+whether another one's process still exists (pid and start time, so a reused pid is not mistaken
+for it); elsewhere a runner counts as gone when its heartbeat is older than its lease period.
+`dead_on_this_host` is the pure rule; the rest reads and writes rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import psutil
+from sqlalchemy import delete, select, update
+
+from engine.store import Store, now_iso
+from engine.store.tables import leases, runners
+
+HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class RunnerRow:
+    runner_id: str
+    host: str
+    pid: int
+    process_started: float | None
+    status: str
+
+
+def process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None when there is no such process."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.Error:
+        return 0.0  # exists, but cannot be looked at: assume it is alive
+
+
+def dead_on_this_host(rows: Iterable[RunnerRow], host: str, started_of: Callable[[int], float | None],
+                      me: str) -> list[str]:
+    """Runner ids on `host` whose process no longer exists (or whose pid now belongs to a process
+    that started later: the pid was reused)."""
+    dead = []
+    for row in rows:
+        if row.host != host or row.runner_id == me or row.status != "running":
+            continue
+        started = started_of(row.pid)
+        if started is None or (started and row.process_started and abs(started - row.process_started) > 1.0):
+            dead.append(row.runner_id)
+    return dead
+
+
+def register(store: Store, runner_id: str, lease_seconds: float, version: str, devices: list[str]) -> None:
+    pid = os.getpid()
+    values = {"host": HOST, "pid": pid, "process_started": process_started(pid), "version": version,
+              "devices": json.dumps(devices), "warm_models": "[]", "status": "running", "started_at": now_iso(),
+              "last_heartbeat": now_iso(), "expires_at": time.time() + lease_seconds}
+
+    def write(tx) -> None:
+        tx.conn.execute(delete(runners).where(runners.c.runner_id == runner_id))
+        tx.conn.execute(runners.insert().values(runner_id=runner_id, **values))
+
+    store.write(write)
+
+
+def beat(store: Store, runner_id: str, lease_seconds: float, warm_models: list[str] | None = None) -> None:
+    values = {"last_heartbeat": now_iso(), "expires_at": time.time() + lease_seconds, "status": "running"}
+    if warm_models is not None:
+        values["warm_models"] = json.dumps(warm_models)
+    store.write(lambda tx: tx.conn.execute(update(runners).where(runners.c.runner_id == runner_id).values(**values)))
+
+
+def stopped(store: Store, runner_id: str) -> None:
+    store.write(lambda tx: tx.conn.execute(
+        update(runners).where(runners.c.runner_id == runner_id).values(status="stopped", last_heartbeat=now_iso())))
+
+
+def find_dead_here(store: Store, me: str) -> list[str]:
+    """Runners of this host whose process is gone (they may still hold leases)."""
+    with store.read() as conn:
+        rows = [RunnerRow(r.runner_id, r.host, r.pid, r.process_started, r.status) for r in conn.execute(
+            select(runners.c.runner_id, runners.c.host, runners.c.pid, runners.c.process_started, runners.c.status)
+            .where(runners.c.host == HOST, runners.c.status == "running"))]
+    return dead_on_this_host(rows, HOST, process_started, me)
+
+
+def mark_gone(store: Store, runner_ids: list[str]) -> None:
+    if runner_ids:
+        store.write(lambda tx: tx.conn.execute(
+            update(runners).where(runners.c.runner_id.in_(runner_ids)).values(status="gone")))
+
+
+def lease_holder_state(conn, session_id: str, step_index: int, now: float | None = None) -> str | None:
+    """'running' when a live runner holds this step; 'waiting' when its lease expired or its
+    runner is gone (it waits for a runner to take it back); None when no lease exists."""
+    now = time.time() if now is None else now
+    lease = conn.execute(select(leases.c.runner_id, leases.c.expires_at).where(
+        leases.c.session_id == session_id, leases.c.step_index == step_index)).first()
+    if lease is None:
+        return None
+    if lease.expires_at < now:
+        return "waiting"
+    row = conn.execute(select(runners.c.runner_id, runners.c.host, runners.c.pid, runners.c.process_started,
+                              runners.c.status).where(runners.c.runner_id == lease.runner_id)).first()
+    if row is None:
+        return "running"  # a runner of an older version, not registered: trust its lease
+    if row.status != "running":
+        return "waiting"
+    dead = dead_on_this_host([RunnerRow(*row)], HOST, process_started, me="")
+    return "waiting" if dead else "running"
