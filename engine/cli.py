@@ -450,8 +450,9 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
 
     cfg = _config(config)
     entries = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle")).entries().values()
-    _table(["id", "kind", "format", "family", "path", "configs_from"],
-           [(e.id, e.kind, e.format, e.family, e.path, e.configs_from) for e in entries], as_json)
+    _table(["id", "kind", "format", "family", "context_dim", "path", "configs_from"],
+           [(e.id, e.kind, e.format, e.family or "unknown", e.context_dim or None, e.path, e.configs_from)
+            for e in entries], as_json)
 
 
 @models_app.command("add")

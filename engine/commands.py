@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import select
 
@@ -40,6 +40,7 @@ class Source:
     content_hash: str
     identity: str = field(default_factory=lambda: uuid.uuid4().hex)
     stored_as: str | None = None
+    inode: int | None = None
 
     @property
     def file_key(self) -> str:
@@ -47,19 +48,23 @@ class Source:
 
     def fields(self) -> dict[str, Any]:
         return {"job_key": self.file_key, "file_name": self.file_name, "content_hash": self.content_hash,
-                "file_identity": self.identity, "stored_as": self.stored_as}
+                "file_identity": self.identity, "stored_as": self.stored_as, "file_inode": self.inode}
 
 
 # submitting ----------------------------------------------------------------------------------
 
-def submit(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob, source: Source) -> Submitted:
-    """Validate and record a job: session.created or batch.created, then job.received."""
+def submit(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob, source: Source,
+           still_there: Callable[[], bool] | None = None) -> Submitted:
+    """Validate and record a job: session.created or batch.created, then job.received.
+
+    `still_there`: asked inside the transaction; False (the file was taken by another runner and
+    moved meanwhile) records nothing."""
     if isinstance(job, ControlJob):
-        return _submit_control(store, job, source)
+        return _submit_control(store, job, source, still_there)
     resolved = intake.session(job) if isinstance(job, SessionJob) else intake.batch(job)
 
     def record(tx: Tx) -> Submitted:
-        earlier = _taken_before(tx, source, job.job_id)
+        earlier = _taken_before(tx, source, job.job_id, still_there)
         if earlier is not None:
             return earlier
         if isinstance(job, SessionJob):
@@ -82,12 +87,17 @@ def taken_file(conn, identity: str) -> dict | None:
     return dict(row) if row is not None else None
 
 
-def _taken_before(tx: Tx, source: Source, job_id: str | None) -> Submitted | None:
+def _taken_before(tx: Tx, source: Source, job_id: str | None,
+                  still_there: Callable[[], bool] | None = None) -> Submitted | None:
     """`already` when this very file was taken before (by another runner, or before a crash);
-    DUPLICATE_JOB when another job had this job_id."""
+    DUPLICATE_JOB when another job had this job_id. Runners taking one file take turns here:
+    under PostgreSQL's read committed, a check and an insert could otherwise both pass."""
+    tx.store.dialect.serialize(tx.conn, source.file_key)
     row = taken_file(tx.conn, source.identity)
     if row is not None:
         return Submitted(row["target_type"] or "rejected", row["target_id"] or "", already=True)
+    if still_there is not None and not still_there():
+        return Submitted("gone", "", already=True)
     if job_id:
         tx.store.dialect.serialize(tx.conn, f"job_id:{job_id}")  # two files with one job_id, two runners
         row = tx.conn.execute(select(jobs.c.target_type, jobs.c.target_id)
@@ -120,6 +130,7 @@ def record_rejection(store: Store, source: Source, error: dict[str, Any], job_id
     """job.rejected, with the whole error; False when this very file was recorded already."""
 
     def record(tx: Tx) -> bool:
+        tx.store.dialect.serialize(tx.conn, source.file_key)
         if taken_file(tx.conn, source.identity) is not None:
             return False
         tx.emit("job", source.file_key, "job.rejected", {
@@ -136,9 +147,10 @@ def record_stranded(store: Store, job_key: str, file_name: str, message: str) ->
         "job_key": job_key, "file_name": file_name, "message": message[:2000]}))
 
 
-def _submit_control(store: Store, job: ControlJob, source: Source) -> Submitted:
+def _submit_control(store: Store, job: ControlJob, source: Source,
+                    still_there: Callable[[], bool] | None = None) -> Submitted:
     def record(tx: Tx) -> Submitted:
-        earlier = _taken_before(tx, source, job.job_id)
+        earlier = _taken_before(tx, source, job.job_id, still_there)
         if earlier is not None:
             return earlier
         target_type, target_id = _lookup(tx.conn, job.target)

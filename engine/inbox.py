@@ -76,6 +76,15 @@ def unique_destination(folder: Path, name: str, content_hash: str) -> Path:
     return folder / f"{stem}-{content_hash[:8]}-{counter}{suffix}"
 
 
+def _unchanged(seen: SeenFile) -> bool:
+    """The file is still in the inbox, the same inode with the same contents' size and time."""
+    try:
+        now = os.lstat(seen.path)
+    except OSError:
+        return False
+    return (now.st_ino, now.st_size, now.st_mtime_ns) == (seen.stat.st_ino, seen.stat.st_size, seen.stat.st_mtime_ns)
+
+
 def _same_inode(a: Path, b: Path) -> bool:
     first, second = os.lstat(a), os.lstat(b)
     return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
@@ -154,9 +163,9 @@ class Inbox:
                 return None
             return self._reject(seen, error)
         destination = unique_destination(self.accepted, seen.name, seen.content_hash)
-        source = commands.Source(seen.name, seen.content_hash, seen.identity, destination.name)
+        source = commands.Source(seen.name, seen.content_hash, seen.identity, destination.name, seen.stat.st_ino)
         try:
-            submitted = commands.submit(self.store, self.intake, job, source)
+            submitted = commands.submit(self.store, self.intake, job, source, lambda: _unchanged(seen))
         except EngineError as error:
             return self._reject(seen, error)
         except (SQLAlchemyError, sqlite3.Error):
@@ -173,8 +182,10 @@ class Inbox:
         return Outcome(seen.name, True, submitted.target_type, submitted.target_id)
 
     def _known(self, seen: SeenFile) -> dict | None:
-        """The jobs row of this very file, if it was taken. A crash between the link and the unlink
-        of a move changed the file's change time: then its inode already sits at its destination."""
+        """The jobs row of this very file, if it was taken. Two changes of a taken file's change
+        time are recognised too: a crash between the link and the unlink of its move (its inode
+        already sits at its destination), and a stranded file whose flags or permissions were
+        changed so that it can be moved (the same inode, recorded with its ingest)."""
         with self.store.read() as conn:
             row = commands.taken_file(conn, seen.identity)
             if row is not None:
@@ -188,7 +199,15 @@ class Inbox:
                 if _same_inode(seen.path, destination):
                     return dict(row)
             except OSError:
-                continue
+                pass
+            if row["move_error"] and self._ingested_inode(row["job_key"]) == seen.stat.st_ino:
+                return dict(row)
+        return None
+
+    def _ingested_inode(self, job_key: str) -> int | None:
+        for event in self.store.stream("job", job_key):
+            if event.type in ("job.received", "job.rejected"):
+                return event.data.get("file_inode")
         return None
 
     def _folder_of(self, row: dict) -> Path:
@@ -214,7 +233,7 @@ class Inbox:
     def _reject(self, seen: SeenFile, error: EngineError) -> Outcome | None:
         destination = unique_destination(self.rejected, seen.name, seen.content_hash)
         body = {**error.to_dict(), "file": seen.name}
-        source = commands.Source(seen.name, seen.content_hash, seen.identity, destination.name)
+        source = commands.Source(seen.name, seen.content_hash, seen.identity, destination.name, seen.stat.st_ino)
         if not commands.record_rejection(self.store, source, body):
             self._finish(seen, self._known(seen))  # another runner rejected this very file just now
             return None
@@ -236,12 +255,8 @@ class Inbox:
         second. Safe to repeat, and safe when another runner moves the same file at once. A file
         that cannot be moved is recorded once as stranded and tried again now and then."""
         path = seen.path
-        try:
-            now = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if (now.st_ino, now.st_size, now.st_mtime_ns) != (seen.stat.st_ino, seen.stat.st_size, seen.stat.st_mtime_ns):
-            return  # another file was dropped under its name since: it will be taken on its own
+        if not _unchanged(seen):
+            return  # moved already, or another file was dropped under its name since (taken on its own)
         try:
             destination.parent.mkdir(parents=True, exist_ok=True)
             try:

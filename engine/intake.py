@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from engine.errors import ValidationError
 from engine.jobs import MAX_SEED, BatchJob, GenerationParams, SessionJob, check_limits, validate_params
 from engine.paths import resolve_inside
-from engine.registry import ModelRegistry
+from engine.registry import ModelEntry, ModelRegistry, describe_family, fits
 from engine.workflows import Workflow, get_workflow, load_workflows
 
 
@@ -66,17 +66,20 @@ class Intake:
         for name in workflow.requires:
             if not data.get(name):
                 raise ValidationError(f"{where}.{name}: the {workflow.id} workflow needs it", [{"loc": f"{where}.{name}"}])
+        pipeline = None
         if workflow.generates:
-            entry = (self.models.get(params.model, "pipeline", f"{where}.model") if params.model
-                     else self.models.default_pipeline())
-            data["model"] = entry.id
-            native = entry.default_size or 1024
+            pipeline = (self.models.get(params.model, "pipeline", f"{where}.model") if params.model
+                        else self.models.default_pipeline())
+            data["model"] = pipeline.id
+            native = pipeline.default_size or 1024
             data["width"] = data["width"] or native
             data["height"] = data["height"] or native
         for index, lora in enumerate(params.loras):
-            self.models.get(lora.model, "lora", f"{where}.loras[{index}].model")
+            entry = self.models.get(lora.model, "lora", f"{where}.loras[{index}].model")
+            self.check_fits(entry, pipeline, f"{where}.loras[{index}].model")
         if params.controlnet:
-            self.models.get(params.controlnet.model, "controlnet", f"{where}.controlnet.model")
+            entry = self.models.get(params.controlnet.model, "controlnet", f"{where}.controlnet.model")
+            self.check_fits(entry, pipeline, f"{where}.controlnet.model")
             self.check_image(params.controlnet.image, f"{where}.controlnet.image")
         for index, op in enumerate(params.postprocess):
             if getattr(op, "model", None):
@@ -87,6 +90,15 @@ class Intake:
         if data["seed"] in (None, -1):
             data["seed"] = secrets.randbelow(MAX_SEED + 1)
         return data
+
+    @staticmethod
+    def check_fits(adapter: ModelEntry, pipeline: ModelEntry | None, field: str) -> None:
+        """A LoRA or ControlNet must be made for the pipeline's family: refused here, not at run time."""
+        if pipeline is not None and not fits(adapter, pipeline):
+            raise ValidationError(
+                f"{field}: {adapter.kind} {adapter.id!r} is for {describe_family(adapter)} models, but model "
+                f"{pipeline.id!r} is {describe_family(pipeline)}; use a {adapter.kind} made for {pipeline.family or 'it'}",
+                [{"loc": field}])
 
     def check_image(self, relative: str, field: str) -> Path:
         """An input image: inside the inbox, really an image, and within the pixel limit."""

@@ -33,6 +33,9 @@ class ModelEntry:
     # For a single-file pipeline: a diffusers pipeline folder of the same architecture whose
     # configs, tokenizers and scheduler it is loaded with (a single file holds weights only).
     configs_from: str = ""
+    # The width of the text context its cross-attention takes (768 SD 1.5, 1024 SD 2, 2048 SDXL):
+    # a LoRA or ControlNet fits a pipeline only when theirs are equal. 0: unknown.
+    context_dim: int = 0
 
     def location(self, models_dir: Path) -> Path:
         return _located(self.path, models_dir)
@@ -63,13 +66,67 @@ def folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def safetensors_keys(path: Path) -> list[str]:
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor name -> {dtype, shape, ...}, from the file's header alone."""
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         if length > 100_000_000:
             raise ValidationError(f"{path.name}: not a safetensors file")
         header = json.loads(handle.read(length))
-    return [k for k in header if k != "__metadata__"]
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    return list(safetensors_header(path))
+
+
+FAMILY_OF_CONTEXT = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
+
+
+def context_dim_of(path: Path) -> int:
+    """The cross-attention context width a model takes (0 when it cannot be told from metadata)."""
+    try:
+        if path.is_dir():
+            config_file = path / "unet" / "config.json" if (path / "model_index.json").is_file() else path / "config.json"
+            value = json.loads(config_file.read_text()).get("cross_attention_dim", 0)
+            return int(value[0] if isinstance(value, list) else value or 0)
+        if path.suffix.lower() != ".safetensors":
+            return 0
+        for key, info in safetensors_header(path).items():
+            lowered = key.lower()
+            if "attn2" in lowered and "to_k" in lowered and not any(t in lowered for t in ("lora_b", "lora.up", "lora_up")):
+                shape = info.get("shape") or []
+                if len(shape) == 2:
+                    return int(shape[1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 0
+    return 0
+
+
+def adapter_family(path: Path, keys: list[str], context_dim: int) -> str:
+    """sdxl, sd15 or sd2 for a LoRA or ControlNet, where the metadata tells; else ''."""
+    if path.is_dir():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        if config.get("addition_embed_type") == "text_time":
+            return "sdxl"
+    if any(k.startswith(("text_encoder_2.", "lora_te2_", "te2.")) for k in keys):
+        return "sdxl"
+    return FAMILY_OF_CONTEXT.get(context_dim, "sd15" if path.is_dir() and context_dim == 0 else "")
+
+
+def fits(adapter: ModelEntry, pipeline: ModelEntry) -> bool:
+    """Whether a LoRA or ControlNet was made for this pipeline's architecture (unknown: assume so)."""
+    if adapter.context_dim and pipeline.context_dim:
+        return adapter.context_dim == pipeline.context_dim
+    return not (adapter.family and pipeline.family and adapter.family != pipeline.family)
+
+
+def describe_family(entry: ModelEntry) -> str:
+    width = f"cross-attention width {entry.context_dim}" if entry.context_dim else "width unknown"
+    return f"{entry.family or 'unknown family'} ({width})"
 
 
 def guess_kind(path: Path) -> tuple[str, str, str]:
@@ -125,7 +182,8 @@ class ModelRegistry:
             for folder in sorted(self.models_dir.iterdir()):
                 if folder.is_dir() and (folder / "model_index.json").is_file():
                     kind, fmt, family = guess_kind(folder)
-                    found[folder.name] = ModelEntry(folder.name, kind, folder.name, fmt, family, _native_size(folder))
+                    found[folder.name] = ModelEntry(folder.name, kind, folder.name, fmt, family, _native_size(folder),
+                                                    context_dim=context_dim_of(folder))
         for model_id, data in self._read_index().items():
             found[model_id] = ModelEntry(**data)
         return found
@@ -168,8 +226,11 @@ class ModelRegistry:
             raise ValidationError(f"unknown model kind {kind!r}; one of {', '.join(KINDS)}")
         configs = self._configs_folder(configs_from, kind, fmt, family) if configs_from else ""
         sha = file_sha256(path) if path.is_file() else folder_fingerprint(path)
+        context_dim = context_dim_of(path if not configs else _located(configs, self.models_dir))
+        if kind in ("lora", "controlnet"):
+            family = family or adapter_family(path, safetensors_keys(path) if path.is_file() else [], context_dim)
         entry = ModelEntry(model_id, kind, self._stored(path), fmt, family, _native_size(path) if path.is_dir() else 0,
-                           sha, configs)
+                           sha, configs, context_dim)
         index = self._read_index()
         index[model_id] = asdict(entry)
         atomic_write_json(self.index_file, index)

@@ -46,6 +46,13 @@ def write_file(ctx: StepContext) -> StepResult:
     return StepResult(files=[name], data={"bytes": path.stat().st_size})
 
 
+def raise_error(ctx: StepContext) -> StepResult:
+    """Raises the built-in exception named by `config.error` with `config.message`, every attempt."""
+    import builtins
+
+    raise getattr(builtins, ctx.step_config["error"])(ctx.step_config.get("message", "planned"))
+
+
 def cap_memory(ctx: StepContext) -> StepResult:
     """Lowers this process's address-space limit to what it uses now plus ENGINE_TEST_HEADROOM_MIB,
     so that a later step's large allocations really fail (the runner must be its own process)."""
@@ -64,3 +71,4 @@ def register(registry: Registry) -> None:
     registry.add("fail_n_times", fail_n_times)
     registry.add("write_file", write_file)
     registry.add("cap_memory", cap_memory)
+    registry.add("raise_error", raise_error)

@@ -90,16 +90,40 @@ def test_txt2img_end_to_end_with_a1111_parameters_and_one_model_load(studio):
     assert loads[0]["model_id"] == "tiny" and len(loads[0]["file_hash"]) == 64
 
 
+# The determinism contract (README): the same seed, params and call composition give bit-identical
+# images; across call compositions an image may differ by numerical noise, at most this much.
+# Measured on the tiny models on CPU (10 seeds, calls of 1, 2 and 4): at most 1/255, PSNR >= 86 dB.
+MAX_CHANNEL_DIFFERENCE = 2
+MIN_PSNR_DB = 50.0
+
+
+def difference(a: Image.Image, b: Image.Image) -> tuple[int, float]:
+    """(largest channel difference out of 255, PSNR in dB) between two images of one size."""
+    import numpy as np
+
+    delta = np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)
+    mse = float((delta.astype(np.float64) ** 2).mean())
+    return int(np.abs(delta).max()), (float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse))
+
+
 def test_the_same_seed_gives_the_same_image_whatever_ran_beside_it(studio):
     alone = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 8}})
     pair = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 7, "num_images": 2}})
     again = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 8}})
+    pair_again = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 7, "num_images": 2}})
     other = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 9}})
     run_until_idle(studio)
-    alone_pixels = images_of(studio, alone.target_id)[0].tobytes()
-    assert images_of(studio, again.target_id)[0].tobytes() == alone_pixels
-    assert images_of(studio, pair.target_id)[1].tobytes() == alone_pixels, "image 2 of seed 7 is seed 8's image"
-    assert images_of(studio, other.target_id)[0].tobytes() != alone_pixels
+    alone_image = images_of(studio, alone.target_id)[0]
+    # The same composition: bit-identical.
+    assert images_of(studio, again.target_id)[0].tobytes() == alone_image.tobytes()
+    assert [i.tobytes() for i in images_of(studio, pair_again.target_id)] == \
+        [i.tobytes() for i in images_of(studio, pair.target_id)]
+    # Another composition (seed 8 as the second image of a call of two): within the stated bound.
+    largest, psnr = difference(images_of(studio, pair.target_id)[1], alone_image)
+    assert largest <= MAX_CHANNEL_DIFFERENCE and psnr >= MIN_PSNR_DB, (largest, psnr)
+    # A different seed is a different picture, far outside that bound.
+    largest, psnr = difference(images_of(studio, other.target_id)[0], alone_image)
+    assert largest > 32 and psnr < 30, (largest, psnr)
 
 
 def test_img2img_inpaint_controlnet_and_lora(studio):

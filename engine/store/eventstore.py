@@ -122,7 +122,7 @@ class Store:
                     result = fn(tx)
                     tx.projection.flush()
                 if waited_since is not None:
-                    log.info("got the database write lock after %.1f s", time.monotonic() - waited_since)
+                    log.warning("got the database write lock after %.1f s", time.monotonic() - waited_since)
                 return result, tx.emitted
             except (DBAPIError, sqlite3.Error) as exc:
                 if isinstance(exc, DBAPIError) and conn.invalidated:
