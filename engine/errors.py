@@ -68,6 +68,12 @@ class OutOfMemory(EngineError):
     code = "OUT_OF_MEMORY"
 
 
+class WillNotFit(OutOfMemory):
+    """Refused before trying: the work needs more memory than the device has at all."""
+
+    retryable = False
+
+
 class DeviceUnavailable(EngineError):
     code = "DEVICE_UNAVAILABLE"
 

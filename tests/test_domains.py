@@ -5,6 +5,7 @@ determinism, cancel, upscale through spandrel, enhance, safety check, memory, Di
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -37,6 +38,8 @@ def models(tmp_path_factory) -> Path:
     build_tiny_upscaler(folder / "up.safetensors")
     build_tiny_controlnet(folder / "cn", folder / "tiny")
     build_tiny_lora(folder / "style.safetensors", folder / "tiny")
+    build_tiny_controlnet(folder / "cn15", folder / "tiny15")
+    build_tiny_lora(folder / "style15.safetensors", folder / "tiny15")
     return folder
 
 
@@ -49,6 +52,8 @@ def studio(tmp_path, models) -> Installation:
     registry.add(models / "up.safetensors", "up")
     registry.add(models / "cn", "cn")
     registry.add(models / "style.safetensors", "style")
+    registry.add(models / "style15.safetensors", "style15")
+    registry.add(models / "cn15", "cn15")
     images = install.config.inbox / "images"
     images.mkdir(parents=True)
     Image.new("RGB", (64, 64), (200, 40, 40)).save(images / "start.png")
@@ -390,3 +395,44 @@ def test_engine_demo_runs_end_to_end(tmp_path):
     assert sorted(r["status"] for r in results).count("completed") == 8
     assert [r["status"] for r in results].count("cancelled") == 1
     assert (outbox / "contact-sheet.png").exists()
+
+
+def test_a_lora_or_controlnet_of_another_family_is_refused_at_submit(studio):
+    """Refused when the file is taken, naming both families, instead of failing three times at run time."""
+    from engine.inbox import Inbox
+
+    inbox = studio.config.inbox
+    jobs = {
+        "lora.json": {"workflow": "txt2img", "params": {**SIZE, "model": "tiny", "loras": [{"model": "style15"}]}},
+        "controlnet.json": {"workflow": "controlnet", "params": {**SIZE, "model": "tiny15", "controlnet": {
+            "model": "cn", "image": "images/start.png"}}},
+        "fits.json": {"workflow": "txt2img", "params": {**SIZE, "model": "tiny15", "loras": [{"model": "style15"}]}},
+    }
+    for name, job in jobs.items():
+        (inbox / name).write_text(json.dumps(job))
+        os.utime(inbox / name, (0, 0))
+    outcomes = {o.file_name: o for o in Inbox(studio.config, studio.store).scan()}
+    assert outcomes["fits.json"].accepted
+    lora, controlnet = outcomes["lora.json"], outcomes["controlnet.json"]
+    assert lora.code == controlnet.code == "VALIDATION_ERROR"
+    assert "'style15'" in lora.message and "'tiny' is sdxl" in lora.message and "width 16" in lora.message
+    assert "'cn' is for sdxl" in controlnet.message and "'tiny15' is sd15" in controlnet.message
+    listed = {m["id"]: m for m in json.loads(engine_process(studio, "models", "--json"))}
+    assert (listed["tiny"]["family"], listed["tiny15"]["family"], listed["cn"]["family"]) == ("sdxl", "sd15", "sdxl")
+    assert (listed["style"]["context_dim"], listed["style15"]["context_dim"]) == (32, 16)
+
+
+def test_a_lora_that_does_not_fit_at_run_time_fails_at_once(studio):
+    """A registry entry from before the family check (no width recorded) still fails at once, not
+    three times: a size mismatch will repeat."""
+    index = studio.config.models_dir / "registry.json"
+    entries = json.loads(index.read_text())
+    entries["style15"].update(context_dim=0, family="")
+    index.write_text(json.dumps(entries))
+    session_id = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "model": "tiny",
+                                                                    "loras": [{"model": "style15"}]}}).target_id
+    run_until_idle(studio)
+    (step_status, attempts, message), = query(
+        studio, "SELECT status, attempts, error_message FROM steps WHERE session_id = :id AND status = 'failed'",
+        id=session_id)
+    assert attempts == 1 and "not retried" in message, message

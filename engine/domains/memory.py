@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 
 from engine.domains.device import DeviceInfo, system_memory
-from engine.errors import OutOfMemory
+from engine.errors import WillNotFit
 from engine.failures import is_oom  # noqa: F401  (the domains' name for it)
 
 # Rough bytes of activations per latent pixel per image in a UNet pass with classifier-free
@@ -32,7 +32,7 @@ def check_fits(required: int, device: DeviceInfo, already_loaded: bool, weights:
     needed = required + (0 if already_loaded else weights)
     available = free_memory(device)
     if needed > available:
-        raise OutOfMemory(
+        raise WillNotFit(
             f"needs about {needed / 2**30:.1f} GiB on {device.id}, {available / 2**30:.1f} GiB free; "
             "lower width, height or num_images"
         )
