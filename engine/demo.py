@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from rich.console import Console
 
+from engine.sheets import contact_sheet
 from engine.app import init, quiet_libraries
 from engine.config import DEFAULTS_FILE, load_config
 from engine.registry import ModelRegistry
@@ -73,20 +74,6 @@ def _build_models(config, console: Console) -> None:
         registry.add(config.models_dir / "tiny-upscaler.safetensors", "tiny-upscaler", "upscaler")
 
 
-def contact_sheet(images: list[Path], path: Path, thumb: int = 96) -> Path | None:
-    if not images:
-        return None
-    columns = min(6, len(images))
-    rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * thumb, rows * thumb), (255, 255, 255))
-    for index, image_path in enumerate(images):
-        with Image.open(image_path) as image:
-            tile = image.convert("RGB").resize((thumb, thumb))
-        sheet.paste(tile, ((index % columns) * thumb, (index // columns) * thumb))
-    sheet.save(path)
-    return path
-
-
 def run_demo(folder: Path, console: Console) -> None:
     quiet_libraries()
     started = time.perf_counter()
@@ -135,11 +122,12 @@ def run_demo(folder: Path, console: Console) -> None:
     images = []
     for result_path in results:
         result = json.loads(result_path.read_text())
-        images += [result_path.parent / name for name in result["images"]]
+        label = f"#{result['item_index']}" if result["item_index"] is not None else result["session_id"][4:12]
+        images += [(result_path.parent / name, f"{label} s{name.split('-')[-1][:-4]}") for name in result["images"]]
     console.print(f"outbox: {config.outbox} ({len(results)} result.json, {len(images)} final images)")
     for result_path in results[-12:]:
         console.print(f"  {result_path.parent.relative_to(folder)}", highlight=False)
-    sheet = contact_sheet(images, config.outbox / "contact-sheet.png")
+    sheet = contact_sheet(images, config.outbox / "contact-sheet.png", thumb=96, columns=6)
     if sheet:
         console.print(f"contact sheet: {sheet}")
     console.print(f"try: engine --config {config_path} sql \"select status, count(*) from session_status group by 1\"",

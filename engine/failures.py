@@ -21,8 +21,9 @@ DEVICE_WORDS = ("device-side assert", "cuda error", "device lost", "hip error", 
                 "device not available")
 PERMANENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
 # How out-of-memory reads on each device: CUDA and MPS ("out of memory"), torch's CPU allocator,
-# and DirectML.
-OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough gpu video memory", "could not allocate tensor")
+# oneDNN on the CPU (a primitive whose memory cannot be allocated), and DirectML.
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough gpu video memory", "could not allocate tensor",
+                "could not create a primitive")
 
 
 def is_oom(error: BaseException) -> bool:

@@ -97,10 +97,22 @@ Handler = Callable[[StepContext], StepResult]
 class Registry:
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._compatibility: dict[str, Callable] = {}
         self.shared: dict[str, Any] = {}
 
-    def add(self, step_type: str, handler: Handler) -> None:
+    def add(self, step_type: str, handler: Handler, compatibility: Callable | None = None) -> None:
+        """Register a handler. With `compatibility(step_config, params)`, the handler serves a group:
+        it takes a list of StepContexts and returns one StepResult each, and steps whose
+        compatibility values are equal may be handed to it together (see engine.grouping)."""
         self._handlers[step_type] = handler
+        if compatibility is not None:
+            self._compatibility[step_type] = compatibility
+
+    def compatibility(self, step_type: str) -> Callable | None:
+        return self._compatibility.get(step_type)
+
+    def serves_groups(self, step_type: str) -> bool:
+        return step_type in self._compatibility
 
     def warm_models(self) -> list[str]:
         """Ids of the models the domains keep warm in this process (none before the first load)."""

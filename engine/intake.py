@@ -14,6 +14,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from engine.errors import ValidationError
+from engine.grouping import group_key
+from engine.handlers import load_registry
 from engine.jobs import MAX_SEED, BatchJob, GenerationParams, SessionJob, check_limits, validate_params
 from engine.paths import resolve_inside
 from engine.registry import ModelEntry, ModelRegistry, describe_family, fits
@@ -36,11 +38,22 @@ class Intake:
         self.inbox = config.inbox
         self.workflows = load_workflows(config.workflows_dir)
         self.models = ModelRegistry(config.models_dir, config.get("models", "allow_pickle"))
+        self.handlers = load_registry(config.get("handlers", "modules"))
 
     def session(self, job: SessionJob) -> ResolvedSession:
         workflow = get_workflow(self.workflows, job.workflow)
         params = self.resolve_params(workflow, job.params, "params")
-        return ResolvedSession(workflow.id, workflow.resolve(params), params)
+        return ResolvedSession(workflow.id, self.steps(workflow, params), params)
+
+    def steps(self, workflow: Workflow, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """The workflow's steps for these params; a step whose handler serves groups records its
+        compatibility key (`group`)."""
+        steps = workflow.resolve(params)
+        for step in steps:
+            key = group_key(step["type"], step["config"], params, self.handlers.compatibility(step["type"]))
+            if key:
+                step["group"] = key
+        return steps
 
     def batch(self, job: BatchJob) -> list[ResolvedSession]:
         workflow = get_workflow(self.workflows, job.workflow)
@@ -49,7 +62,7 @@ class Intake:
             raise ValidationError(f"items: {len(job.items)} items, at most {max_items} allowed", [{"loc": "items"}])
         base_seed = job.params.get("seed")
         resolved = []
-        for index, overrides in enumerate(job.items):
+        for index, overrides in enumerate(job.expanded(max_items)):
             if not isinstance(overrides, dict):
                 raise ValidationError(f"items[{index}]: must be an object of params", [{"loc": f"items[{index}]"}])
             merged = {**job.params, **overrides}
@@ -57,7 +70,7 @@ class Intake:
                 merged["seed"] = (int(base_seed) + index) % (MAX_SEED + 1)
             where = f"items[{index}]"
             params = self.resolve_params(workflow, validate_params(merged, where), where)
-            resolved.append(ResolvedSession(workflow.id, workflow.resolve(params), params))
+            resolved.append(ResolvedSession(workflow.id, self.steps(workflow, params), params))
         return resolved
 
     def resolve_params(self, workflow: Workflow, params: GenerationParams, where: str) -> dict[str, Any]:

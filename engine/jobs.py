@@ -101,6 +101,15 @@ class BatchConfig(Strict):
     max_parallel_batches: int = Field(2, ge=1, le=64)
 
 
+class Matrix(Strict):
+    """Params expanded into items: `product` lists are crossed (prompts x seeds), `zip` lists are
+    taken together, position by position (they must be of equal length); both together cross the
+    zipped rows with the product."""
+
+    product: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: dict[str, list[Any]] = Field(default_factory=dict)
+
+
 class BatchJob(Strict):
     kind: Literal["batch"]
     job_id: str | None = JOB_ID
@@ -108,8 +117,32 @@ class BatchJob(Strict):
     priority: int = Field(5, ge=0, le=1000)
     hold: bool = False
     params: dict[str, Any] = Field(default_factory=dict, description="shared params; each item overrides")
-    items: list[dict[str, Any]] = Field(min_length=1, max_length=1_000_000)
+    items: list[dict[str, Any]] = Field(default_factory=list, max_length=1_000_000)
+    matrix: Matrix | None = Field(None, description="params expanded into items (crossed with items, if any)")
     batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    def expanded(self, max_items: int) -> list[dict[str, Any]]:
+        """Every item's overrides: `items` (or one empty item) crossed with the matrix's rows."""
+        rows: list[dict[str, Any]] = [{}]
+        if self.matrix is not None:
+            lengths = {len(values) for values in self.matrix.zip.values()}
+            if len(lengths) > 1:
+                raise ValidationError(f"matrix.zip: the lists differ in length ({sorted(lengths)}); zip needs equal ones",
+                                      [{"loc": "matrix.zip"}])
+            count = (lengths.pop() if lengths else 1) * max(1, len(self.items))
+            for values in self.matrix.product.values():
+                count *= len(values)
+            if count > max_items:
+                raise ValidationError(f"matrix: expands to {count} items, at most {max_items} allowed",
+                                      [{"loc": "matrix"}])
+            if self.matrix.zip:
+                keys = list(self.matrix.zip)
+                rows = [dict(zip(keys, values)) for values in zip(*self.matrix.zip.values())]
+            for key, values in self.matrix.product.items():
+                rows = [{**row, key: value} for row in rows for value in values]
+        elif not self.items:
+            raise ValidationError("items: a batch needs items or a matrix", [{"loc": "items"}])
+        return [{**item, **row} for item in (self.items or [{}]) for row in rows]
 
 
 class ControlJob(Strict):

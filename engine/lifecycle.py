@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from sqlalchemy import and_, bindparam, delete, insert, select, update
 
 from engine.commands import session_ended
 from engine.errors import StaleLease
+from engine.grouping import call_limit, images_of, take_partners
 from engine.machines import ITEM
 from engine.store import Store, Tx
 from engine.store.tables import leases, sessions, steps
@@ -35,6 +37,7 @@ class Claim:
     batch_id: str | None
     item_index: int | None
     previous: tuple = ()  # (step_index, attempt, output) of the run's earlier steps
+    group_key: str | None = None  # set when the step's handler serves groups (engine.grouping)
 
     @property
     def session_ref(self) -> dict[str, Any]:
@@ -67,7 +70,52 @@ def claim_in(tx: Tx, runner_id: str, policy: Policy) -> Claim | None:
     found = tx.store.dialect.fetch_one(tx.conn, tx.store.dialect.claim_query, {"now": now})
     if found is None:
         return None
-    session_id, index = found["session_id"], found["step_index"]
+    return _claim_step(tx, found["session_id"], found["step_index"], runner_id, policy, now)
+
+
+def claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, Any]) -> list[Claim]:
+    """The best runnable step (the leader: highest priority, then oldest) and, when its handler
+    serves groups, compatible ready steps that join its call, in queue order, up to the call's
+    image limit. Each keeps its own lease, attempt and fencing. Empty when nothing is runnable.
+
+    While the call is not full and the leader has waited less than `max_wait_ms`, a session whose
+    earlier step stands between it and the group runs that step first, so that it can join."""
+    now = time.time()
+    tx.projection.flush()
+    dialect = tx.store.dialect
+    found = dialect.fetch_one(tx.conn, dialect.claim_query, {"now": now})
+    if found is None:
+        return []
+    leader_id, key = found["session_id"], found["group_key"]
+    leader = tx.get("sessions", (leader_id,))
+    if not key or not (leader["batch_id"] or batching.get("coalesce", True)):
+        return [_claim_step(tx, leader_id, found["step_index"], runner_id, policy, now)]
+    batch = tx.get("batches", (leader["batch_id"],)) if leader["batch_id"] else None
+    limit = call_limit(json.loads(batch["config"]) if batch else None, batching)
+    candidates = []
+    for row in dialect.fetch_all(tx.conn, dialect.partners_query, {"now": now, "group": key, "n": 4 * limit + 1}):
+        session = tx.get("sessions", (row["session_id"],))
+        # A batch's items share calls among themselves (its sizes rule them); single sessions with singles.
+        if row["session_id"] != leader_id and session["batch_id"] == leader["batch_id"]:
+            candidates.append((row["session_id"], images_of(json.loads(session["params"]))))
+    leader_images = images_of(json.loads(leader["params"]))
+    partners = take_partners(limit, leader_images, candidates)
+    room = limit - leader_images - sum(dict(candidates)[p] for p in partners)
+    if room > 0 and waited_ms(found["updated_at"], now) < batching.get("max_wait_ms", 0):
+        follower = dialect.fetch_one(tx.conn, dialect.followers_query, {"now": now, "group": key})
+        if follower is not None and tx.get("sessions", (follower["session_id"],))["batch_id"] == leader["batch_id"]:
+            return [_claim_step(tx, follower["session_id"], follower["step_index"], runner_id, policy, now)]
+    return [_claim_step(tx, session_id, tx.get("sessions", (session_id,))["current_step"], runner_id, policy, now)
+            for session_id in [leader_id, *partners]]
+
+
+def waited_ms(updated_at: str, now: float) -> float:
+    """How long ago (ms) a session last changed: for a ready step, how long it has waited."""
+    then = datetime.strptime(updated_at, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
+    return max(0.0, (now - then) * 1000.0)
+
+
+def _claim_step(tx: Tx, session_id: str, index: int, runner_id: str, policy: Policy, now: float) -> Claim:
     session = tx.get("sessions", (session_id,))
     if session["status"] == "pending":
         tx.emit("session", session_id, "session.started", {"session_id": session_id, "run": session["run"]})
@@ -89,7 +137,8 @@ def claim_in(tx: Tx, runner_id: str, policy: Policy) -> Claim | None:
                      for s in earlier if s["step_index"] < index)
     return Claim(session_id, session["run"], index, step["step_type"], step["domain"], attempt, runner_id,
                  session["workflow_id"], json.loads(session["params"]), step_spec.get("config", {}),
-                 session["total_steps"], session["batch_id"], session["item_index"], previous)
+                 session["total_steps"], session["batch_id"], session["item_index"], previous,
+                 step_spec.get("group"))
 
 
 def _item_started(tx: Tx, session: dict) -> None:
@@ -107,6 +156,10 @@ def _item_started(tx: Tx, session: dict) -> None:
 
 def claim(store: Store, runner_id: str, policy: Policy) -> Claim | None:
     return store.write(lambda tx: claim_in(tx, runner_id, policy))
+
+
+def claim_group(store: Store, runner_id: str, policy: Policy, batching: dict[str, Any]) -> list[Claim]:
+    return store.write(lambda tx: claim_group_in(tx, runner_id, policy, batching))
 
 
 _HELD = and_(leases.c.session_id == bindparam("sid"), leases.c.step_index == bindparam("idx"),

@@ -21,6 +21,7 @@ from PIL import Image, PngImagePlugin
 from sqlalchemy import select
 
 from engine.files import atomic_write_bytes, atomic_write_json
+from engine.sheets import contact_sheet
 from engine.store import Store
 from engine.store.tables import batches, items, sessions, steps
 
@@ -164,9 +165,23 @@ class Outbox:
             "items": [{"index": r.item_index, "session_id": r.session_id, "status": r.status,
                        "folder": f"item-{r.item_index:05d}"} for r in rows],
         }
+        self._batch_sheet(batch_id, rows)
         path = self.batch_dir(batch_id) / "summary.json"
         atomic_write_json(path, summary)
         return path
+
+    def _batch_sheet(self, batch_id: str, rows) -> None:
+        """contact-sheet.png: every item's images, labelled with the item index and seed."""
+        tiles = []
+        for row in rows:
+            item = self.batch_dir(batch_id) / f"item-{row.item_index:05d}"
+            runs = [f for f in [item, *sorted(item.glob("run-*"), key=lambda f: int(f.name[4:]))]
+                    if (f / "result.json").exists()]
+            if row.status != "completed" or not runs:
+                continue
+            for name in json.loads((runs[-1] / "result.json").read_text()).get("images", []):
+                tiles.append((runs[-1] / name, f"#{row.item_index} seed {name.split('-')[-1][:-4]}"))
+        contact_sheet(tiles, self.batch_dir(batch_id) / "contact-sheet.png")
 
     def finish(self, store: Store, events, rows: dict | None = None) -> None:
         """Write result.json / summary.json for the sessions and batches these events ended

@@ -62,6 +62,7 @@ class Runner:
         self.on_step = on_step or (lambda claim, outcome: None)
         self.steps_done = 0
         self.devices = [str(config.get("device", "preferred"))]
+        self.batching = config.values["batching"]
         self._owed = OwedWrites(self.outbox)
         self._last_beat = self._last_reap = time.monotonic()
 
@@ -80,13 +81,13 @@ class Runner:
         lease expires, as after a crash."""
         runners.register(self.store, self.runner_id, self.policy.lease_seconds, __version__, self.devices)
         self.recover()
-        claim: Claim | None = None
+        group: list[Claim] = []
         while not self.stop_event.is_set():
             try:
-                if claim is None:
-                    claim = lifecycle.claim(self.store, self.runner_id, self.policy)
-                if claim is not None:
-                    claim = self.execute(claim)
+                if not group:
+                    group = lifecycle.claim_group(self.store, self.runner_id, self.policy, self.batching)
+                if group:
+                    group = self.execute(group)
                     continue
                 self._housekeeping()
                 if until_idle and (before_idle_check is None or before_idle_check()) and self.nothing_left():
@@ -95,7 +96,7 @@ class Runner:
                         break
             except Exception:
                 log.exception("the runner's loop hit an error; going on in a moment")
-                claim = None
+                group = []
                 self.stop_event.wait(1.0)
                 continue
             self.stop_event.wait(self.idle_sleep)
@@ -148,22 +149,13 @@ class Runner:
 
     # one step ------------------------------------------------------------------------------
 
-    def execute(self, claim: Claim) -> Claim | None:
-        """Run one claimed step to its recorded end; returns the next claim, if one was taken."""
-        attempt_dir = self.outbox.attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt)
-        token = CancellationToken()
-        progress = _Progress()
-        notices: list[tuple[str, dict[str, Any]]] = []
-        context = StepContext(
-            session_id=claim.session_id, run=claim.run, step_index=claim.step_index, step_type=claim.step_type,
-            domain=claim.domain, attempt=claim.attempt, params=claim.params, step_config=claim.step_config,
-            previous=self._previous_outputs(claim), attempt_dir=attempt_dir, inbox=self.config.inbox, token=token,
-            progress=progress.set, config=self.config, shared=self.registry.shared,
-            notify=lambda kind, data: notices.append((kind, data)),
-        )
-        def written():  # the attempt's folder, or None when the handler wrote nothing
-            return attempt_dir if context.work_dir_made else None
-
+    def execute(self, group: list[Claim]) -> list[Claim]:
+        """Run claimed steps to their recorded end: one step, or a group that shares one handler
+        call. Returns the next group, if one was claimed with the completion."""
+        if self.registry.serves_groups(group[0].step_type):
+            return self._execute_group(group)
+        claim = group[0]
+        context, token, progress, notices = self._context(claim)
         started = time.monotonic()
         try:
             try:
@@ -173,17 +165,61 @@ class Runner:
             finally:
                 self._record_notices(notices)  # models loaded on the way are recorded whatever the outcome
         except Cancelled:
-            return self._interrupted(claim, token, written())
+            return self._interrupted(claim, token, _written(context))
         except Exception as exc:  # the handler's error, a library's, the disk's: the attempt failed
-            failure = classify(exc)
-            if not isinstance(exc, EngineError):
-                log.warning("step %s of %s failed: %s", claim.step_index, claim.session_id, failure.message,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
-            return self._failed(claim, failure, written())
-        return self._completed(claim, result, time.monotonic() - started, written())
+            return self._failed([claim], self._failure(group, exc), [_written(context)])
+        return self._completed([claim], [result], time.monotonic() - started, [_written(context)])
 
-    def _wait(self, claim: Claim, token: CancellationToken, progress: "_Progress") -> StepResult:
-        """Wait for the handler, renewing the lease and passing pause and cancel on to it."""
+    def _execute_group(self, group: list[Claim]) -> list[Claim]:
+        """A handler that serves groups gets every claim's context in one call and returns one
+        result each. A session paused or cancelled meanwhile does not stop the others: its result
+        is not recorded (its lease is gone); the call stops only when every session in it stopped."""
+        made = [self._context(claim) for claim in group]
+        contexts = [context for context, _, _, _ in made]
+        progress, notices = made[0][2], made[0][3]
+        for context in contexts:
+            context.progress, context.notify = progress.set, lambda kind, data: notices.append((kind, data))
+        started = time.monotonic()
+        try:
+            try:
+                handler = self.registry.get(group[0].step_type)
+                self.worker.start(handler, contexts)
+                results = self._wait(group, [c.token for c in contexts], progress)
+            finally:
+                self._record_notices(notices)
+        except Cancelled:
+            for claim, context in zip(group, contexts):
+                self._interrupted(claim, context.token, _written(context))
+            return []
+        except Exception as exc:
+            return self._failed(group, self._failure(group, exc), [_written(c) for c in contexts])
+        return self._completed(group, results, time.monotonic() - started, [_written(c) for c in contexts])
+
+    def _context(self, claim: Claim) -> tuple[StepContext, CancellationToken, "_Progress", list]:
+        token, progress, notices = CancellationToken(), _Progress(), []
+        context = StepContext(
+            session_id=claim.session_id, run=claim.run, step_index=claim.step_index, step_type=claim.step_type,
+            domain=claim.domain, attempt=claim.attempt, params=claim.params, step_config=claim.step_config,
+            previous=self._previous_outputs(claim),
+            attempt_dir=self.outbox.attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt),
+            inbox=self.config.inbox, token=token, progress=progress.set, config=self.config,
+            shared=self.registry.shared, notify=lambda kind, data: notices.append((kind, data)),
+        )
+        return context, token, progress, notices
+
+    @staticmethod
+    def _failure(group: list[Claim], exc: Exception) -> Failure:
+        failure = classify(exc)
+        if not isinstance(exc, EngineError):
+            log.warning("step %s of %s failed: %s", group[0].step_index, ", ".join(c.session_id for c in group),
+                        failure.message, exc_info=log.isEnabledFor(logging.DEBUG))
+        return failure
+
+    def _wait(self, claims: Claim | list[Claim], tokens: CancellationToken | list[CancellationToken],
+              progress: "_Progress"):
+        """Wait for the handler, renewing the leases and passing pause and cancel on to it."""
+        claims = claims if isinstance(claims, list) else [claims]
+        tokens = tokens if isinstance(tokens, list) else [tokens]
         last_beat = time.monotonic()
         while True:
             try:
@@ -192,19 +228,22 @@ class Runner:
                 pass
             now = time.monotonic()
             value = progress.take_if_due(self.progress_every)
-            if value is not None or now - last_beat >= self.heartbeat_every:
-                owned, status = lifecycle.heartbeat(self.store, claim, self.policy, *(value or (None, None)))
-                if now - last_beat >= self.heartbeat_every:
-                    runners.beat(self.store, self.runner_id, self.policy.lease_seconds)
+            beat = now - last_beat >= self.heartbeat_every
+            for claim, token in zip(claims, tokens):
+                if value is not None or beat:
+                    owned, status = lifecycle.heartbeat(self.store, claim, self.policy, *(value or (None, None)))
+                    if not owned:
+                        token.set("lease lost")
+                else:
+                    status = lifecycle.session_status(self.store, claim.session_id)
+                if status in (None, "cancelled", "deleted"):
+                    token.set("cancelled")
+                elif status == "paused":
+                    token.set("paused")
+            if value is not None or beat:
                 last_beat = now
-                if not owned:
-                    token.set("lease lost")
-            else:
-                status = lifecycle.session_status(self.store, claim.session_id)
-            if status in (None, "cancelled", "deleted"):
-                token.set("cancelled")
-            elif status == "paused":
-                token.set("paused")
+            if beat:
+                runners.beat(self.store, self.runner_id, self.policy.lease_seconds)
 
     def _previous_outputs(self, claim: Claim) -> list[dict[str, Any]]:
         """Earlier steps' outputs with absolute paths: in the outbox, or (another runner is just
@@ -225,45 +264,60 @@ class Runner:
 
     # recording outcomes --------------------------------------------------------------------
 
-    def _completed(self, claim: Claim, result: StepResult, duration: float, work_dir) -> Claim | None:
-        output = {"images": list(result.images), "files": list(result.files), "data": result.data}
-
+    def _completed(self, group: list[Claim], results: list[StepResult], duration: float, work_dirs) -> list[Claim]:
+        """Record every completion of one call in one transaction, with the next group's claim.
+        A claim whose lease was lost meanwhile (its session cancelled, or taken over) is not
+        recorded and its files are discarded; the others are."""
+        outputs = [{"images": list(r.images), "files": list(r.files), "data": r.data} for r in results]
         ended: dict[str, tuple] = {}
+        stale: set[int] = set()
 
-        def record(tx: Tx) -> Claim | None:
+        def record(tx: Tx) -> list[Claim]:
             ended.clear()  # a retried transaction starts over
-            if lifecycle.complete_in(tx, claim, output, duration):
-                ended[claim.session_id] = (tx.get("sessions", (claim.session_id,)),
-                                           tx.projection.children("steps", claim.session_id))
+            stale.clear()
+            for number, (claim, output) in enumerate(zip(group, outputs)):
+                try:
+                    if lifecycle.complete_in(tx, claim, output, duration):
+                        ended[claim.session_id] = (tx.get("sessions", (claim.session_id,)),
+                                                   tx.projection.children("steps", claim.session_id))
+                except StaleLease:
+                    stale.add(number)
             if self.stop_event.is_set():
-                return None
-            return lifecycle.claim_in(tx, self.runner_id, self.policy)
+                return []
+            return lifecycle.claim_group_in(tx, self.runner_id, self.policy, self.batching)
 
-        try:
-            next_claim, events = self.store.write_events(record)
-        except StaleLease:
-            self.outbox.discard(work_dir)
-            self.on_step(claim, "stale")
-            return None
-        self._owed.publish(work_dir, self.outbox.dir_of(claim.session_ref), output["images"] + output["files"])
+        next_group, events = self.store.write_events(record)
+        for number, (claim, output, work_dir) in enumerate(zip(group, outputs, work_dirs)):
+            if number in stale:
+                self.outbox.discard(work_dir)
+                self.on_step(claim, "stale")
+                continue
+            self._owed.publish(work_dir, self.outbox.dir_of(claim.session_ref), output["images"] + output["files"])
+            self.steps_done += 1
+            self.on_step(claim, "completed")
         self._finish(events, ended)
-        self.steps_done += 1
-        self.on_step(claim, "completed")
-        return next_claim
+        return next_group
 
-    def _failed(self, claim: Claim, failure: Failure, work_dir) -> None:
-        self.outbox.discard(work_dir)
-        try:
-            _, events = self.store.write_events(lambda tx: lifecycle.fail_in(
-                tx, claim, failure.code, failure.message, failure.retryable, self.policy))
-        except StaleLease:
-            self.on_step(claim, "stale")
-            return None
+    def _failed(self, group: list[Claim], failure: Failure, work_dirs) -> list[Claim]:
+        for work_dir in work_dirs:
+            self.outbox.discard(work_dir)
+        stale: set[int] = set()
+
+        def record(tx: Tx) -> None:
+            stale.clear()
+            for number, claim in enumerate(group):
+                try:
+                    lifecycle.fail_in(tx, claim, failure.code, failure.message, failure.retryable, self.policy)
+                except StaleLease:
+                    stale.add(number)
+
+        _, events = self.store.write_events(record)
         self._finish(events)
-        self.on_step(claim, "failed")
-        return None
+        for number, claim in enumerate(group):
+            self.on_step(claim, "stale" if number in stale else "failed")
+        return []
 
-    def _interrupted(self, claim: Claim, token: CancellationToken, work_dir) -> None:
+    def _interrupted(self, claim: Claim, token: CancellationToken, work_dir) -> list[Claim]:
         self.outbox.discard(work_dir)
         if token.reason == "paused":
             try:
@@ -271,7 +325,7 @@ class Runner:
             except StaleLease:
                 pass
         self.on_step(claim, token.reason or "interrupted")
-        return None
+        return []
 
     def _record_notices(self, notices: list[tuple[str, dict[str, Any]]]) -> None:
         if not notices:
@@ -284,6 +338,11 @@ class Runner:
 
         self.store.write(record)
         notices.clear()
+
+
+def _written(context: StepContext):
+    """The attempt's folder, or None when the handler wrote nothing."""
+    return context.attempt_dir if context.work_dir_made else None
 
 
 class _Worker:

@@ -65,6 +65,24 @@ def cap_memory(ctx: StepContext) -> StepResult:
     return StepResult(data={"limit_bytes": used + headroom})
 
 
+def write_group(contexts: list[StepContext]) -> list[StepResult]:
+    """Serves a group in one call: each session gets a file naming the call and how many images it
+    made (params.num_images each); ENGINE_TEST_WRITE_PAUSE pauses inside, as write_file does."""
+    import uuid
+
+    call_id, images = uuid.uuid4().hex[:12], sum(int(c.params.get("num_images") or 1) for c in contexts)
+    started = time.perf_counter()
+    time.sleep(float(os.environ.get("ENGINE_TEST_WRITE_PAUSE", "0")) or 0.001)
+    results = []
+    for ctx in contexts:
+        ctx.token.raise_if_set() if all(c.token.is_set for c in contexts) else None
+        name = f"step-{ctx.step_index}.txt"
+        (Path(ctx.work_dir) / name).write_text(f"{ctx.session_id} attempt {ctx.attempt} call {call_id} of {images}\n")
+        results.append(StepResult(files=[name], data={"call_id": call_id, "call_images": images,
+                                                      "group_seconds": time.perf_counter() - started}))
+    return results
+
+
 def register(registry: Registry) -> None:
     registry.add("noop", noop)
     registry.add("sleep", sleep)
@@ -72,3 +90,5 @@ def register(registry: Registry) -> None:
     registry.add("write_file", write_file)
     registry.add("cap_memory", cap_memory)
     registry.add("raise_error", raise_error)
+    # Sessions with equal params.steps may share a call (a stand-in for inference's full rule).
+    registry.add("write_group", write_group, compatibility=lambda config, params: params.get("steps"))

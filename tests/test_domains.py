@@ -111,23 +111,39 @@ def difference(a: Image.Image, b: Image.Image) -> tuple[int, float]:
     return int(np.abs(delta).max()), (float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse))
 
 
+def call_of(install, session_id: str) -> tuple[str, int]:
+    data = result_of(install, session_id)["steps"][2]["data"]
+    return data["call_id"], data["call_images"]
+
+
 def test_the_same_seed_gives_the_same_image_whatever_ran_beside_it(studio):
-    alone = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 8}})
-    pair = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 7, "num_images": 2}})
-    again = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 8}})
-    pair_again = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 7, "num_images": 2}})
-    other = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "fox", "seed": 9}})
+    fox = {**SIZE, "prompt": "fox"}
+    studio.config.values["batching"]["coalesce"] = False  # first, each session its own call
+    alone = submit(studio, {"workflow": "txt2img", "params": {**fox, "seed": 8}}).target_id
+    pair = submit(studio, {"workflow": "txt2img", "params": {**fox, "seed": 7, "num_images": 2}}).target_id
+    again = submit(studio, {"workflow": "txt2img", "params": {**fox, "seed": 8}}).target_id
+    other = submit(studio, {"workflow": "txt2img", "params": {**fox, "seed": 9}}).target_id
     run_until_idle(studio)
-    alone_image = images_of(studio, alone.target_id)[0]
+    assert [call_of(studio, s)[1] for s in (alone, pair, again, other)] == [1, 2, 1, 1]
+    studio.config.values["batching"]["coalesce"] = True  # then four sessions coalesced into one call, twice
+    rounds = []
+    for _ in range(2):
+        rounds.append([submit(studio, {"workflow": "txt2img", "params": {**fox, "seed": seed}}).target_id
+                       for seed in (20, 8, 21, 22)])
+        run_until_idle(studio)
+    for sessions in rounds:
+        assert {call_of(studio, s) for s in sessions} == {(call_of(studio, sessions[0])[0], 4)}, "one call of four"
+    alone_image = images_of(studio, alone)[0]
     # The same composition: bit-identical.
-    assert images_of(studio, again.target_id)[0].tobytes() == alone_image.tobytes()
-    assert [i.tobytes() for i in images_of(studio, pair_again.target_id)] == \
-        [i.tobytes() for i in images_of(studio, pair.target_id)]
-    # Another composition (seed 8 as the second image of a call of two): within the stated bound.
-    largest, psnr = difference(images_of(studio, pair.target_id)[1], alone_image)
-    assert largest <= MAX_CHANNEL_DIFFERENCE and psnr >= MIN_PSNR_DB, (largest, psnr)
+    assert images_of(studio, again)[0].tobytes() == alone_image.tobytes()
+    assert [images_of(studio, s)[0].tobytes() for s in rounds[0]] == [images_of(studio, s)[0].tobytes()
+                                                                      for s in rounds[1]]
+    # Other compositions (seed 8 as the second image of a call of two, of a call of four): within the bound.
+    for image in (images_of(studio, pair)[1], images_of(studio, rounds[0][1])[0]):
+        largest, psnr = difference(image, alone_image)
+        assert largest <= MAX_CHANNEL_DIFFERENCE and psnr >= MIN_PSNR_DB, (largest, psnr)
     # A different seed is a different picture, far outside that bound.
-    largest, psnr = difference(images_of(studio, other.target_id)[0], alone_image)
+    largest, psnr = difference(images_of(studio, other)[0], alone_image)
     assert largest > 32 and psnr < 30, (largest, psnr)
 
 
@@ -169,7 +185,8 @@ def test_sd15_class_pipelines_run_txt2img_and_img2img(studio):
 
 def test_the_warm_cache_evicts_the_least_recently_used_under_its_budget(tmp_path, models):
     install = Installation(tmp_path / "engine", settings={
-        "handlers": {"modules": ["engine.domains"]}, "models": {"cache_budget_gib": 0.0001}})
+        "handlers": {"modules": ["engine.domains"]}, "models": {"cache_budget_gib": 0.0001},
+        "batching": {"coalesce": False}})  # the two 'tiny' sessions would otherwise share one call
     registry = ModelRegistry(install.config.models_dir)
     registry.add(models / "tiny", "tiny")
     registry.add(models / "tiny15", "tiny15")
@@ -395,6 +412,25 @@ def test_engine_demo_runs_end_to_end(tmp_path):
     assert sorted(r["status"] for r in results).count("completed") == 8
     assert [r["status"] for r in results].count("cancelled") == 1
     assert (outbox / "contact-sheet.png").exists()
+
+
+def test_a_batch_runs_its_items_in_shared_calls_with_metrics_and_a_labelled_contact_sheet(studio):
+    batch_id = submit(studio, {"kind": "batch", "workflow": "txt2img", "params": {**SIZE, "prompt": "owl"},
+                               "matrix": {"product": {"seed": [3, 4, 5, 6, 7]}},
+                               "batch": {"preferred_batch_size": 2, "max_batch_size": 4}}).target_id
+    run_until_idle(studio)
+    (status, total, completed, images, average, rate, remaining), = query(
+        studio, "SELECT status, total_batches, completed_batches, total_images_generated, average_batch_time, "
+                "images_per_second, estimated_time_remaining FROM batch_status WHERE batch_id = :b", b=batch_id)
+    assert (status, total, completed, images, remaining) == ("completed", 3, 3, 5, 0)
+    assert average > 0 and rate > 0
+    folder = studio.config.outbox / "batches" / batch_id
+    sizes = sorted(json.loads((folder / f"item-{n:05d}" / "result.json").read_text())["steps"][2]["data"]["call_images"]
+                   for n in range(5))
+    assert sizes == [1, 2, 2, 2, 2]
+    sheet = Image.open(folder / "contact-sheet.png")
+    assert sheet.size == (5 * 128, 128 + 14)
+    assert len(set(sheet.crop((0, 128, 640, 142)).getdata())) > 1, "the labels are drawn under the tiles"
 
 
 def test_a_lora_or_controlnet_of_another_family_is_refused_at_submit(studio):

@@ -12,5 +12,5 @@ def register(registry: Registry) -> None:
 
     registry.add("device_discovery", device.discovery_step)
     registry.add("model_loading", model.loading_step)
-    registry.add("inference_generation", inference.generation_step)
+    registry.add("inference_generation", inference.generation_step, compatibility=inference.compatibility)
     registry.add("postprocessing_enhancement", postprocessing.processing_step)

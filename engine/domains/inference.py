@@ -7,6 +7,10 @@ Between denoising steps the handler reports progress and polls the cancellation 
 
 from __future__ import annotations
 
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from engine.domains import memory
@@ -106,52 +110,105 @@ def _apply_loras(ctx: StepContext, base) -> list[str]:
     return names
 
 
-def generate(ctx: StepContext, pipe, inputs: dict[str, Any], seeds: list[int], device) -> list:
-    """Run the pipeline once per call, one generator per image; progress and cancel between steps."""
+def compatibility(step_config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal for sessions' inference steps to share one pipeline call. Prompts, seeds
+    and the number of images may differ (one generator per image keeps each image its own);
+    whether a negative prompt is given may not (no negative prompt is encoded differently from
+    an empty one)."""
+    return {
+        "model": params.get("model"), "device": params.get("device"), "width": params.get("width"),
+        "height": params.get("height"), "steps": params.get("steps"), "scheduler": params.get("scheduler"),
+        "guidance_scale": params.get("guidance_scale"), "loras": params.get("loras") or [],
+        "controlnet": params.get("controlnet"), "init_image": params.get("init_image"),
+        "mask_image": params.get("mask_image"),
+        "strength": params.get("strength") if params.get("init_image") else None,
+        "negative": bool(params.get("negative_prompt")),
+    }
+
+
+@dataclass
+class Image:
+    """One image to make: whose it is, its prompt and seed; filled in once made."""
+
+    owner: int
+    prompt: str
+    negative: str | None
+    seed: int
+    picture: Any = None
+    call_id: str = ""
+    call_images: int = 0
+
+
+def generate(pipe, wanted: list[Image], p: dict[str, Any], inputs: dict[str, Any], device, contexts) -> None:
+    """One pipeline call for these images, one generator per image; progress and cancel between steps."""
     import torch
 
-    p = ctx.params
-    generators = [torch.Generator(device=generator_device(device)).manual_seed(s) for s in seeds]
+    generators = [torch.Generator(device=generator_device(device)).manual_seed(w.seed) for w in wanted]
 
     def on_step_end(pipeline, step, timestep, callback_kwargs):
         total = getattr(pipeline, "num_timesteps", None) or p["steps"]
-        ctx.progress((step + 1) / max(total, 1), f"denoising {step + 1}/{total}")
-        ctx.token.raise_if_set()
+        contexts[0].progress((step + 1) / max(total, 1), f"denoising {step + 1}/{total}")
+        if all(c.token.is_set for c in contexts):
+            contexts[0].token.raise_if_set()
         return callback_kwargs
 
-    ctx.token.raise_if_set()
-    result = pipe(prompt=p["prompt"], negative_prompt=p["negative_prompt"] or None, num_inference_steps=p["steps"],
-                  guidance_scale=p["guidance_scale"], num_images_per_prompt=len(seeds), generator=generators,
-                  callback_on_step_end=on_step_end, output_type="pil", **inputs)
-    return list(result.images)
+    if all(c.token.is_set for c in contexts):
+        contexts[0].token.raise_if_set()
+    negatives = [w.negative for w in wanted]
+    result = pipe(prompt=[w.prompt for w in wanted], negative_prompt=None if negatives[0] is None else negatives,
+                  num_inference_steps=p["steps"], guidance_scale=p["guidance_scale"], num_images_per_prompt=1,
+                  generator=generators, callback_on_step_end=on_step_end, output_type="pil", **inputs)
+    call_id = uuid.uuid4().hex[:12]
+    for image, picture in zip(wanted, result.images):
+        image.picture, image.call_id, image.call_images = picture, call_id, len(wanted)
 
 
-def _generate_or_oom(ctx: StepContext, pipe, inputs: dict[str, Any], seeds: list[int], device,
-                     one_at_a_time: bool = False) -> tuple[list | None, str]:
-    """The images, or (None, the error's text) when the device ran out of memory."""
+def _generate_or_oom(pipe, wanted: list[Image], p, inputs, device, contexts) -> str:
+    """'' when the images were made, else the out-of-memory error's text."""
     try:
-        if one_at_a_time:
-            return [image for seed in seeds for image in generate(ctx, pipe, inputs, [seed], device)], ""
-        return generate(ctx, pipe, inputs, seeds, device), ""
+        generate(pipe, wanted, p, inputs, device, contexts)
+        return ""
     except Exception as exc:
         if memory.is_oom(exc):
-            return None, str(exc)
+            return str(exc)
         raise
 
 
-def generation_step(ctx: StepContext) -> StepResult:
-    """inference_generation: make the session's images into the attempt folder."""
+def generate_halving(pipe, wanted: list[Image], p, inputs, device, contexts) -> bool:
+    """Make the images in one call; on out of memory free caches and make them again in two halves,
+    and so on down to one image a call. Returns whether the size had to be lowered. Each retry
+    happens outside the except block: a caught error's traceback holds the failed call's tensors."""
+    error = _generate_or_oom(pipe, wanted, p, inputs, device, contexts)
+    if not error:
+        return False
+    memory.free_caches(device)
+    if len(wanted) == 1:
+        raise OutOfMemory(f"out of memory on {device.id} even one image at a time: {error}")
+    half = (len(wanted) + 1) // 2
+    generate_halving(pipe, wanted[:half], p, inputs, device, contexts)
+    generate_halving(pipe, wanted[half:], p, inputs, device, contexts)
+    return True
+
+
+def generation_step(contexts: list[StepContext]) -> list[StepResult]:
+    """inference_generation for one session or several compatible ones: their images in one
+    pipeline call (fewer on out of memory), each session's saved into its own attempt folder."""
     import torch
 
-    p = ctx.params
+    ctx = contexts[0]
+    p = ctx.params  # what compatibility() makes equal is read from the first; prompts and seeds from each
     mode = ctx.step_config.get("mode", "txt2img")
     size = (p["width"], p["height"])
+    wanted = [Image(owner, c.params["prompt"], c.params["negative_prompt"] or None, (c.params["seed"] + i) % 2**32)
+              for owner, c in enumerate(contexts) for i in range(c.params["num_images"])]
     # 1. The pipeline, warm from the cache when possible.
     cached, loaded, device = pipeline_for(ctx, p["model"])
     base = cached.value
     dtype = base.unet.dtype if hasattr(base, "unet") else torch.float32
-    # 2. Refuse what cannot fit before trying.
-    memory.check_fits(memory.activation_bytes(size[0], size[1], p["num_images"], torch.finfo(dtype).bits // 8),
+    # 2. Refuse what cannot fit before trying: the largest session's images in one call (a group
+    #    larger than what fits is halved on out of memory; one session asks no less than before).
+    largest = max(c.params["num_images"] for c in contexts)
+    memory.check_fits(memory.activation_bytes(size[0], size[1], largest, torch.finfo(dtype).bits // 8),
                       device, already_loaded=True, weights=0)
     # 3. Scheduler by name and LoRAs, undone after the step so the cached pipeline stays clean.
     base.scheduler = make_scheduler(p.get("scheduler"), cached.default_scheduler)
@@ -161,31 +218,51 @@ def generation_step(ctx: StepContext) -> StepResult:
         pipe = _pipeline_for_mode(ctx, base, mode, device, dtype)
         pipe.set_progress_bar_config(disable=True)
         inputs = _mode_inputs(ctx, mode, size)
-        seeds = [(p["seed"] + i) % 2**32 for i in range(p["num_images"])]
         memory.reset_peak(device)
-        # 4. Denoise; on out-of-memory free caches and retry once, one image at a time.
-        # Both happen outside an except block: a caught error's traceback holds the failed
-        # attempt's tensors until the block ends.
-        images, error = _generate_or_oom(ctx, pipe, inputs, seeds, device)
-        retried = images is None
-        if retried:
-            memory.free_caches(device)
-            images, error = _generate_or_oom(ctx, pipe, inputs, seeds, device, one_at_a_time=True)
-        if images is None:
-            memory.free_caches(device)
-            raise OutOfMemory(f"out of memory on {device.id} even one image at a time: {error}")
+        # 4. Denoise every image in one call, halving the call on out of memory.
+        started = time.perf_counter()
+        halved = generate_halving(pipe, wanted, p, inputs, device, contexts)
+        seconds = time.perf_counter() - started
     finally:
         if adapters:
             base.unload_lora_weights()
         base.scheduler = cached.default_scheduler
-    # 5. Save PNGs with the parameters embedded (AUTOMATIC1111 format).
-    names = []
-    for index, (image, seed) in enumerate(zip(images, seeds)):
-        name = f"{index:05d}-{seed}.png"
-        save_png(image, ctx.work_dir / name, a1111_parameters(p, seed, {"Workflow mode": mode}))
-        names.append(name)
-    return StepResult(images=names, data={
-        "mode": mode, "seeds": seeds, "device": device.id, "dtype": str(dtype).replace("torch.", ""),
-        "model": cached.entry.id, "model_loaded_here": loaded, "scheduler": scheduler_name,
-        "peak_memory_bytes": memory.peak_bytes(device), "out_of_memory_retry": retried,
-    })
+    # 5. Save each session's PNGs with its parameters embedded (AUTOMATIC1111 format), several at
+    #    once: PNG compression releases the GIL, and a call of eight 1024x1024 images would otherwise
+    #    leave the GPU idle for seconds.
+    peak = memory.peak_bytes(device)
+    saves, results = [], []
+    for owner, context in enumerate(contexts):
+        mine = [w for w in wanted if w.owner == owner]
+        names = [f"{index:05d}-{image.seed}.png" for index, image in enumerate(mine)]
+        saves += [(image.picture, context.work_dir / name,
+                   a1111_parameters(context.params, image.seed, {"Workflow mode": mode}))
+                  for image, name in zip(mine, names)]
+        results.append((names, mine))
+    _save_all(saves)
+    return [StepResult(images=names, data=_call_data(mine, mode, device, dtype, cached, loaded, scheduler_name, peak,
+                                                     halved, len(contexts), len(wanted), seconds))
+            for names, mine in results]
+
+
+def _save_all(saves: list[tuple]) -> None:
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, len(saves)), thread_name_prefix="engine-png") as pool:
+            list(pool.map(lambda save: save_png(*save), saves))
+    except RuntimeError as exc:  # no thread could be started (memory ran short): one after another
+        if "thread" not in str(exc):
+            raise
+        for save in saves:
+            save_png(*save)
+
+
+def _call_data(mine: list[Image], mode, device, dtype, cached, loaded, scheduler_name, peak, halved, sessions,
+               images, seconds) -> dict[str, Any]:
+    """What result.json records of an inference step: the images' seeds and the call they came from."""
+    return {
+        "mode": mode, "seeds": [w.seed for w in mine], "device": device.id,
+        "dtype": str(dtype).replace("torch.", ""), "model": cached.entry.id, "model_loaded_here": loaded,
+        "scheduler": scheduler_name, "peak_memory_bytes": peak, "out_of_memory_retry": halved,
+        "call_id": mine[0].call_id, "call_images": mine[0].call_images, "call_sessions": sessions,
+        "group_images": images, "group_seconds": round(seconds, 4),
+    }

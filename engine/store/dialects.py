@@ -19,7 +19,7 @@ from sqlalchemy.sql import Executable, Select
 
 Row = dict[str, Any]
 
-from engine.store.tables import sessions
+from engine.store.tables import sessions, steps
 
 
 def claim_candidates() -> Select:
@@ -27,8 +27,34 @@ def claim_candidates() -> Select:
     (the steps before it are done). Bound parameter `now`: a retry's backoff must have passed.
     An index on (ready, priority DESC, created_event) makes this the first rows of one index scan."""
     return (
-        select(sessions.c.session_id, sessions.c.current_step.label("step_index"))
+        select(sessions.c.session_id, sessions.c.current_step.label("step_index"), sessions.c.group_key,
+               sessions.c.updated_at)
         .where(sessions.c.ready == 1, sessions.c.ready_at <= bindparam("now"))
+        .order_by(sessions.c.priority.desc(), sessions.c.created_event.asc())
+        .limit(1)
+    )
+
+
+def partner_candidates() -> Select:
+    """Ready sessions whose current step has the leader's compatibility key, in queue order."""
+    return (
+        select(sessions.c.session_id)
+        .where(sessions.c.group_key == bindparam("group"), sessions.c.ready == 1,
+               sessions.c.ready_at <= bindparam("now"))
+        .order_by(sessions.c.priority.desc(), sessions.c.created_event.asc())
+        .limit(bindparam("n"))
+    )
+
+
+def follower_candidates() -> Select:
+    """A ready session whose current step cannot join the group yet but a later step of which could:
+    running its current step first lets it join the call."""
+    return (
+        select(sessions.c.session_id, sessions.c.current_step.label("step_index"))
+        .join(steps, steps.c.session_id == sessions.c.session_id)
+        .where(steps.c.group_key == bindparam("group"), steps.c.status == "pending",
+               steps.c.step_index > sessions.c.current_step, sessions.c.ready == 1,
+               sessions.c.ready_at <= bindparam("now"))
         .order_by(sessions.c.priority.desc(), sessions.c.created_event.asc())
         .limit(1)
     )
@@ -132,6 +158,8 @@ class SqliteDialect(Dialect):
 
     # The writer already holds SQLite's single write lock: no row locking needed.
     claim_query = claim_candidates()
+    partners_query = partner_candidates()
+    followers_query = follower_candidates()
 
 
 class PostgresDialect(Dialect):
@@ -146,6 +174,8 @@ class PostgresDialect(Dialect):
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": number})
 
     claim_query = claim_candidates().with_for_update(of=sessions, skip_locked=True)
+    partners_query = partner_candidates().with_for_update(of=sessions, skip_locked=True)
+    followers_query = follower_candidates().with_for_update(of=sessions, skip_locked=True)
 
 
 def dialect_for(url: str, synchronous: str, busy_timeout_ms: int):

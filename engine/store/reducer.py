@@ -80,7 +80,7 @@ def _fresh_step(session_id: str, index: int, run: int, step: dict) -> Row:
         "session_id": session_id, "step_index": index, "run": run, "step_type": step["type"],
         "domain": step["domain"], "status": "pending", "attempts": 0, "not_before": None,
         "started_at": None, "finished_at": None, "duration_s": None, "error_code": None,
-        "error_message": None, "output": None,
+        "error_message": None, "output": None, "group_key": step.get("group"),
     }
 
 
@@ -92,8 +92,9 @@ def _set_ready(p: Projection, session: Row, step: Row | None = None) -> None:
         step = step if step is not None and step["step_index"] == index else p.get("steps", (session["session_id"], index))
         if step is not None and step["status"] == "pending":
             session["ready"], session["ready_at"] = 1, step["not_before"] or 0.0
+            session["group_key"] = step.get("group_key")
             return
-    session["ready"], session["ready_at"] = 0, None
+    session["ready"], session["ready_at"], session["group_key"] = 0, None, None
 
 
 def _session_transition(p: Projection, e: Event) -> None:
@@ -142,6 +143,8 @@ def _step_event(p: Projection, e: Event) -> None:
         step.update(finished_at=e.created_at, duration_s=e.data.get("duration_s"),
                     output=dumps(e.data.get("output", {})), error_code=None, error_message=None)
         session["current_step"] = index + 1
+        if session["batch_id"]:
+            _count_call(p, session["batch_id"], e.data.get("output") or {})
     elif trigger == "retry":
         step.update(not_before=e.data.get("not_before"), error_code=e.data.get("code"),
                     error_message=e.data.get("message"))
@@ -165,7 +168,7 @@ def _batch_created(p: Projection, e: Event) -> None:
         "run": 1, "priority": d.get("priority", 0), "config": dumps(d.get("config", {})),
         "total_items": len(d["items"]), "completed_items": 0, "failed_items": 0, "cancelled_items": 0,
         "created_at": e.created_at, "started_at": None, "updated_at": e.created_at, "finished_at": None,
-        "last_seq": e.seq,
+        "last_seq": e.seq, **_NO_CALLS,
     })
     for index, session_id in enumerate(d["items"]):
         p.put("items", {"batch_id": e.stream_id, "item_index": index, "session_id": session_id,
@@ -184,7 +187,7 @@ def _batch_transition(p: Projection, e: Event) -> None:
         batch["finished_at"] = e.created_at
     elif trigger == "restart":
         batch.update(run=e.data["run"], completed_items=0, failed_items=0, cancelled_items=0,
-                     started_at=None, finished_at=None)
+                     started_at=None, finished_at=None, **_NO_CALLS)
         for item in p.children("items", e.stream_id):
             p.put("items", {**item, "status": "pending", "updated_at": e.created_at})
     elif trigger == "delete":
@@ -196,6 +199,24 @@ def _batch_transition(p: Projection, e: Event) -> None:
 
 
 _COUNTERS = {"completed": "completed_items", "failed": "failed_items", "cancelled": "cancelled_items"}
+_NO_CALLS = {"total_calls": 0, "total_images": 0, "call_seconds": 0.0, "memory_peak": None, "last_call_id": None}
+
+
+def _count_call(p: Projection, batch_id: str, output: dict) -> None:
+    """BatchMetrics: an item's inference completion names its pipeline call. The completions of one
+    call are recorded together, so a call is counted when its id differs from the last one seen."""
+    data, images = output.get("data") or {}, output.get("images") or []
+    if not data.get("call_id"):
+        return
+    batch = _require(p, "batches", (batch_id,))
+    if data["call_id"] != batch["last_call_id"]:
+        batch["total_calls"] += 1
+        batch["call_seconds"] += float(data.get("group_seconds") or 0.0)
+        batch["last_call_id"] = data["call_id"]
+    batch["total_images"] += len(images)
+    if data.get("peak_memory_bytes"):
+        batch["memory_peak"] = max(batch["memory_peak"] or 0, int(data["peak_memory_bytes"]))
+    p.put("batches", batch)
 
 
 def _item_event(p: Projection, e: Event) -> None:

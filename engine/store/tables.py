@@ -65,11 +65,15 @@ sessions = Table(
     # The claim queue (see reducer._set_ready): 1 when the current step may be claimed from ready_at on.
     Column("ready", Integer, nullable=False, server_default="0"),
     Column("ready_at", Float),
+    # The current step's compatibility key while it is ready (see engine.grouping): partners of a
+    # group claim are found by it.
+    Column("group_key", String(64)),
 )
 Index("ix_sessions_status", sessions.c.status)
 Index("ix_sessions_ready", sessions.c.ready, sessions.c.priority.desc(), sessions.c.created_event)
 Index("ix_sessions_job_id", sessions.c.job_id)
 Index("ix_sessions_batch", sessions.c.batch_id)
+Index("ix_sessions_group", sessions.c.group_key, sessions.c.ready, sessions.c.priority.desc(), sessions.c.created_event)
 
 steps = Table(
     "steps",
@@ -88,7 +92,9 @@ steps = Table(
     Column("error_code", String(32)),
     Column("error_message", Text),
     Column("output", Text),
+    Column("group_key", String(64)),
 )
+Index("ix_steps_group", steps.c.group_key)
 
 batches = Table(
     "batches",
@@ -108,6 +114,12 @@ batches = Table(
     Column("updated_at", String(32), nullable=False),
     Column("finished_at", String(32)),
     Column("last_seq", Integer, nullable=False),
+    # BatchMetrics, from its items' completions (see reducer._count_call).
+    Column("total_calls", Integer, nullable=False, server_default="0"),
+    Column("total_images", Integer, nullable=False, server_default="0"),
+    Column("call_seconds", Float, nullable=False, server_default="0"),
+    Column("memory_peak", BigInteger),
+    Column("last_call_id", String(32)),
 )
 Index("ix_batches_job_id", batches.c.job_id)
 

@@ -1,0 +1,218 @@
+"""GPU benchmark of batched and coalesced generation, all in one run on one machine:
+
+1. raw diffusers (the pipeline called directly) at batch sizes 1, 2, 4 and 8;
+2. a batch of --batch-items items through the engine (preferred and max batch size 8);
+3. --singles single sessions submitted together, coalescing off, then on.
+
+    python bench/bench_batch_gpu.py [--steps 30] [--size 1024] [--images 8] [--batch-items 32] [--singles 16]
+    python bench/bench_batch_gpu.py --tiny --steps 3 --size 64     # the script itself, on a CPU
+
+The model is SDXL's architecture with random weights (bench_gpu.build_sdxl), fp16 on CUDA. Each
+figure is images/s over wall time, with the GPU-busy share from the driver's samples where NVML is
+there. Prints a table; writes every figure to $OUT/batch_gpu.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu import GpuSamples, build_sdxl, device_name, load_direct, synchronize  # noqa: E402
+
+
+def span(samples: GpuSamples, work) -> dict:
+    """Wall time of work() (returns the images it made), GPU-busy share over it."""
+    since = int(time.time() * 1e6)
+    synchronize()
+    started = time.perf_counter()
+    images = work()
+    synchronize()
+    seconds = time.perf_counter() - started
+    return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 4),
+            **samples.since(since)}
+
+
+def raw_diffusers(folder: Path, sizes: list[int], images: int, steps: int, size: int, samples: GpuSamples) -> dict:
+    import torch
+
+    pipe, _ = load_direct(folder)
+    pipe(prompt="warm up", num_inference_steps=steps, width=size, height=size, guidance_scale=7.0)
+
+    def calls(batch: int):
+        def work() -> int:
+            for start in range(0, images, batch):
+                seeds = list(range(start, min(start + batch, images)))
+                generators = [torch.Generator(device_name()).manual_seed(s) for s in seeds]
+                pipe(prompt=["a lighthouse at dusk"] * len(seeds), num_inference_steps=steps, width=size, height=size,
+                     guidance_scale=7.0, generator=generators)
+            return images
+        return work
+
+    figures = {str(batch): span(samples, calls(batch)) for batch in sizes}
+    del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return figures
+
+
+class Engine:
+    """A complete installation with one long-lived runner, as `engine run` is."""
+
+    def __init__(self, folder: Path, root: Path) -> None:
+        from engine import app
+        from engine.config import load_config
+        from engine.intake import Intake
+        from engine.registry import ModelRegistry
+        from engine.runner import Runner
+
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "config.toml").write_text("[batching]\ncoalesce = true\nmax_batch_size = 8\n")
+        self.config = load_config(root / "config.toml")
+        self.store = app.init(self.config)
+        ModelRegistry(self.config.models_dir).add(folder, "sdxl-random")
+        self.intake = Intake(self.config)
+        self.runner = Runner(self.config, self.store, app.registry_for(self.config))
+
+    def submit(self, job: dict) -> str:
+        from engine import commands
+        from engine.jobs import parse_job
+
+        return commands.submit(self.store, self.intake, parse_job(job), commands.Source("bench.json", "x")).target_id
+
+    def run(self) -> None:
+        self.runner.run(until_idle=True)
+
+    def query(self, sql: str, **params) -> list:
+        from sqlalchemy import text
+
+        with self.store.read() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+
+
+def compare_runs(engine: Engine, singles: int) -> dict:
+    """The same prompt and seed made alone (coalescing off) and in a shared call (on): the largest
+    channel difference (out of 255) and the lowest PSNR over the pairs: the determinism bound here."""
+    import numpy as np
+    from PIL import Image
+
+    rows = engine.query("SELECT session_id, params FROM sessions ORDER BY created_event")
+    by_seed: dict[int, list] = {}
+    for session_id, params in rows:
+        seed = json.loads(params)["seed"]
+        if 500 <= seed < 500 + singles:
+            folder = engine.config.outbox / session_id
+            by_seed.setdefault(seed, []).append(next(folder.glob("*.png")))
+    largest, psnrs = 0, []
+    for first, second in (pair for pair in by_seed.values() if len(pair) == 2):
+        a = np.asarray(Image.open(first), dtype=np.int16)
+        b = np.asarray(Image.open(second), dtype=np.int16)
+        largest = max(largest, int(np.abs(a - b).max()))
+        mse = float(((a - b).astype(np.float64) ** 2).mean())
+        psnrs.append(float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse))
+    return {"pairs": len(psnrs), "max_channel_difference": largest,
+            "min_psnr_db": round(min(psnrs), 2) if psnrs else None}
+
+
+def engine_figures(folder: Path, root: Path, items: int, singles: int, steps: int, size: int,
+                   samples: GpuSamples) -> dict:
+    engine = Engine(folder, root)
+    params = {"model": "sdxl-random", "width": size, "height": size, "steps": steps, "guidance_scale": 7.0}
+    engine.submit({"workflow": "txt2img", "params": {**params, "prompt": "warm up", "seed": 1}})
+    engine.run()  # the model load and the first call are not measured
+
+    def batch() -> int:
+        engine.submit({"kind": "batch", "workflow": "txt2img", "params": {**params, "prompt": "a lighthouse at dusk"},
+                       "matrix": {"product": {"seed": list(range(100, 100 + items))}},
+                       "batch": {"preferred_batch_size": 8, "max_batch_size": 8}})
+        engine.run()
+        return items
+
+    figures = {"batch": span(samples, batch)}
+    (figures["batch"]["metrics"],) = [dict(zip(("total_batches", "average_batch_time", "memory_usage_peak",
+                                                "images_per_second", "status"), row)) for row in engine.query(
+        "SELECT total_batches, average_batch_time, memory_usage_peak, images_per_second, status FROM batch_status")]
+    for coalesce in (False, True):
+        engine.runner.batching["coalesce"] = coalesce
+
+        def together() -> int:
+            for n in range(singles):
+                engine.submit({"workflow": "txt2img", "params": {**params, "prompt": f"single {n}", "seed": 500 + n}})
+            engine.run()
+            return singles
+
+        figures[f"singles_coalesce_{'on' if coalesce else 'off'}"] = span(samples, together)
+    figures["alone_vs_coalesced"] = compare_runs(engine, singles)
+    calls = [row[0] for row in engine.query(
+        "SELECT output FROM steps WHERE step_type = 'inference_generation' AND status = 'completed'")]
+    figures["call_sizes"] = sorted({json.loads(c)["data"]["call_id"]: json.loads(c)["data"]["call_images"]
+                                    for c in calls}.values())
+    figures["statuses"] = engine.query("SELECT status, count(*) FROM sessions GROUP BY 1")
+    figures["model_loads"] = engine.query("SELECT count(*) FROM event_log WHERE type = 'model.loaded'")[0][0]
+    engine.runner.close()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/engine-batch-gpu"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=8, help="images per raw batch size")
+    parser.add_argument("--batch-items", type=int, default=32)
+    parser.add_argument("--singles", type=int, default=16)
+    parser.add_argument("--tiny", action="store_true", help="a tiny SDXL instead (to try the script on a CPU)")
+    args = parser.parse_args()
+    from engine.app import quiet_libraries
+
+    quiet_libraries()
+    model = args.folder / "model"
+    if not model.exists():
+        if args.tiny:
+            from engine.tinymodels import build_tiny_sdxl
+
+            build_tiny_sdxl(model)
+        else:
+            build_sdxl(model)
+    samples = GpuSamples()
+    started = time.perf_counter()
+    raw = raw_diffusers(model, [1, 2, 4, 8], args.images, args.steps, args.size, samples)
+    shutil.rmtree(args.folder / "engine", ignore_errors=True)
+    engine = engine_figures(model, args.folder / "engine", args.batch_items, args.singles, args.steps, args.size,
+                            samples)
+    best = max(raw.values(), key=lambda f: f["images_per_s"])
+    result = {
+        "device": device_name(), "steps": args.steps, "size": args.size, "raw": raw, "engine": engine,
+        "batch_vs_best_raw": round(engine["batch"]["images_per_s"] / best["images_per_s"], 3),
+        "coalesced_vs_not": round(engine["singles_coalesce_on"]["images_per_s"]
+                                  / engine["singles_coalesce_off"]["images_per_s"], 3),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if device_name() == "cuda":
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name(0)
+    print(f"{'what':<34} {'images':>6} {'seconds':>8} {'images/s':>9} {'GPU busy %':>10}")
+    rows = [(f"raw diffusers, batch size {b}", f) for b, f in raw.items()] + [
+        (f"engine, a {args.batch_items}-item batch", engine["batch"]),
+        (f"engine, {args.singles} singles, coalescing off", engine["singles_coalesce_off"]),
+        (f"engine, {args.singles} singles, coalescing on", engine["singles_coalesce_on"])]
+    for label, f in rows:
+        print(f"{label:<34} {f['images']:>6} {f['seconds']:>8.1f} {f['images_per_s']:>9.3f} "
+              f"{f.get('gpu_util_pct') if f.get('gpu_util_pct') is not None else '-':>10}")
+    print(f"engine batch / best raw: {result['batch_vs_best_raw']}; coalesced / not: {result['coalesced_vs_not']}; "
+          f"call sizes {engine['call_sizes']}; model loads {engine['model_loads']}; statuses {engine['statuses']}")
+    print(f"alone vs coalesced, same seeds: {engine['alone_vs_coalesced']}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "batch_gpu.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Which steps may share one handler call, and how many images one call makes: pure rules.
+
+A handler that can serve several steps at once (inference: one pipeline call for many images)
+registers a *compatibility* function with its step type. At submit, each such step records a key:
+a digest of its type, its template config and what that function says must be equal. Steps with
+equal keys may run in one call; nothing else is needed to decide it, so the claim query finds a
+leader's partners by the key alone.
+
+`call_limit` says how many images a group claim may gather, from a batch's configuration or, for
+single sessions coalesced across jobs, the `[batching]` defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable
+
+Compatibility = Callable[[dict[str, Any], dict[str, Any]], Any]
+
+
+def group_key(step_type: str, step_config: dict[str, Any], params: dict[str, Any],
+              compatibility: Compatibility | None) -> str | None:
+    """The step's key, or None when its handler serves one step at a time."""
+    if compatibility is None:
+        return None
+    what = compatibility(step_config, params)
+    if what is None:
+        return None
+    blob = json.dumps([step_type, step_config, what], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def images_of(params: dict[str, Any]) -> int:
+    return max(1, int(params.get("num_images") or 1))
+
+
+def call_limit(batch_config: dict[str, Any] | None, defaults: dict[str, Any]) -> int:
+    """The most images one call may make: a batch's preferred size (never above its max), else the
+    `[batching]` default for coalesced single sessions."""
+    if batch_config:
+        preferred = int(batch_config.get("preferred_batch_size") or 1)
+        return max(1, min(preferred, int(batch_config.get("max_batch_size") or preferred)))
+    return max(1, int(defaults.get("max_batch_size", 1)))
+
+
+def take_partners(limit: int, leader_images: int, candidates: list[tuple[str, int]]) -> list[str]:
+    """Which candidates (id, images), in queue order, join a leader's call without passing `limit`.
+    A candidate too big for the room left is passed over, not waited for."""
+    room = limit - leader_images
+    taken = []
+    for candidate_id, images in candidates:
+        if images <= room:
+            taken.append(candidate_id)
+            room -= images
+        if room <= 0:
+            break
+    return taken

@@ -1,0 +1,32 @@
+"""The pure rules the runner leans on: which failures are retried, which runners are gone."""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+from engine.errors import StepFailed, UnsafePath, WillNotFit
+from engine.failures import classify, is_oom
+from engine.runners import RunnerRow, dead_on_this_host
+
+
+def test_failures_that_will_repeat_are_not_retried_and_transient_ones_are():
+    permanent = [UnsafePath("x"), WillNotFit("too big"), TypeError("argument of type 'NoneType' is not iterable"),
+                 FileNotFoundError(errno.ENOENT, "gone"),
+                 RuntimeError("Error(s) in loading state_dict: size mismatch for lora_A.weight")]
+    transient = [StepFailed("planned"), OSError(errno.ENOSPC, "No space left on device"),
+                 sqlite3.OperationalError("database is locked"), RuntimeError("CUDA out of memory. Tried to allocate"),
+                 MemoryError(), RuntimeError("CUDA error: device lost"), RuntimeError("something nobody foresaw")]
+    assert [classify(e).retryable for e in permanent] == [False] * len(permanent)
+    assert [classify(e).retryable for e in transient] == [True] * len(transient)
+    assert [classify(e).code for e in transient[3:6]] == ["OUT_OF_MEMORY", "OUT_OF_MEMORY", "DEVICE_UNAVAILABLE"]
+    assert "No space left on device" in classify(transient[1]).message
+    assert is_oom(RuntimeError("could not create a primitive")) and not is_oom(RuntimeError("shape"))
+
+
+def test_a_runner_is_gone_when_its_process_is_gone_or_its_pid_was_reused():
+    rows = [RunnerRow("alive", "h", 10, 1000.0, "running"), RunnerRow("dead", "h", 11, 1000.0, "running"),
+            RunnerRow("reused", "h", 12, 1000.0, "running"), RunnerRow("elsewhere", "other", 11, 1000.0, "running"),
+            RunnerRow("stopped", "h", 11, 1000.0, "stopped"), RunnerRow("me", "h", 11, 1000.0, "running")]
+    started = {10: 1000.4, 11: None, 12: 5000.0}
+    assert dead_on_this_host(rows, "h", started.get, me="me") == ["dead", "reused"]
