@@ -221,7 +221,7 @@ class Inbox:
         if row["status"] == "rejected":
             error_file = destination.with_name(destination.name + ".error.json")
             if not error_file.exists():
-                self._write_error(error_file, self._rejection_of(row), row)
+                self._write_error(error_file, self._rejection_of(row))
         self._move(seen, destination, row["job_key"], row.get("move_error"))
 
     def _rejection_of(self, row: dict) -> dict:
@@ -237,13 +237,12 @@ class Inbox:
         if not commands.record_rejection(self.store, source, body):
             self._finish(seen, self._known(seen))  # another runner rejected this very file just now
             return None
-        row = {"job_key": source.file_key, "file_name": seen.name}
-        self._write_error(destination.with_name(destination.name + ".error.json"), body, row)
+        self._write_error(destination.with_name(destination.name + ".error.json"), body)
         self._move(seen, destination, source.file_key, None)
         log.warning("rejected %s: %s %s", seen.name, error.code, error.message)
         return Outcome(seen.name, False, code=error.code, message=error.message)
 
-    def _write_error(self, path: Path, body: dict, row: dict) -> None:
+    def _write_error(self, path: Path, body: dict) -> None:
         try:
             atomic_write_json(path, body)
         except OSError as exc:

@@ -73,9 +73,10 @@ def write_group(contexts: list[StepContext]) -> list[StepResult]:
     call_id, images = uuid.uuid4().hex[:12], sum(int(c.params.get("num_images") or 1) for c in contexts)
     started = time.perf_counter()
     time.sleep(float(os.environ.get("ENGINE_TEST_WRITE_PAUSE", "0")) or 0.001)
+    if all(c.token.is_set for c in contexts):
+        contexts[0].token.raise_if_set()
     results = []
     for ctx in contexts:
-        ctx.token.raise_if_set() if all(c.token.is_set for c in contexts) else None
         name = f"step-{ctx.step_index}.txt"
         (Path(ctx.work_dir) / name).write_text(f"{ctx.session_id} attempt {ctx.attempt} call {call_id} of {images}\n")
         results.append(StepResult(files=[name], data={"call_id": call_id, "call_images": images,
