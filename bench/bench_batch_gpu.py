@@ -136,9 +136,21 @@ def engine_figures(folder: Path, root: Path, items: int, singles: int, steps: in
         return items
 
     figures = {"batch": span(samples, batch)}
-    (figures["batch"]["metrics"],) = [dict(zip(("total_batches", "average_batch_time", "memory_usage_peak",
-                                                "images_per_second", "status"), row)) for row in engine.query(
-        "SELECT total_batches, average_batch_time, memory_usage_peak, images_per_second, status FROM batch_status")]
+
+    def dynamic() -> int:  # preferred size 1: the calls are sized from the memory measured so far
+        engine.submit({"kind": "batch", "workflow": "txt2img", "params": {**params, "prompt": "a harbour"},
+                       "matrix": {"product": {"seed": list(range(300, 300 + items // 2))}},
+                       "batch": {"preferred_batch_size": 1, "max_batch_size": 8, "dynamic_sizing": True}})
+        engine.run()
+        return items // 2
+
+    figures["batch_dynamic"] = span(samples, dynamic)
+    figures["memory_profiles"] = engine.query(
+        "SELECT model_id, width, height, mode, per_image_bytes, available_bytes, call_images FROM memory_profiles")
+    figures["batch_metrics"] = [dict(zip(("total_batches", "average_batch_time", "memory_usage_peak",
+                                          "images_per_second", "status"), row)) for row in engine.query(
+        "SELECT total_batches, average_batch_time, memory_usage_peak, images_per_second, status FROM batch_status "
+        "ORDER BY created_at")]
     for coalesce in (False, True):
         engine.runner.batching["coalesce"] = coalesce
 
@@ -202,6 +214,7 @@ def main() -> None:
     print(f"{'what':<34} {'images':>6} {'seconds':>8} {'images/s':>9} {'GPU busy %':>10}")
     rows = [(f"raw diffusers, batch size {b}", f) for b, f in raw.items()] + [
         (f"engine, a {args.batch_items}-item batch", engine["batch"]),
+        (f"engine, {args.batch_items // 2} items, dynamic size", engine["batch_dynamic"]),
         (f"engine, {args.singles} singles, coalescing off", engine["singles_coalesce_off"]),
         (f"engine, {args.singles} singles, coalescing on", engine["singles_coalesce_on"])]
     for label, f in rows:
@@ -210,6 +223,7 @@ def main() -> None:
     print(f"engine batch / best raw: {result['batch_vs_best_raw']}; coalesced / not: {result['coalesced_vs_not']}; "
           f"call sizes {engine['call_sizes']}; model loads {engine['model_loads']}; statuses {engine['statuses']}")
     print(f"alone vs coalesced, same seeds: {engine['alone_vs_coalesced']}")
+    print(f"memory profiles: {engine['memory_profiles']}; batch metrics: {engine['batch_metrics']}")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "batch_gpu.json").write_text(json.dumps(result, indent=2))
 

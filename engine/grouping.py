@@ -35,12 +35,19 @@ def images_of(params: dict[str, Any]) -> int:
     return max(1, int(params.get("num_images") or 1))
 
 
-def call_limit(batch_config: dict[str, Any] | None, defaults: dict[str, Any]) -> int:
-    """The most images one call may make: a batch's preferred size (never above its max), else the
-    `[batching]` default for coalesced single sessions."""
+def call_limit(batch_config: dict[str, Any] | None, defaults: dict[str, Any],
+               profile: dict[str, Any] | None = None) -> int:
+    """The most images one call may make. A batch: its preferred size, never above its max; with
+    dynamic_sizing and a memory profile measured for this model, size and mode, as many as fit in
+    the memory a call had under the batch's memory_threshold (at least 1, at most max_batch_size).
+    Coalesced single sessions: the `[batching]` max_batch_size."""
     if batch_config:
-        preferred = int(batch_config.get("preferred_batch_size") or 1)
-        return max(1, min(preferred, int(batch_config.get("max_batch_size") or preferred)))
+        maximum = int(batch_config.get("max_batch_size") or 1)
+        if batch_config.get("dynamic_sizing") and profile and profile.get("per_image_bytes"):
+            threshold = float(batch_config.get("memory_threshold") or 0.8)
+            fit = int(profile["available_bytes"] * threshold // profile["per_image_bytes"])
+            return max(1, min(maximum, fit))
+        return max(1, min(int(batch_config.get("preferred_batch_size") or 1), maximum))
     return max(1, int(defaults.get("max_batch_size", 1)))
 
 

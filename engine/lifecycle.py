@@ -91,7 +91,7 @@ def claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, A
     if not key or not (leader["batch_id"] or batching.get("coalesce", True)):
         return [_claim_step(tx, leader_id, found["step_index"], runner_id, policy, now)]
     batch = tx.get("batches", (leader["batch_id"],)) if leader["batch_id"] else None
-    limit = call_limit(json.loads(batch["config"]) if batch else None, batching)
+    limit = call_limit(json.loads(batch["config"]) if batch else None, batching, _profile(tx, leader))
     candidates = []
     for row in dialect.fetch_all(tx.conn, dialect.partners_query, {"now": now, "group": key, "n": 4 * limit + 1}):
         session = tx.get("sessions", (row["session_id"],))
@@ -107,6 +107,15 @@ def claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, A
             return [_claim_step(tx, follower["session_id"], follower["step_index"], runner_id, policy, now)]
     return [_claim_step(tx, session_id, tx.get("sessions", (session_id,))["current_step"], runner_id, policy, now)
             for session_id in [leader_id, *partners]]
+
+
+def _profile(tx: Tx, session: dict) -> dict | None:
+    """The memory measured for the session's model, size and current step's mode, if any."""
+    params = json.loads(session["params"])
+    if not params.get("model"):
+        return None
+    mode = json.loads(session["steps"])[session["current_step"]].get("config", {}).get("mode", "")
+    return tx.get("memory_profiles", (params["model"], params.get("width") or 0, params.get("height") or 0, mode))
 
 
 def waited_ms(updated_at: str, now: float) -> float:

@@ -75,6 +75,13 @@ def write_group(contexts: list[StepContext]) -> list[StepResult]:
     time.sleep(float(os.environ.get("ENGINE_TEST_WRITE_PAUSE", "0")) or 0.001)
     if all(c.token.is_set for c in contexts):
         contexts[0].token.raise_if_set()
+    measure = contexts[0].step_config.get("measure")  # [per_image_bytes, available_bytes]: as inference reports
+    if measure:
+        p = contexts[0].params
+        contexts[0].notify("model.measured", {"model_id": p["model"], "width": p.get("width") or 0,
+                                              "height": p.get("height") or 0, "mode": "", "device": "test",
+                                              "per_image_bytes": measure[0], "available_bytes": measure[1],
+                                              "call_images": images})
     results = []
     for ctx in contexts:
         name = f"step-{ctx.step_index}.txt"

@@ -166,3 +166,26 @@ def test_a_matrix_expands_params_as_a_product_or_a_zip_with_a_cap(tmp_path):
     assert [(json.loads(p)["prompt"], json.loads(p)["seed"]) for p, in items] == [
         ("fox", 1), ("fox", 2), ("fox", 3), ("owl", 1), ("owl", 2), ("owl", 3)]
     install.store.close()
+
+
+def test_dynamic_sizing_sizes_calls_from_the_memory_measured_for_the_model(backend_install):
+    """A measured profile (100 bytes an image, 1000 available) is kept in the store; a batch with
+    dynamic_sizing then makes as many images a call as fit under its memory_threshold (0.5: five),
+    never more than max_batch_size; without dynamic_sizing its preferred size rules."""
+    install = backend_install
+    fake = {"model": "fake-model", "steps": 5}
+    submit(install, {"workflow": "grouped-measured", "params": fake})
+    run_until_idle(install)
+    assert query(install, "SELECT model_id, per_image_bytes, available_bytes FROM memory_profiles") == [
+        ("fake-model", 100, 1000)]
+    batches = {}
+    for dynamic, maximum in ((True, 8), (True, 4), (False, 8)):
+        batches[(dynamic, maximum)] = submit(install, {
+            "kind": "batch", "workflow": "grouped-measured", "params": fake, "items": [{} for _ in range(8)],
+            "batch": {"preferred_batch_size": 2, "max_batch_size": maximum, "dynamic_sizing": dynamic,
+                      "memory_threshold": 0.5}}).target_id
+        run_until_idle(install)
+    sizes = {key: sorted(calls(install, batch_items(install, batch)).values(), reverse=True)
+             for key, batch in batches.items()}
+    assert sizes == {(True, 8): [5, 3], (True, 4): [4, 4], (False, 8): [2, 2, 2, 2]}
+    assert install.store.verify() == [], "the profile is a projection of model.measured events"

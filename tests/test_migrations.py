@@ -85,8 +85,12 @@ def test_a_database_of_the_first_schema_with_data_upgrades_through_every_migrati
             conn.execute(text("INSERT INTO events VALUES (:id, :st, :sid, :seq, :type, :data, :at)"), {
                 "id": event.event_id, "st": event.stream_type, "sid": event.stream_id, "seq": event.seq,
                 "type": event.type, "data": event.row()["data"], "at": event.created_at})
-        first_schema = {t: {c["name"] for c in inspect(conn).get_columns(t)} for t in folded.tables}
+        existing = set(inspect(conn).get_table_names())
+        first_schema = {t: {c["name"] for c in inspect(conn).get_columns(t)} for t in folded.tables if t in existing}
         for table, rows in folded.tables.items():
+            if table not in existing:
+                assert not rows, f"the first schema had no {table} table, and the first log no rows for it"
+                continue
             for row in rows.values():
                 kept = {k: v for k, v in row.items() if k in first_schema[table]}
                 conn.execute(text(f"INSERT INTO {table} ({', '.join(kept)}) VALUES ({', '.join(':' + k for k in kept)})"),

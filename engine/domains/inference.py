@@ -219,6 +219,7 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
         pipe.set_progress_bar_config(disable=True)
         inputs = _mode_inputs(ctx, mode, size)
         memory.reset_peak(device)
+        budget = memory.call_budget(device)
         # 4. Denoise every image in one call, halving the call on out of memory.
         started = time.perf_counter()
         halved = generate_halving(pipe, wanted, p, inputs, device, contexts)
@@ -227,6 +228,7 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
         if adapters:
             base.unload_lora_weights()
         base.scheduler = cached.default_scheduler
+    _report_memory(ctx, budget, memory.peak_bytes(device), max(w.call_images for w in wanted), mode, device)
     # 5. Save each session's PNGs with its parameters embedded (AUTOMATIC1111 format), several at
     #    once: PNG compression releases the GIL, and a call of eight 1024x1024 images would otherwise
     #    leave the GPU idle for seconds.
@@ -243,6 +245,17 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
     return [StepResult(images=names, data=_call_data(mine, mode, device, dtype, cached, loaded, scheduler_name, peak,
                                                      halved, len(contexts), len(wanted), seconds))
             for names, mine in results]
+
+
+def _report_memory(ctx: StepContext, budget, peak: int | None, call_images: int, mode: str, device) -> None:
+    """model.measured: what one image took (the call's peak above what was allocated before it),
+    and what the call had; later calls of a batch with dynamic_sizing are sized from it."""
+    if budget is None or not peak or peak <= budget[0]:
+        return
+    ctx.notify("model.measured", {
+        "model_id": ctx.params["model"], "width": ctx.params["width"], "height": ctx.params["height"], "mode": mode,
+        "device": device.id, "per_image_bytes": (peak - budget[0]) // call_images, "available_bytes": budget[1],
+        "call_images": call_images})
 
 
 def _save_all(saves: list[tuple]) -> None:

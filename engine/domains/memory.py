@@ -38,6 +38,18 @@ def check_fits(required: int, device: DeviceInfo, already_loaded: bool, weights:
         )
 
 
+def call_budget(device: DeviceInfo) -> tuple[int, int] | None:
+    """(bytes allocated now, bytes a call could use now: free plus what torch holds unused) on
+    CUDA; None where torch does not say."""
+    if device.kind != "cuda":
+        return None
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device.index)
+    allocated = torch.cuda.memory_allocated(device.index)
+    return allocated, free + torch.cuda.memory_reserved(device.index) - allocated
+
+
 def free_caches(device: DeviceInfo) -> None:
     gc.collect()
     if device.kind == "cuda":

@@ -269,6 +269,23 @@ def _model_event(p: Projection, e: Event) -> None:
     p.put("models", base)
 
 
+def _model_measured(p: Projection, e: Event) -> None:
+    """A call's memory, per image, for its model, size and mode: later calls are sized from it."""
+    d = e.data
+    row = p.get("models", (e.stream_id,))
+    base = dict(row) if row else {"model_key": e.stream_id, "model_id": d["model_id"],
+                                  "runner_id": d.get("runner_id", ""), "loaded": 0, "loads": 0, "device": d.get("device"),
+                                  "file": None, "file_hash": None}
+    base.update(updated_at=e.created_at, last_seq=e.seq)
+    p.put("models", base)
+    key = (d["model_id"], d["width"], d["height"], d["mode"])
+    p.get("memory_profiles", key)  # read first: a put of an unread row inserts
+    p.put("memory_profiles", {"model_id": d["model_id"], "width": d["width"], "height": d["height"], "mode": d["mode"],
+                              "device": d.get("device"), "per_image_bytes": int(d["per_image_bytes"]),
+                              "available_bytes": int(d["available_bytes"]), "call_images": int(d["call_images"]),
+                              "updated_at": e.created_at})
+
+
 def _trigger(event_type: str) -> str:
     return TRIGGERS[event_type.split(".", 1)[1]]
 
@@ -291,4 +308,5 @@ _HANDLERS = {
     "job.stranded": _job_stranded,
     "model.loaded": _model_event,
     "model.unloaded": _model_event,
+    "model.measured": _model_measured,
 }

@@ -172,6 +172,21 @@ models = Table(
     Column("last_seq", Integer, nullable=False),
 )
 
+# What one image of a model, size and mode took on a device, and what a call had (model.measured).
+memory_profiles = Table(
+    "memory_profiles",
+    metadata,
+    Column("model_id", String(128), primary_key=True),
+    Column("width", Integer, primary_key=True),
+    Column("height", Integer, primary_key=True),
+    Column("mode", String(32), primary_key=True),
+    Column("device", String(32)),
+    Column("per_image_bytes", BigInteger, nullable=False),
+    Column("available_bytes", BigInteger, nullable=False),
+    Column("call_images", Integer, nullable=False),
+    Column("updated_at", String(32), nullable=False),
+)
+
 leases = Table(
     "leases",
     metadata,
@@ -210,4 +225,5 @@ PROJECTIONS = {
     "items": items,
     "jobs": jobs,
     "models": models,
+    "memory_profiles": memory_profiles,
 }
