@@ -92,8 +92,10 @@ class Runner:
                 self._housekeeping()
                 if until_idle and (before_idle_check is None or before_idle_check()) and self.nothing_left():
                     self._finisher_caught_up()  # every result.json is written before we say idle
-                    if not self._owed.pending():
-                        break
+                    self._owed.retry(self.store)
+                    if self._owed.pending():  # a full or read-only outbox: the next start writes them
+                        log.warning("some outbox files could not be written; the next start of a runner writes them")
+                    break
             except Exception:
                 log.exception("the runner's loop hit an error; going on in a moment")
                 group = []
