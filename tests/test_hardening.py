@@ -333,3 +333,17 @@ def test_an_error_that_will_repeat_fails_at_once_and_a_transient_one_is_retried(
         ("failed", 1, "TypeError: argument of type 'NoneType' is not iterable (not retried: it would fail the "
                       "same way)")]
     assert query(install, "SELECT status, attempts FROM steps WHERE session_id = :id", id=flaky)[-1] == ("completed", 3)
+
+
+def test_run_until_idle_ends_while_the_outbox_is_full_and_the_next_start_writes_what_is_owed(small_outbox):
+    install = small_outbox
+    outbox = install.config.outbox
+    filler = fill(outbox)
+    session_id = submit(install, {"workflow": "write1"}).target_id
+    run_until_idle(install)  # ends: the step failed (no space), and result.json is owed
+    assert query(install, "SELECT status FROM sessions WHERE session_id = :id", id=session_id) == [("failed",)]
+    assert not (outbox / session_id / "result.json").exists()
+    filler.unlink()
+    run_until_idle(install)  # recovery at start writes it
+    assert json.loads((outbox / session_id / "result.json").read_text())["status"] == "failed"
+    assert [p for p in outbox.rglob("*") if p.name.endswith(".tmp")] == []
