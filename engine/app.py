@@ -22,7 +22,19 @@ def init(config: Config) -> Store:
     return store
 
 
+def require_installation(config: Config) -> None:
+    """Refuse, creating nothing, where no installation is: a SQLite database that does not exist."""
+    from engine.errors import NotFound
+
+    if not config.get("database", "url") and not config.path("database").is_file():
+        where = f"with {config.source}" if config.source else f"in {config.base_dir} (no config.toml here)"
+        raise NotFound(f"no engine installation {where}: {config.path('database')} does not exist; "
+                       "run `engine init` first, or pass --config PATH to an installation's config.toml")
+
+
 def open_store(config: Config) -> Store:
+    """The store of an existing installation (see require_installation)."""
+    require_installation(config)
     return Store.from_config(config)
 
 

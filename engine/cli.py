@@ -35,8 +35,18 @@ YesOption = Annotated[bool, typer.Option("--yes", "-y", help="do not ask for con
 _state: dict[str, Any] = {"config": None}
 
 
+def _version(value: bool) -> None:
+    if value:
+        from engine import __version__
+
+        print(f"engine {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(config: ConfigOption = None) -> None:
+def _main(config: ConfigOption = None,
+          version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                          help="print the version and exit")] = None) -> None:
     _state["config"] = config
 
 
@@ -196,6 +206,10 @@ SESSION_COLUMNS = "session_id, job_id, workflow_id, status, current_step, total_
 def sessions(config: ConfigOption = None, status: Annotated[Optional[str], typer.Option(help="only this status")] = None,
              limit: int = 100, as_json: JsonOption = False) -> None:
     """List sessions, newest first."""
+    from engine.machines import RUN_STATES
+
+    if status and status not in RUN_STATES[:-1]:
+        raise ValidationError(f"--status: {status!r} is no session status; one of {', '.join(RUN_STATES[:-1])}")
     where = "WHERE status = :status" if status else ""
     columns, rows = _query(_config(config), f"SELECT {SESSION_COLUMNS} FROM session_status {where} "
                                              "ORDER BY created_at DESC LIMIT :limit", status=status, limit=limit)
@@ -462,12 +476,20 @@ def models_add(path: Path, model_id: Annotated[str, typer.Option("--id", help="t
                configs_from: Annotated[Optional[Path], typer.Option(
                    "--configs-from", help="for a single-file checkpoint: a diffusers pipeline folder of the same "
                    "architecture, whose configs and tokenizers it is loaded with (offline)")] = None,
+               replace: Annotated[bool, typer.Option("--replace", help="replace a model already registered under this id")] = False,
                config: ConfigOption = None) -> None:
     """Register a diffusers folder or a .safetensors file under an id."""
     from engine.registry import ModelRegistry
 
+    from engine.app import require_installation
+
     cfg = _config(config or _state.get("models_config"))
-    entry = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle")).add(path, model_id, kind, configs_from)
+    require_installation(cfg)
+    registry = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle"))
+    if model_id in registry.entries() and not replace:
+        raise ValidationError(f"--id {model_id!r} is registered already ({registry.entries()[model_id].path}); "
+                              "pass --replace to replace it")
+    entry = registry.add(path, model_id, kind, configs_from)
     out.print(f"added {entry.id}: {entry.kind} ({entry.format}) at {entry.path}", highlight=False)
 
 

@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from sqlalchemy import text
 
-from engine.app import init, registry_for
+from engine.app import init, registry_for, require_installation
 from engine.config import Config
 from engine.inbox import Inbox
 from engine.runner import Runner
@@ -48,7 +48,8 @@ def _view(store) -> Table:
 
 
 def run_with_view(config: Config, until_idle: bool, console: Console, live: bool, runner_id: str | None = None) -> int:
-    store = init(config)
+    require_installation(config)
+    store = init(config)  # an installation made by an older version is brought to the newest schema
     runner = Runner(config, store, registry_for(config), runner_id=runner_id)
     inbox = Inbox(config, store)
     inbox.scan()

@@ -68,11 +68,16 @@ def folder_fingerprint(folder: Path) -> str:
 
 def safetensors_header(path: Path) -> dict[str, dict]:
     """Tensor name -> {dtype, shape, ...}, from the file's header alone."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > 100_000_000:
-            raise ValidationError(f"{path.name}: not a safetensors file")
-        header = json.loads(handle.read(length))
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100_000_000 or length > path.stat().st_size - 8:
+                raise ValueError("its header length is impossible")
+            header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a table of tensors")
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"{path.name} is not a readable .safetensors file ({exc})") from None
     return {k: v for k, v in header.items() if k != "__metadata__"}
 
 

@@ -26,6 +26,9 @@ def _authorizer(action: int, arg1: Any, arg2: Any, _db: Any, _trigger: Any) -> i
 
 def run_sql(config: Config, query: str) -> tuple[list[str], list[tuple]]:
     """Run one read-only statement; returns (column names, rows)."""
+    from engine.app import require_installation
+
+    require_installation(config)
     url = config.database_url
     if url.startswith("sqlite"):
         path = config.path("database") if not config.get("database", "url") else url.split("///", 1)[1]

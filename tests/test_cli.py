@@ -127,3 +127,36 @@ def test_the_shipped_config_documents_every_default():
     from engine.config import DEFAULTS_FILE
 
     assert (ROOT / "config.toml").read_text() == DEFAULTS_FILE.read_text()
+
+
+def test_outside_an_installation_commands_say_so_and_create_nothing(tmp_path):
+    empty = tmp_path / "nothing-here"
+    empty.mkdir()
+    env = {k: v for k, v in Installation(tmp_path / "other").env().items() if k != "ENGINE_CONFIG"}
+    for args in (["sessions"], ["session", "ses-x"], ["run", "--until-idle"], ["sql", "SELECT 1"],
+                 ["models", "add", str(empty), "--id", "x"]):
+        result = subprocess.run([sys.executable, "-m", "engine", *args], env=env, cwd=empty, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 3, (args, result.stdout, result.stderr)
+        assert "no engine installation" in result.stderr and "engine init" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert list(empty.iterdir()) == [], "nothing was created"
+
+
+def test_version_status_names_and_model_ids_are_checked(cli, tmp_path):
+    from engine import __version__
+
+    assert cli("--version").strip() == f"engine {__version__}"
+    refused = cli("sessions", "--status", "bogus", code=2)
+    assert "bogus" in refused and "pending, running, paused, completed, failed, cancelled" in refused
+    from engine.tinymodels import build_tiny_upscaler
+
+    build_tiny_upscaler(tmp_path / "up.safetensors")
+    cli("models", "add", str(tmp_path / "up.safetensors"), "--id", "up")
+    again = cli("models", "add", str(tmp_path / "up.safetensors"), "--id", "up", code=2)
+    assert "registered already" in again and "--replace" in again
+    cli("models", "add", str(tmp_path / "up.safetensors"), "--id", "up", "--replace")
+    (tmp_path / "broken.safetensors").write_bytes(b"\xff" * 64)
+    broken = cli("models", "add", str(tmp_path / "broken.safetensors"), "--id", "broken", code=2)
+    assert "VALIDATION_ERROR" in broken and "not a readable .safetensors file" in broken
+    assert "Traceback" not in broken and len(broken.strip().splitlines()) <= 3
