@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from rich.console import Console
 
-from engine.sheets import contact_sheet
+from engine.sheets import contact_sheet, seed_label
 from engine.app import init, quiet_libraries
 from engine.config import DEFAULTS_FILE, load_config
 from engine.registry import ModelRegistry
@@ -123,7 +123,7 @@ def run_demo(folder: Path, console: Console) -> None:
     for result_path in results:
         result = json.loads(result_path.read_text())
         label = f"#{result['item_index']}" if result["item_index"] is not None else result["session_id"][4:12]
-        images += [(result_path.parent / name, f"{label} s{name.split('-')[-1][:-4]}") for name in result["images"]]
+        images += [(result_path.parent / name, f"{label} {seed_label(name)}") for name in result["images"]]
     console.print(f"outbox: {config.outbox} ({len(results)} result.json, {len(images)} final images)")
     for result_path in results[-12:]:
         console.print(f"  {result_path.parent.relative_to(folder)}", highlight=False)

@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 from sqlalchemy import select
 
 from engine.files import atomic_write_bytes, atomic_write_json
-from engine.sheets import contact_sheet
+from engine.sheets import contact_sheet, seed_label
 from engine.store import Store
 from engine.store.tables import batches, items, sessions, steps
 
@@ -180,7 +180,7 @@ class Outbox:
             if row.status != "completed" or not runs:
                 continue
             for name in json.loads((runs[-1] / "result.json").read_text()).get("images", []):
-                tiles.append((runs[-1] / name, f"#{row.item_index} seed {name.split('-')[-1][:-4]}"))
+                tiles.append((runs[-1] / name, f"#{row.item_index} {seed_label(name)}"))
         contact_sheet(tiles, self.batch_dir(batch_id) / "contact-sheet.png")
 
     def finish(self, store: Store, events, rows: dict | None = None) -> None:

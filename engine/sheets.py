@@ -4,6 +4,7 @@ seed; the demo's session names), written atomically as a PNG."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -11,6 +12,13 @@ from PIL import Image, ImageDraw
 from engine.files import atomic_write_bytes
 
 LABEL_HEIGHT = 14
+_SEED = re.compile(r"(\d+)\.png$")
+
+
+def seed_label(name: str) -> str:
+    """'seed N' from an image file named as the engine names them (…-<seed>.png), else ''."""
+    found = _SEED.search(name)
+    return f"seed {found.group(1)}" if found else ""
 
 
 def contact_sheet(tiles: list[tuple[Path, str]], path: Path, thumb: int = 128, columns: int = 8) -> Path | None:
