@@ -163,7 +163,7 @@ class Runner:
             try:
                 handler = self.registry.get(claim.step_type)
                 self.worker.start(handler, context)
-                result = self._wait(claim, token, progress)
+                result = self._wait([claim], [token], progress)
             finally:
                 self._record_notices(notices)  # models loaded on the way are recorded whatever the outcome
         except Cancelled:
@@ -217,11 +217,8 @@ class Runner:
                         failure.message, exc_info=log.isEnabledFor(logging.DEBUG))
         return failure
 
-    def _wait(self, claims: Claim | list[Claim], tokens: CancellationToken | list[CancellationToken],
-              progress: "_Progress"):
+    def _wait(self, claims: list[Claim], tokens: list[CancellationToken], progress: "_Progress"):
         """Wait for the handler, renewing the leases and passing pause and cancel on to it."""
-        claims = claims if isinstance(claims, list) else [claims]
-        tokens = tokens if isinstance(tokens, list) else [tokens]
         last_beat = time.monotonic()
         while True:
             try:
