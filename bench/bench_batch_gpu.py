@@ -66,7 +66,8 @@ def raw_diffusers(folder: Path, sizes: list[int], images: int, steps: int, size:
 class Engine:
     """A complete installation with one long-lived runner, as `engine run` is."""
 
-    def __init__(self, folder: Path, root: Path) -> None:
+    def __init__(self, folder: Path, root: Path, compile_setting: str = "", mode: str | None = None,
+                 cache: Path | None = None) -> None:
         from engine import app
         from engine.config import load_config
         from engine.intake import Intake
@@ -74,10 +75,13 @@ class Engine:
         from engine.runner import Runner
 
         root.mkdir(parents=True, exist_ok=True)
-        (root / "config.toml").write_text("[batching]\ncoalesce = true\nmax_batch_size = 8\n")
+        settings = "[batching]\ncoalesce = true\nmax_batch_size = 8\n[compile]\nbatch_sizes = [1, 8]\n"
+        settings += f'mode = "{mode}"\n' if mode else ""
+        settings += f'cache = "{cache}"\n' if cache else ""
+        (root / "config.toml").write_text(settings)
         self.config = load_config(root / "config.toml")
         self.store = app.init(self.config)
-        ModelRegistry(self.config.models_dir).add(folder, "sdxl-random")
+        ModelRegistry(self.config.models_dir).add(folder, "sdxl-random", compile_setting=compile_setting)
         self.intake = Intake(self.config)
         self.runner = Runner(self.config, self.store, app.registry_for(self.config))
 
@@ -95,6 +99,21 @@ class Engine:
 
         with self.store.read() as conn:
             return [tuple(r) for r in conn.execute(text(sql), params)]
+
+
+def calls_made(engine: Engine) -> dict[str, float]:
+    """call id -> seconds inside the pipeline call, for every inference call made so far."""
+    return {data["call_id"]: data["group_seconds"] for data in (json.loads(row[0])["data"] for row in engine.query(
+        "SELECT output FROM steps WHERE step_type = 'inference_generation' AND status = 'completed'"))}
+
+
+def measured(engine: Engine, samples: GpuSamples, work) -> dict:
+    """span() of work, with the seconds spent inside pipeline calls and the rest (the engine's own
+    time: claims, saving, recording, the batch's summary and contact sheet)."""
+    before = calls_made(engine)
+    figures = span(samples, work)
+    inside = sum(seconds for call, seconds in calls_made(engine).items() if call not in before)
+    return {**figures, "seconds_in_calls": round(inside, 3), "seconds_outside_calls": round(figures["seconds"] - inside, 3)}
 
 
 def compare_runs(engine: Engine, singles: int) -> dict:
@@ -135,7 +154,7 @@ def engine_figures(folder: Path, root: Path, items: int, singles: int, steps: in
         engine.run()
         return items
 
-    figures = {"batch": span(samples, batch)}
+    figures = {"batch": measured(engine, samples, batch)}
 
     def dynamic() -> int:  # preferred size 1: the calls are sized from the memory measured so far
         engine.submit({"kind": "batch", "workflow": "txt2img", "params": {**params, "prompt": "a harbour"},
@@ -144,7 +163,7 @@ def engine_figures(folder: Path, root: Path, items: int, singles: int, steps: in
         engine.run()
         return items // 2
 
-    figures["batch_dynamic"] = span(samples, dynamic)
+    figures["batch_dynamic"] = measured(engine, samples, dynamic)
     figures["memory_profiles"] = engine.query(
         "SELECT model_id, width, height, mode, per_image_bytes, available_bytes, call_images FROM memory_profiles")
     figures["batch_metrics"] = [dict(zip(("total_batches", "average_batch_time", "memory_usage_peak",
@@ -160,12 +179,11 @@ def engine_figures(folder: Path, root: Path, items: int, singles: int, steps: in
             engine.run()
             return singles
 
-        figures[f"singles_coalesce_{'on' if coalesce else 'off'}"] = span(samples, together)
+        figures[f"singles_coalesce_{'on' if coalesce else 'off'}"] = measured(engine, samples, together)
     figures["alone_vs_coalesced"] = compare_runs(engine, singles)
-    calls = [row[0] for row in engine.query(
+    calls = [json.loads(row[0])["data"] for row in engine.query(
         "SELECT output FROM steps WHERE step_type = 'inference_generation' AND status = 'completed'")]
-    figures["call_sizes"] = sorted({json.loads(c)["data"]["call_id"]: json.loads(c)["data"]["call_images"]
-                                    for c in calls}.values())
+    figures["call_sizes"] = sorted({c["call_id"]: c["call_images"] for c in calls}.values())
     figures["statuses"] = engine.query("SELECT status, count(*) FROM sessions GROUP BY 1")
     figures["model_loads"] = engine.query("SELECT count(*) FROM event_log WHERE type = 'model.loaded'")[0][0]
     engine.runner.close()
@@ -211,7 +229,7 @@ def main() -> None:
         import torch
 
         result["gpu"] = torch.cuda.get_device_name(0)
-    print(f"{'what':<34} {'images':>6} {'seconds':>8} {'images/s':>9} {'GPU busy %':>10}")
+    print(f"{'what':<34} {'images':>6} {'seconds':>8} {'images/s':>9} {'GPU busy %':>10} {'outside calls s':>15}")
     rows = [(f"raw diffusers, batch size {b}", f) for b, f in raw.items()] + [
         (f"engine, a {args.batch_items}-item batch", engine["batch"]),
         (f"engine, {args.batch_items // 2} items, dynamic size", engine["batch_dynamic"]),
@@ -219,7 +237,8 @@ def main() -> None:
         (f"engine, {args.singles} singles, coalescing on", engine["singles_coalesce_on"])]
     for label, f in rows:
         print(f"{label:<34} {f['images']:>6} {f['seconds']:>8.1f} {f['images_per_s']:>9.3f} "
-              f"{f.get('gpu_util_pct') if f.get('gpu_util_pct') is not None else '-':>10}")
+              f"{f.get('gpu_util_pct') if f.get('gpu_util_pct') is not None else '-':>10} "
+              f"{f.get('seconds_outside_calls', '-'):>15}")
     print(f"engine batch / best raw: {result['batch_vs_best_raw']}; coalesced / not: {result['coalesced_vs_not']}; "
           f"call sizes {engine['call_sizes']}; model loads {engine['model_loads']}; statuses {engine['statuses']}")
     print(f"alone vs coalesced, same seeds: {engine['alone_vs_coalesced']}")

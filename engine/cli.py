@@ -464,8 +464,10 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
 
     cfg = _config(config)
     entries = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle")).entries().values()
-    _table(["id", "kind", "format", "family", "context_dim", "path", "configs_from"],
-           [(e.id, e.kind, e.format, e.family or "unknown", e.context_dim or None, e.path, e.configs_from)
+    default_compile = "on" if cfg.get("compile", "default") else "off"
+    _table(["id", "kind", "format", "family", "context_dim", "compile", "path", "configs_from"],
+           [(e.id, e.kind, e.format, e.family or "unknown", e.context_dim or None,
+             (e.compile or f"{default_compile} (default)") if e.kind == "pipeline" else None, e.path, e.configs_from)
             for e in entries], as_json)
 
 
@@ -477,6 +479,8 @@ def models_add(path: Path, model_id: Annotated[str, typer.Option("--id", help="t
                    "--configs-from", help="for a single-file checkpoint: a diffusers pipeline folder of the same "
                    "architecture, whose configs and tokenizers it is loaded with (offline)")] = None,
                replace: Annotated[bool, typer.Option("--replace", help="replace a model already registered under this id")] = False,
+               compile_setting: Annotated[Optional[str], typer.Option(
+                   "--compile", help="the compiled fast path for this pipeline: on or off (else [compile] default)")] = None,
                config: ConfigOption = None) -> None:
     """Register a diffusers folder or a .safetensors file under an id."""
     from engine.registry import ModelRegistry
@@ -489,8 +493,50 @@ def models_add(path: Path, model_id: Annotated[str, typer.Option("--id", help="t
     if model_id in registry.entries() and not replace:
         raise ValidationError(f"--id {model_id!r} is registered already ({registry.entries()[model_id].path}); "
                               "pass --replace to replace it")
-    entry = registry.add(path, model_id, kind, configs_from)
+    if compile_setting not in (None, "on", "off"):
+        raise ValidationError(f"--compile {compile_setting!r}: on or off")
+    entry = registry.add(path, model_id, kind, configs_from, compile_setting or "")
     out.print(f"added {entry.id}: {entry.kind} ({entry.format}) at {entry.path}", highlight=False)
+
+
+@app.command()
+@command
+def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's id")],
+           sizes: Annotated[str, typer.Option(help="image sizes, comma-separated WIDTHxHEIGHT")] = "1024x1024",
+           batch_sizes: Annotated[str, typer.Option(help="images per call, comma-separated")] = "1,2,4,8",
+           steps: Annotated[int, typer.Option(min=1, max=50, help="denoising steps per warm-up call")] = 3,
+           config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Compile a model's fast path ahead (minutes, once per machine), for these sizes and call sizes."""
+    from rich.progress import Progress
+
+    from engine import app as engine_app
+    from engine.app import require_installation
+    from engine.warmup import parse_size, warmup as warm
+
+    cfg = _config(config)
+    require_installation(cfg)
+    shapes = [parse_size(s) for s in sizes.split(",") if s.strip()]
+    try:
+        counts = sorted({int(n) for n in batch_sizes.split(",") if n.strip()})
+    except ValueError:
+        raise ValidationError(f"--batch-sizes {batch_sizes!r}: comma-separated whole numbers") from None
+    if not counts or min(counts) < 1 or max(counts) > cfg.get("limits", "max_num_images") * 4:
+        raise ValidationError(f"--batch-sizes {batch_sizes!r}: between 1 and {cfg.get('limits', 'max_num_images') * 4}")
+    store = engine_app.open_store(cfg)
+    try:
+        with Progress(console=err, disable=as_json) as progress:
+            task = progress.add_task(f"compiling {model_id}", total=len(shapes) * len(counts))
+
+            def done(shape, seconds, compiled) -> None:
+                progress.advance(task)
+                progress.console.print(f"{shape[1]} x {shape[2]}x{shape[3]}: {seconds:.1f} s "
+                                       f"({'compiled' if compiled else 'eager: the compile failed'})", highlight=False)
+
+            report = warm(cfg, store, engine_app.registry_for(cfg).shared, model_id, shapes, counts, steps, done)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(report))
 
 
 @app.command()

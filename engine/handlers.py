@@ -8,6 +8,7 @@ The real domains register this way, and so do the test and benchmark handlers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import shutil
 import threading
@@ -89,6 +90,16 @@ class StepResult:
     images: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    # Futures of files still being written when the handler returned (its device work done): the
+    # runner starts the device's next call meanwhile and records the step once they are written.
+    writing: list = field(default_factory=list)
+
+    def wait_for_files(self) -> None:
+        """Returns once every file is written or failed (none is left writing); raises the first
+        write's error."""
+        concurrent.futures.wait(self.writing)
+        for future in self.writing:
+            future.result()
 
 
 Handler = Callable[[StepContext], StepResult]

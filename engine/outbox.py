@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 from sqlalchemy import select
 
+from engine import sheets
 from engine.files import atomic_write_bytes, atomic_write_json
 from engine.sheets import contact_sheet, seed_label
 from engine.store import Store
@@ -59,6 +60,7 @@ def save_png(image: Image.Image, path: Path, parameters: str | None) -> None:
     encoded = io.BytesIO()
     image.save(encoded, format="PNG", pnginfo=info)
     atomic_write_bytes(path, encoded.getvalue())
+    sheets.tiles.remember(path, image)
 
 
 class Outbox:

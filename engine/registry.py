@@ -36,6 +36,8 @@ class ModelEntry:
     # The width of the text context its cross-attention takes (768 SD 1.5, 1024 SD 2, 2048 SDXL):
     # a LoRA or ControlNet fits a pipeline only when theirs are equal. 0: unknown.
     context_dim: int = 0
+    # The compiled fast path (engine.domains.accelerate): "on", "off", or "" for the config's default.
+    compile: str = ""
 
     def location(self, models_dir: Path) -> Path:
         return _located(self.path, models_dir)
@@ -212,7 +214,8 @@ class ModelRegistry:
             raise UnknownModel("no model is registered: engine models add PATH --id ID", [{"loc": "params.model"}])
         return pipelines[0]
 
-    def add(self, path: Path, model_id: str, kind: str | None = None, configs_from: Path | None = None) -> ModelEntry:
+    def add(self, path: Path, model_id: str, kind: str | None = None, configs_from: Path | None = None,
+            compile_setting: str = "") -> ModelEntry:
         path = path.resolve()
         if not path.exists():
             raise ValidationError(f"{path}: no such file or folder")
@@ -234,8 +237,10 @@ class ModelRegistry:
         context_dim = context_dim_of(path if not configs else _located(configs, self.models_dir))
         if kind in ("lora", "controlnet"):
             family = family or adapter_family(path, safetensors_keys(path) if path.is_file() else [], context_dim)
+        if compile_setting and kind != "pipeline":
+            raise ValidationError("--compile is for pipelines only")
         entry = ModelEntry(model_id, kind, self._stored(path), fmt, family, _native_size(path) if path.is_dir() else 0,
-                           sha, configs, context_dim)
+                           sha, configs, context_dim, compile_setting)
         index = self._read_index()
         index[model_id] = asdict(entry)
         atomic_write_json(self.index_file, index)

@@ -3,11 +3,14 @@
 The handler runs in one worker thread (one per device); this thread renews the lease, watches
 for pause and cancel (setting the handler's cancellation token), and writes throttled progress.
 A step's completion and the claim of the next step commit in one transaction; the step's files
-are renamed into the outbox right after that commit.
+are renamed into the outbox right after that commit. When a handler returns with files still being
+written (an inference call's PNGs), the next call is claimed and started on the device first, so
+the device does not wait for the disk.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -16,6 +19,7 @@ import time
 import uuid
 import queue
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from sqlalchemy import select
@@ -151,19 +155,22 @@ class Runner:
 
     # one step ------------------------------------------------------------------------------
 
-    def execute(self, group: list[Claim]) -> list[Claim]:
+    def execute(self, group: "list[Claim] | _Call") -> "list[Claim] | _Call":
         """Run claimed steps to their recorded end: one step, or a group that shares one handler
-        call. Returns the next group, if one was claimed with the completion."""
+        call (perhaps already started). Returns the next group, if one was claimed meanwhile."""
+        if isinstance(group, _Call):
+            return self._finish_call(group)
         if self.registry.serves_groups(group[0].step_type):
-            return self._execute_group(group)
+            return self._finish_call(self._start_call(group))
         claim = group[0]
         context, token, progress, notices = self._context(claim)
         started = time.monotonic()
         try:
             try:
                 handler = self.registry.get(claim.step_type)
-                self.worker.start(handler, context)
-                result = self._wait([claim], [token], progress)
+                ticket = self.worker.start(handler, context)
+                result = self._wait(ticket, [claim], [token], progress)
+                result.wait_for_files()
             finally:
                 self._record_notices(notices)  # models loaded on the way are recorded whatever the outcome
         except Cancelled:
@@ -172,30 +179,57 @@ class Runner:
             return self._failed([claim], self._failure(group, exc), [_written(context)])
         return self._completed([claim], [result], time.monotonic() - started, [_written(context)])
 
-    def _execute_group(self, group: list[Claim]) -> list[Claim]:
-        """A handler that serves groups gets every claim's context in one call and returns one
-        result each. A session paused or cancelled meanwhile does not stop the others: its result
-        is not recorded (its lease is gone); the call stops only when every session in it stopped."""
+    def _start_call(self, group: list[Claim]) -> "_Call":
+        """Hand a group to the worker: every claim's context in one handler call."""
         made = [self._context(claim) for claim in group]
         contexts = [context for context, _, _, _ in made]
         progress, notices = made[0][2], made[0][3]
         for context in contexts:
             context.progress, context.notify = progress.set, lambda kind, data: notices.append((kind, data))
-        started = time.monotonic()
+        ticket = self.worker.start(self.registry.get(group[0].step_type), contexts)
+        return _Call(group, contexts, progress, notices, ticket, time.monotonic())
+
+    def _finish_call(self, call: "_Call") -> "list[Claim] | _Call":
+        """Wait for a group's handler call and record its outcome. A session paused or cancelled
+        meanwhile does not stop the others: its result is not recorded (its lease is gone); the call
+        stops only when every session in it stopped. When the handler left files being written,
+        the next group is claimed and started on the device before they are waited for."""
+        group, contexts = call.group, call.contexts
+        work_dirs = lambda: [_written(c) for c in contexts]  # noqa: E731 (read after the handler ran)
         try:
             try:
-                handler = self.registry.get(group[0].step_type)
-                self.worker.start(handler, contexts)
-                results = self._wait(group, [c.token for c in contexts], progress)
+                results = self._wait(call.ticket, group, [c.token for c in contexts], call.progress)
             finally:
-                self._record_notices(notices)
+                self._record_notices(call.notices)
         except Cancelled:
             for claim, context in zip(group, contexts):
                 self._interrupted(claim, context.token, _written(context))
             return []
         except Exception as exc:
-            return self._failed(group, self._failure(group, exc), [_written(c) for c in contexts])
-        return self._completed(group, results, time.monotonic() - started, [_written(c) for c in contexts])
+            return self._failed(group, self._failure(group, exc), work_dirs())
+        duration = time.monotonic() - call.started
+        follow = self._claim_and_start() if any(r.writing for r in results) else []
+        try:
+            for result in results:
+                result.wait_for_files()
+        except Exception as exc:  # the disk's: the attempt failed, the call already started goes on
+            self._failed(group, self._failure(group, exc), work_dirs())
+            return follow
+        claimed = self._completed(group, results, duration, work_dirs(), claim_next=not follow)
+        return follow or claimed
+
+    def _claim_and_start(self) -> "list[Claim] | _Call":
+        """Claim the next group now and start it on the worker. Steps that are no shared call
+        (device discovery, a model's load: the steps that let sessions join the next call) run
+        first, one after another."""
+        if self.stop_event.is_set():
+            return []
+        group = lifecycle.claim_group(self.store, self.runner_id, self.policy, self.batching)
+        while group and not self.registry.serves_groups(group[0].step_type) and not self.stop_event.is_set():
+            group = self.execute(group)
+        if group and self.registry.serves_groups(group[0].step_type):
+            return self._start_call(group)
+        return group
 
     def _context(self, claim: Claim) -> tuple[StepContext, CancellationToken, "_Progress", list]:
         token, progress, notices = CancellationToken(), _Progress(), []
@@ -217,12 +251,12 @@ class Runner:
                         failure.message, exc_info=log.isEnabledFor(logging.DEBUG))
         return failure
 
-    def _wait(self, claims: list[Claim], tokens: list[CancellationToken], progress: "_Progress"):
+    def _wait(self, ticket: int, claims: list[Claim], tokens: list[CancellationToken], progress: "_Progress"):
         """Wait for the handler, renewing the leases and passing pause and cancel on to it."""
         last_beat = time.monotonic()
         while True:
             try:
-                return self.worker.result(timeout=self.control_every)
+                return self.worker.result(ticket, timeout=self.control_every)
             except queue.Empty:
                 pass
             now = time.monotonic()
@@ -263,10 +297,12 @@ class Runner:
 
     # recording outcomes --------------------------------------------------------------------
 
-    def _completed(self, group: list[Claim], results: list[StepResult], duration: float, work_dirs) -> list[Claim]:
-        """Record every completion of one call in one transaction, with the next group's claim.
-        A claim whose lease was lost meanwhile (its session cancelled, or taken over) is not
-        recorded and its files are discarded; the others are."""
+    def _completed(self, group: list[Claim], results: list[StepResult], duration: float, work_dirs,
+                   claim_next: bool = True) -> list[Claim]:
+        """Record every completion of one call in one transaction, with the next group's claim
+        (unless claim_next is False: one was claimed already). A claim whose lease was lost
+        meanwhile (its session cancelled, or taken over) is not recorded and its files are
+        discarded; the others are."""
         outputs = [{"images": list(r.images), "files": list(r.files), "data": r.data} for r in results]
         ended: dict[str, tuple] = {}
         stale: set[int] = set()
@@ -281,7 +317,7 @@ class Runner:
                                                    tx.projection.children("steps", claim.session_id))
                 except StaleLease:
                     stale.add(number)
-            if self.stop_event.is_set():
+            if self.stop_event.is_set() or not claim_next:
                 return []
             return lifecycle.claim_group_in(tx, self.runner_id, self.policy, self.batching)
 
@@ -344,30 +380,52 @@ def _written(context: StepContext):
     return context.attempt_dir if context.work_dir_made else None
 
 
+@dataclass
+class _Call:
+    """A group handed to the worker, and what the runner watches it with."""
+
+    group: list[Claim]
+    contexts: list[StepContext]
+    progress: "_Progress"
+    notices: list
+    ticket: int
+    started: float
+
+
 class _Worker:
     """The one thread that runs handlers (one per device), fed through two queues: lighter than an
-    executor's futures, which matters when steps are short."""
+    executor's futures, which matters when steps are short. Each call has a ticket: a result the
+    runner no longer waits for (its loop hit an error meanwhile) is dropped, never taken for
+    another call's."""
 
     def __init__(self) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._tickets = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name="engine-worker", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while (job := self._requests.get()) is not None:
-            handler, context = job
+            ticket, handler, context = job
             try:
-                self._results.put((True, handler(context)))
+                self._results.put((ticket, True, handler(context)))
             except BaseException as exc:  # handed to the runner thread, which records it
-                self._results.put((False, exc))
+                self._results.put((ticket, False, exc))
 
-    def start(self, handler, context) -> None:
-        self._requests.put((handler, context))
+    def start(self, handler, context) -> int:
+        ticket = next(self._tickets)
+        self._requests.put((ticket, handler, context))
+        return ticket
 
-    def result(self, timeout: float):
+    def result(self, ticket: int, timeout: float):
         """The handler's result (or its exception, raised here); queue.Empty while it still runs."""
-        ok, value = self._results.get(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, ok, value = self._results.get(timeout=max(deadline - time.monotonic(), 0))
+            if done == ticket:
+                break
+            del value  # an abandoned call's
         if ok:
             return value
         try:

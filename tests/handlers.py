@@ -4,7 +4,9 @@ through the same `handlers.modules` mechanism the real domains use."""
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 from engine.errors import StepFailed
@@ -65,11 +67,42 @@ def cap_memory(ctx: StepContext) -> StepResult:
     return StepResult(data={"limit_bytes": used + headroom})
 
 
+_calls = threading.Condition()
+_calls_started = 0
+
+
+def _in_a_thread(function, *args) -> Future:
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+def _write_when_next_call_starts(number: int, path: Path, text: str) -> None:
+    """Write the file once call number+1 started (or 3 s passed), saying whether it had."""
+    with _calls:
+        started = _calls.wait_for(lambda: _calls_started > number, timeout=3.0)
+    path.write_text(f"{text}next call started before this file was written: {started}\n")
+
+
 def write_group(contexts: list[StepContext]) -> list[StepResult]:
     """Serves a group in one call: each session gets a file naming the call and how many images it
-    made (params.num_images each); ENGINE_TEST_WRITE_PAUSE pauses inside, as write_file does."""
+    made (params.num_images each); ENGINE_TEST_WRITE_PAUSE pauses inside, as write_file does.
+    With the step's config late_files the files are written after the handler returns, as inference writes
+    its PNGs, once the device's next call started (or 3 s passed), and say which it was."""
     import uuid
 
+    global _calls_started
+    with _calls:
+        _calls_started += 1
+        number = _calls_started
+        _calls.notify_all()
     call_id, images = uuid.uuid4().hex[:12], sum(int(c.params.get("num_images") or 1) for c in contexts)
     started = time.perf_counter()
     time.sleep(float(os.environ.get("ENGINE_TEST_WRITE_PAUSE", "0")) or 0.001)
@@ -84,10 +117,14 @@ def write_group(contexts: list[StepContext]) -> list[StepResult]:
                                               "call_images": images})
     results = []
     for ctx in contexts:
-        name = f"step-{ctx.step_index}.txt"
-        (Path(ctx.work_dir) / name).write_text(f"{ctx.session_id} attempt {ctx.attempt} call {call_id} of {images}\n")
-        results.append(StepResult(files=[name], data={"call_id": call_id, "call_images": images,
-                                                      "group_seconds": time.perf_counter() - started}))
+        name, text = f"step-{ctx.step_index}.txt", f"{ctx.session_id} attempt {ctx.attempt} call {call_id} of {images}\n"
+        writing = []
+        if ctx.step_config.get("late_files"):
+            writing = [_in_a_thread(_write_when_next_call_starts, number, Path(ctx.work_dir) / name, text)]
+        else:
+            (Path(ctx.work_dir) / name).write_text(text)
+        results.append(StepResult(files=[name], writing=writing, data={
+            "call_id": call_id, "call_images": images, "group_seconds": time.perf_counter() - started}))
     return results
 
 

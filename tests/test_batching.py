@@ -65,6 +65,26 @@ def test_a_batch_of_8_with_preferred_size_4_runs_in_2_calls(backend_install):
     assert install.store.verify() == []
 
 
+def test_the_next_call_starts_while_the_last_calls_files_are_written(install):
+    """A handler that returns with its files still being written (as inference's PNGs are) does
+    not hold up the device: the next group is claimed and started first, and the step is recorded
+    once its files are written."""
+    batch = submit(install, {"kind": "batch", "workflow": "grouped-late", "params": {"steps": 5},
+                             "items": [{"prompt": f"item {n}"} for n in range(6)],
+                             "batch": {"preferred_batch_size": 2, "max_batch_size": 2}}).target_id
+    run_until_idle(install)
+    sessions = batch_items(install, batch)
+    assert sorted(calls(install, sessions).values()) == [2, 2, 2]
+    by_call: dict[str, list[bool]] = {}
+    for session_id in sessions:
+        text = (folder_of(install, session_id) / "step-1.txt").read_text()
+        by_call.setdefault(text.split(" call ")[1].split()[0], []).append(text.strip().endswith("True"))
+    overlapped = sorted(all(flags) for flags in by_call.values())
+    assert overlapped == [False, True, True], "each call but the last started the next before its files"
+    assert query(install, "SELECT status, completed_items FROM batches") == [("completed", 6)]
+    assert install.store.verify() == []
+
+
 def test_compatible_single_sessions_coalesce_and_incompatible_ones_never_do(tmp_path):
     on = Installation(tmp_path / "on", settings={"batching": {"coalesce": True, "max_batch_size": 8}})
     off = Installation(tmp_path / "off", settings={"batching": {"coalesce": False, "max_batch_size": 8}})

@@ -30,3 +30,25 @@ def test_a_runner_is_gone_when_its_process_is_gone_or_its_pid_was_reused():
             RunnerRow("stopped", "h", 11, 1000.0, "stopped"), RunnerRow("me", "h", 11, 1000.0, "running")]
     started = {10: 1000.4, 11: None, 12: 5000.0}
     assert dead_on_this_host(rows, "h", started.get, me="me") == ["dead", "reused"]
+
+
+def test_a_contact_sheet_uses_the_tiles_of_saved_images_and_never_a_replaced_files(tmp_path):
+    """The tile cache is keyed by the file's identity: a saved image's tile is reused (also after
+    a rename), and a file replaced since is read again."""
+    from PIL import Image
+
+    from engine.outbox import save_png
+    from engine.sheets import contact_sheet, tiles
+
+    saved = tmp_path / "a.png"
+    save_png(Image.new("RGB", (256, 256), (250, 0, 0)), saved, "red")
+    moved = tmp_path / "moved.png"
+    saved.rename(moved)
+    assert tiles.get(moved) is not None, "a rename keeps the tile"
+    sheet = contact_sheet([(moved, "#0")], tmp_path / "sheet.png")
+    assert Image.open(sheet).convert("RGB").getpixel((10, 10)) == (250, 0, 0)
+    Image.new("RGB", (256, 256), (0, 0, 250)).save(tmp_path / "blue.png")
+    (tmp_path / "blue.png").replace(moved)  # another file under the same name
+    assert tiles.get(moved) is None
+    sheet = contact_sheet([(moved, "#0")], tmp_path / "sheet.png")
+    assert Image.open(sheet).convert("RGB").getpixel((10, 10)) == (0, 0, 250)

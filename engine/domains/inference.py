@@ -7,13 +7,15 @@ Between denoising steps the handler reports progress and polls the cancellation 
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from engine.domains import memory
+from engine.domains.accelerate import bucket_split, run_call
 from engine.domains.device import generator_device
 from engine.domains.model import component_for, pipeline_for, registry_of
 from engine.errors import OutOfMemory, ValidationError
@@ -190,6 +192,20 @@ def generate_halving(pipe, wanted: list[Image], p, inputs, device, contexts) -> 
     return True
 
 
+def generate_in_calls(pipe, wanted: list[Image], p, inputs, device, contexts, accelerated, mode: str) -> bool:
+    """The images in one call, or on the compiled path in calls of its compiled sizes (each made
+    eagerly when its compiled run fails). Returns whether a call's size had to be lowered."""
+    if accelerated is None:
+        return generate_halving(pipe, wanted, p, inputs, device, contexts)
+    halved, start = [], 0
+    for size in bucket_split(len(wanted), accelerated.sizes):
+        chunk, start = wanted[start:start + size], start + size
+        run_call(accelerated, pipe, (mode, size, p["width"], p["height"]),
+                 lambda: halved.append(generate_halving(pipe, chunk, p, inputs, device, contexts)),
+                 contexts[0].notify, p["model"], device.id)
+    return any(halved)
+
+
 def generation_step(contexts: list[StepContext]) -> list[StepResult]:
     """inference_generation for one session or several compatible ones: their images in one
     pipeline call (fewer on out of memory), each session's saved into its own attempt folder."""
@@ -220,31 +236,32 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
         inputs = _mode_inputs(ctx, mode, size)
         memory.reset_peak(device)
         budget = memory.call_budget(device)
-        # 4. Denoise every image in one call, halving the call on out of memory.
+        # 4. Denoise every image in one call (on the compiled path, in calls of its compiled sizes),
+        #    halving a call on out of memory. Calls with LoRAs run eagerly.
         started = time.perf_counter()
-        halved = generate_halving(pipe, wanted, p, inputs, device, contexts)
+        halved = generate_in_calls(pipe, wanted, p, inputs, device, contexts, None if adapters else cached.accelerated,
+                                   mode)
         seconds = time.perf_counter() - started
     finally:
         if adapters:
             base.unload_lora_weights()
         base.scheduler = cached.default_scheduler
     _report_memory(ctx, budget, memory.peak_bytes(device), max(w.call_images for w in wanted), mode, device)
-    # 5. Save each session's PNGs with its parameters embedded (AUTOMATIC1111 format), several at
-    #    once: PNG compression releases the GIL, and a call of eight 1024x1024 images would otherwise
-    #    leave the GPU idle for seconds.
+    # 5. Save each session's PNGs with its parameters embedded (AUTOMATIC1111 format) on the PNG
+    #    threads, several at once (compression releases the GIL): the handler returns at once, and
+    #    the runner starts the device's next call while they are written.
     peak = memory.peak_bytes(device)
-    saves, results = [], []
+    results = []
     for owner, context in enumerate(contexts):
         mine = [w for w in wanted if w.owner == owner]
         names = [f"{index:05d}-{image.seed}.png" for index, image in enumerate(mine)]
-        saves += [(image.picture, context.work_dir / name,
-                   a1111_parameters(context.params, image.seed, {"Workflow mode": mode}))
-                  for image, name in zip(mine, names)]
-        results.append((names, mine))
-    _save_all(saves)
-    return [StepResult(images=names, data=_call_data(mine, mode, device, dtype, cached, loaded, scheduler_name, peak,
-                                                     halved, len(contexts), len(wanted), seconds))
-            for names, mine in results]
+        writing = _save_later([(image.picture, context.work_dir / name,
+                                a1111_parameters(context.params, image.seed, {"Workflow mode": mode}))
+                               for image, name in zip(mine, names)])
+        results.append(StepResult(images=names, writing=writing, data=_call_data(
+            mine, mode, device, dtype, cached, loaded, scheduler_name, peak, halved, len(contexts), len(wanted),
+            seconds)))
+    return results
 
 
 def _report_memory(ctx: StepContext, budget, peak: int | None, call_images: int, mode: str, device) -> None:
@@ -258,15 +275,25 @@ def _report_memory(ctx: StepContext, budget, peak: int | None, call_images: int,
         "call_images": call_images})
 
 
-def _save_all(saves: list[tuple]) -> None:
+_png_threads: ThreadPoolExecutor | None = None
+_png_threads_lock = threading.Lock()
+
+
+def _save_later(saves: list[tuple]) -> list[Future]:
+    """Each save handed to the PNG threads (started once, kept); one after another, here, when
+    no thread can be started (memory ran short)."""
+    global _png_threads
     try:
-        with ThreadPoolExecutor(max_workers=min(8, len(saves)), thread_name_prefix="engine-png") as pool:
-            list(pool.map(lambda save: save_png(*save), saves))
-    except RuntimeError as exc:  # no thread could be started (memory ran short): one after another
+        with _png_threads_lock:
+            if _png_threads is None:
+                _png_threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-png")
+        return [_png_threads.submit(save_png, *save) for save in saves]
+    except RuntimeError as exc:
         if "thread" not in str(exc):
             raise
-        for save in saves:
-            save_png(*save)
+    for save in saves:
+        save_png(*save)
+    return []
 
 
 def _call_data(mine: list[Image], mode, device, dtype, cached, loaded, scheduler_name, peak, halved, sessions,

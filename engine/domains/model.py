@@ -8,19 +8,21 @@ reported through the step's `notify`, which the runner records as `model.loaded`
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from engine.domains import memory
+from engine.domains import accelerate, memory
 from engine.domains.device import DeviceInfo, device_of, dtype_for, torch_device
 from engine.errors import EngineError, ModelLoadFailed
 from engine.handlers import StepContext, StepResult
 from engine.registry import ModelEntry, ModelRegistry, file_sha256, folder_fingerprint
 
 Notify = Callable[[str, dict[str, Any]], None]
+log = logging.getLogger("engine.model")
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Cached:
     size: int
     file_hash: str
     default_scheduler: Any = None
+    accelerated: Any = None  # engine.domains.accelerate.Accelerated, for a model on the compiled path
 
 
 class ModelCache:
@@ -134,7 +137,8 @@ def _load_single_file(entry: ModelEntry, path, dtype, configs) -> Any:
 
 
 def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceInfo]:
-    """The session's pipeline on the session's device, from the warm cache when it is there."""
+    """The session's pipeline on the session's device, from the warm cache when it is there;
+    prepared for the compiled path when the model (or the config's default) asks for it."""
     device = device_of(ctx)
     dtype = dtype_for(device, ctx.config.get("device", "dtype"))
     entry = registry_of(ctx).get(model_id, "pipeline")
@@ -142,7 +146,22 @@ def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceI
     configs = entry.configs_location(ctx.config.models_dir)
     cached, loaded = cache_of(ctx).get(("pipeline", model_id, device.id, str(dtype)), entry, device,
                                        lambda: load_pipeline(entry, path, device, dtype, configs), path, ctx.notify)
+    if loaded and accelerate.wanted(entry.compile, ctx.config):
+        cached.accelerated = accelerated_or_none(cached.value, ctx.config, device)
     return cached, loaded, device
+
+
+def accelerated_or_none(pipe, config, device: DeviceInfo):
+    """The compiled path for this pipeline, or None where it cannot run (DirectML, MPS) or could
+    not be prepared (logged): the model then runs eagerly, as without the flag."""
+    if device.kind in ("directml", "mps"):
+        log.warning("the compiled path is for CUDA and CPU devices; %s runs eagerly", device.id)
+        return None
+    try:
+        return accelerate.prepare(pipe, config, device.name)
+    except Exception as exc:
+        log.warning("could not prepare the compiled path (%s: %s); the model runs eagerly", type(exc).__name__, exc)
+        return None
 
 
 def component_for(ctx: StepContext, model_id: str, kind: str, loader: Callable[[ModelEntry, Any], Any]) -> Any:

@@ -269,8 +269,9 @@ def _model_event(p: Projection, e: Event) -> None:
     p.put("models", base)
 
 
-def _model_measured(p: Projection, e: Event) -> None:
-    """A call's memory, per image, for its model, size and mode: later calls are sized from it."""
+def _model_noted(p: Projection, e: Event) -> None:
+    """Something a runner saw of a model (compiled, its compile failed, measured): the event log
+    keeps it; the models row only moves on."""
     d = e.data
     row = p.get("models", (e.stream_id,))
     base = dict(row) if row else {"model_key": e.stream_id, "model_id": d["model_id"],
@@ -278,6 +279,12 @@ def _model_measured(p: Projection, e: Event) -> None:
                                   "file": None, "file_hash": None}
     base.update(updated_at=e.created_at, last_seq=e.seq)
     p.put("models", base)
+
+
+def _model_measured(p: Projection, e: Event) -> None:
+    """A call's memory, per image, for its model, size and mode: later calls are sized from it."""
+    d = e.data
+    _model_noted(p, e)
     key = (d["model_id"], d["width"], d["height"], d["mode"])
     p.get("memory_profiles", key)  # read first: a put of an unread row inserts
     p.put("memory_profiles", {"model_id": d["model_id"], "width": d["width"], "height": d["height"], "mode": d["mode"],
@@ -309,4 +316,6 @@ _HANDLERS = {
     "model.loaded": _model_event,
     "model.unloaded": _model_event,
     "model.measured": _model_measured,
+    "model.compiled": _model_noted,
+    "model.compile_failed": _model_noted,
 }

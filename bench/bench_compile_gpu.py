@@ -1,0 +1,178 @@
+"""GPU benchmark of the compiled fast path beside stock diffusers, in phases on one machine:
+
+    python bench/bench_compile_gpu.py --phase cold   # stock, then compile (cache empty), then measure
+    python bench/bench_compile_gpu.py --phase warm   # a second process: first image with the cache there
+    python bench/bench_compile_gpu.py --tiny --steps 2 --size 64   # the script itself, on a CPU
+
+cold: stock diffusers at batch sizes 1 and 8; `engine warmup` of the compiled model (batch sizes
+1 and 8, the seconds it took with an empty cache); a --items batch through the engine on the
+compiled path; single sessions one at a time, each timed from submit to its result.json; the PSNR
+of the compiled images against stock's at the same seeds. warm: a new process that loads the model
+and makes one image, timed from the process's start (the cache from cold present). The model is
+SDXL's architecture with random weights (bench_gpu.build_sdxl), fp16. Writes $OUT/compile_<phase>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+STARTED = time.perf_counter()  # the warm phase counts from here: the process's start, imports included
+
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_batch_gpu import Engine, span  # noqa: E402
+from bench_gpu import GpuSamples, build_sdxl, device_name, load_direct  # noqa: E402
+
+PROMPT = "a lighthouse at dusk"
+
+
+def stock(folder: Path, steps: int, size: int, samples: GpuSamples, out: Path) -> dict:
+    """Stock diffusers at batch sizes 1 and 8; the batch-8 images are kept for the PSNR."""
+    import torch
+
+    pipe, _ = load_direct(folder)
+    pipe(prompt="warm up", num_inference_steps=steps, width=size, height=size, guidance_scale=7.0)
+    figures = {}
+    for batch, images in ((1, 3), (8, 8)):
+        def work() -> int:
+            for start in range(0, images, batch):
+                seeds = list(range(100 + start, 100 + min(start + batch, images)))
+                made = pipe(prompt=[PROMPT] * len(seeds), num_inference_steps=steps, width=size, height=size,
+                            guidance_scale=7.0, generator=[torch.Generator(device_name()).manual_seed(s) for s in seeds])
+                if batch == 8:
+                    for seed, picture in zip(seeds, made.images):
+                        picture.save(out / f"stock-{seed}.png")
+            return images
+
+        figures[str(batch)] = span(samples, work)
+    del pipe
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return figures
+
+
+def psnr(first: Path, second: Path) -> float:
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(first), dtype=np.float64)
+    b = np.asarray(Image.open(second), dtype=np.float64)
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
+
+
+def cold(args, model: Path, samples: GpuSamples) -> dict:
+    from engine.warmup import warmup
+
+    stock_out = args.folder / "stock"
+    stock_out.mkdir(parents=True, exist_ok=True)
+    result = {"stock": stock(model, args.steps, args.size, samples, stock_out)}
+    engine = Engine(model, args.folder / "engine", compile_setting="on", mode=args.mode)
+    started = time.perf_counter()
+    result["warmup"] = warmup(engine.config, engine.store, engine.runner.registry.shared, "sdxl-random",
+                              [(args.size, args.size)], [1, 8], steps=args.steps)
+    result["warmup_seconds"] = round(time.perf_counter() - started, 1)
+    params = {"model": "sdxl-random", "width": args.size, "height": args.size, "steps": args.steps,
+              "guidance_scale": 7.0}
+
+    def batch() -> int:
+        engine.submit({"kind": "batch", "workflow": "txt2img", "params": {**params, "prompt": PROMPT},
+                       "matrix": {"product": {"seed": list(range(100, 100 + args.items))}},
+                       "batch": {"preferred_batch_size": 8, "max_batch_size": 8}})
+        engine.run()
+        return args.items
+
+    result["engine_batch"] = span(samples, batch)
+    singles = []
+    for n in range(args.singles):
+        started = time.perf_counter()
+        session = engine.submit({"workflow": "txt2img", "params": {**params, "prompt": f"single {n}", "seed": 900 + n}})
+        engine.run()
+        singles.append(round(time.perf_counter() - started, 3))
+        assert (engine.config.outbox / session / "result.json").exists()
+    result["single_session_seconds"] = singles
+    result["single_session_median"] = sorted(singles)[len(singles) // 2]
+    batch_folder = next((engine.config.outbox / "batches").iterdir())
+    pairs = []
+    for item in sorted(batch_folder.glob("item-*")):
+        for image in item.glob("*.png"):
+            seed = int(image.stem.split("-")[-1])
+            if (stock_out / f"stock-{seed}.png").exists():
+                pairs.append(psnr(stock_out / f"stock-{seed}.png", image))
+    result["psnr_compiled_vs_stock_db"] = {"pairs": len(pairs), "min": round(min(pairs), 2) if pairs else None,
+                                           "mean": round(sum(pairs) / len(pairs), 2) if pairs else None}
+    result["events"] = engine.query("SELECT type, data FROM event_log WHERE type LIKE 'model.compile%' ORDER BY seq")
+    result["call_sizes"] = sorted({d["call_id"]: d["call_images"] for d in (json.loads(r[0])["data"] for r in engine.query(
+        "SELECT output FROM steps WHERE step_type = 'inference_generation' AND status = 'completed'"))}.values())
+    best_stock = max(f["images_per_s"] for f in result["stock"].values())
+    result["batch_vs_best_stock"] = round(result["engine_batch"]["images_per_s"] / best_stock, 3)
+    engine.runner.close()
+    return result
+
+
+def warm(args, model: Path) -> dict:
+    """A second engine process on the same machine: the first image, from the process's start."""
+    engine = Engine(model, args.folder / "engine-warm", compile_setting="on", mode=args.mode,
+                    cache=args.folder / "engine" / "compile-cache")
+    session = engine.submit({"workflow": "txt2img", "params": {
+        "model": "sdxl-random", "width": args.size, "height": args.size, "steps": args.steps, "guidance_scale": 7.0,
+        "prompt": "first", "seed": 1}})
+    engine.run()
+    seconds = time.perf_counter() - STARTED
+    assert (engine.config.outbox / session / "result.json").exists()
+    events = engine.query("SELECT type, data FROM event_log WHERE type LIKE 'model.%' ORDER BY seq")
+    engine.runner.close()
+    return {"first_image_seconds_from_process_start": round(seconds, 1), "events": events}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=("cold", "warm"), default="cold")
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/engine-compile-gpu"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--items", type=int, default=16)
+    parser.add_argument("--singles", type=int, default=3)
+    parser.add_argument("--mode", default="reduce-overhead")
+    parser.add_argument("--tiny", action="store_true", help="a tiny SDXL instead (to try the script on a CPU)")
+    args = parser.parse_args()
+    from engine.app import quiet_libraries
+
+    quiet_libraries()
+    model = args.folder / "model"
+    if not model.exists():
+        if args.tiny:
+            from engine.tinymodels import build_tiny_sdxl
+
+            build_tiny_sdxl(model)
+        else:
+            build_sdxl(model)
+    if args.phase == "cold":
+        import shutil
+
+        shutil.rmtree(args.folder / "engine", ignore_errors=True)
+        result = cold(args, model, GpuSamples())
+    else:
+        import shutil
+
+        shutil.rmtree(args.folder / "engine-warm", ignore_errors=True)
+        result = warm(args, model)
+    result.update(phase=args.phase, device=device_name(), steps=args.steps, size=args.size, mode=args.mode)
+    if device_name() == "cuda":
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name(0)
+        result["torch"] = torch.__version__
+    print(json.dumps({k: v for k, v in result.items() if k != "events"}, indent=1))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"compile_{args.phase}.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

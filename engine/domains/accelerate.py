@@ -1,0 +1,173 @@
+"""The compiled fast path: an opt-in, per model, for CUDA (and CPU). channels_last memory layout
+and torch.compile of the UNet (or transformer) and the VAE decoder, for the call sizes the
+BatchManager uses. Calls with LoRAs run eagerly (their adapters change the modules a compiled graph
+was traced from). QKV projections are not fused: a LoRA attaches to the separate projections.
+
+Compiling is paid once per machine: torch's on-disk caches (inductor's generated kernels, its FX
+graph cache and AOTAutograd's) live under the engine's `[compile] cache` folder, one folder per
+torch version and GPU, so a new torch or another GPU compiles afresh; inside it entries are keyed
+by the graphs themselves, so a model of another architecture compiles afresh too (weights are
+inputs of the compiled code, never part of it). `engine warmup` compiles ahead.
+
+Compiling never costs an image: a call whose compiled run fails (a compile error, a shape it
+cannot take) is made again eagerly, and that shape is not tried compiled again in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger("engine.compile")
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+Shape = tuple[str, int, int, int]  # mode, images in the call, width, height
+
+
+def wanted(entry_setting: str, config) -> bool:
+    """The model's own setting ("on" / "off"), else the config's default."""
+    if entry_setting in ("on", "off"):
+        return entry_setting == "on"
+    return bool(config.get("compile", "default"))
+
+
+def bucket_split(images: int, sizes: list[int]) -> list[int]:
+    """A call of `images` as calls of compiled sizes, largest first (7 with [1, 2, 4, 8]: 4, 2, 1).
+    Sizes below the smallest compiled one stay as they are."""
+    chunks, left = [], images
+    for size in sorted(set(sizes), reverse=True):
+        while size > 0 and left >= size:
+            chunks.append(size)
+            left -= size
+    return chunks + ([left] if left else [])
+
+
+def cache_folder(config, gpu_name: str, torch_version: str) -> Path:
+    """Where this machine's compile caches live: one folder per torch version and GPU."""
+    base = Path(str(config.get("compile", "cache"))).expanduser()
+    base = base if base.is_absolute() else config.base_dir / base
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"torch-{torch_version}-{gpu_name}").strip("-").lower()
+    return base / slug
+
+
+def use_cache(folder: Path) -> None:
+    """Point torch's compile caches at `folder` (before anything is compiled in this process)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+
+
+@dataclass
+class Accelerated:
+    """A pipeline's eager and compiled denoiser and decoder, and which call shapes ran compiled."""
+
+    pipe: Any
+    eager: dict[str, Any]
+    compiled: dict[str, Any]
+    sizes: list[int]
+    mode: str
+    backend: str
+    cache: Path | None
+    done: set = field(default_factory=set)  # shapes that ran compiled
+    failed: dict = field(default_factory=dict)  # shape -> why it runs eagerly
+
+    def compiles(self, shape: Shape) -> bool:
+        return shape[1] in self.sizes and shape not in self.failed
+
+    @contextmanager
+    def compiled_in(self, pipe) -> Iterator[None]:
+        """`pipe` (this pipeline, or one made from it for another mode) with the compiled modules
+        in place for one call, and its eager ones back after it."""
+        for name, module in self.compiled.items():
+            _set(pipe, name, module)
+        try:
+            yield
+        finally:
+            for name, module in self.eager.items():
+                _set(pipe, name, module)
+
+
+def _described(exc: BaseException) -> str:
+    """The error and its root cause, one line each at most: torch wraps a backend's error."""
+    parts, seen = [], exc
+    while seen is not None and len(parts) < 3:
+        first = next((line.strip() for line in str(seen).splitlines() if line.strip()), "")
+        parts.append(f"{type(seen).__name__}: {first}")
+        seen = seen.__cause__ or getattr(seen, "inner_exception", None)
+    return "; caused by ".join(parts)[:500]
+
+
+def _set(pipe, name: str, module) -> None:
+    owner, _, attribute = name.rpartition(".")
+    setattr(pipe if not owner else getattr(pipe, owner), attribute, module)
+
+
+def prepare(pipe, config, gpu_name: str) -> Accelerated:
+    """channels_last on the pipeline's denoiser and VAE, and their compiled twins (compiled by
+    torch at their first call of each shape)."""
+    import torch
+
+    mode, backend = str(config.get("compile", "mode")), str(config.get("compile", "backend"))
+    if mode not in MODES:
+        raise ValueError(f"[compile] mode {mode!r}: one of {', '.join(MODES)}")
+    cache = None
+    if backend == "inductor":
+        cache = cache_folder(config, gpu_name, torch.__version__)
+        use_cache(cache)
+    denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    for module in (getattr(pipe, denoiser), pipe.vae):
+        module.to(memory_format=torch.channels_last)
+    eager = {denoiser: getattr(pipe, denoiser), "vae.decoder": pipe.vae.decoder}
+    options = {"backend": backend, "fullgraph": False, "dynamic": False}
+    if backend == "inductor":
+        options["mode"] = mode
+    compiled = {name: torch.compile(module, **options) for name, module in eager.items()}
+    return Accelerated(pipe, eager, compiled, sorted({int(s) for s in config.get("compile", "batch_sizes")}),
+                       mode, backend, cache)
+
+
+def run_call(accelerated: Accelerated | None, pipe, shape: Shape, call: Callable[[], None],
+             notify: Callable[[str, dict], None], model_id: str, device_id: str) -> bool:
+    """Make one call: compiled when this shape compiles, else (or when the compiled run fails
+    other than for memory or cancellation) eagerly. Returns whether it ran compiled. The first
+    compiled run of a shape is reported as `model.compiled` (shape, seconds), a failure as
+    `model.compile_failed`; the call itself is the caller's, and its images are made either way."""
+    from engine.domains import memory
+    from engine.errors import Cancelled
+
+    if accelerated is None or not accelerated.compiles(shape):
+        call()
+        return False
+    started = time.perf_counter()
+    error = None
+    try:
+        with accelerated.compiled_in(pipe):
+            call()
+    except Cancelled:
+        raise
+    except Exception as exc:
+        if memory.is_oom(exc):
+            raise
+        error = _described(exc)
+    if error is None:
+        if shape not in accelerated.done:
+            accelerated.done.add(shape)
+            notify("model.compiled", {"model_id": model_id, "device": device_id, "shape": list(shape),
+                                      "seconds": round(time.perf_counter() - started, 3), "mode": accelerated.mode,
+                                      "backend": accelerated.backend,
+                                      "cache": str(accelerated.cache) if accelerated.cache else None})
+        return True
+    accelerated.failed[shape] = error
+    log.warning("the compiled call of %s for %s failed (%s); made eagerly, and this shape stays eager", model_id,
+                shape, error)
+    notify("model.compile_failed", {"model_id": model_id, "device": device_id, "shape": list(shape), "error": error})
+    call()
+    return False
