@@ -67,17 +67,25 @@ def psnr(first: Path, second: Path) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
 
 
+def checkpoint(result: dict, phase: str) -> None:
+    """What is measured so far, in $OUT (a run cut off by its time limit still reports it)."""
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"compile_{phase}.json").write_text(json.dumps(result, indent=2, default=str))
+
+
 def cold(args, model: Path, samples: GpuSamples) -> dict:
     from engine.warmup import warmup
 
     stock_out = args.folder / "stock"
     stock_out.mkdir(parents=True, exist_ok=True)
     result = {"stock": stock(model, args.steps, args.size, samples, stock_out)}
+    checkpoint(result, "cold")
     engine = Engine(model, args.folder / "engine", compile_setting="on", mode=args.mode)
     started = time.perf_counter()
     result["warmup"] = warmup(engine.config, engine.store, engine.runner.registry.shared, "sdxl-random",
                               [(args.size, args.size)], [1, 8], steps=args.steps)
     result["warmup_seconds"] = round(time.perf_counter() - started, 1)
+    checkpoint(result, "cold")
     params = {"model": "sdxl-random", "width": args.size, "height": args.size, "steps": args.steps,
               "guidance_scale": 7.0}
 
@@ -89,6 +97,7 @@ def cold(args, model: Path, samples: GpuSamples) -> dict:
         return args.items
 
     result["engine_batch"] = span(samples, batch)
+    checkpoint(result, "cold")
     singles = []
     for n in range(args.singles):
         started = time.perf_counter()
@@ -105,8 +114,9 @@ def cold(args, model: Path, samples: GpuSamples) -> dict:
             seed = int(image.stem.split("-")[-1])
             if (stock_out / f"stock-{seed}.png").exists():
                 pairs.append(psnr(stock_out / f"stock-{seed}.png", image))
-    result["psnr_compiled_vs_stock_db"] = {"pairs": len(pairs), "min": round(min(pairs), 2) if pairs else None,
-                                           "mean": round(sum(pairs) / len(pairs), 2) if pairs else None}
+    pairs.sort()
+    result["psnr_compiled_vs_stock_db"] = {"pairs": len(pairs), "min": round(pairs[0], 2) if pairs else None,
+                                           "median": round(pairs[len(pairs) // 2], 2) if pairs else None}
     result["events"] = engine.query("SELECT type, data FROM event_log WHERE type LIKE 'model.compile%' ORDER BY seq")
     result["call_sizes"] = sorted({d["call_id"]: d["call_images"] for d in (json.loads(r[0])["data"] for r in engine.query(
         "SELECT output FROM steps WHERE step_type = 'inference_generation' AND status = 'completed'"))}.values())
@@ -170,8 +180,7 @@ def main() -> None:
         result["gpu"] = torch.cuda.get_device_name(0)
         result["torch"] = torch.__version__
     print(json.dumps({k: v for k, v in result.items() if k != "events"}, indent=1))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"compile_{args.phase}.json").write_text(json.dumps(result, indent=2))
+    checkpoint(result, args.phase)
 
 
 if __name__ == "__main__":
