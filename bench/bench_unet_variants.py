@@ -1,0 +1,108 @@
+"""Which settings make SDXL's calls faster at one batch size, each variant in its own process so
+their settings cannot leak into each other (pipeline called directly, no engine):
+
+    python bench/bench_unet_variants.py [--batch 8] [--variants eager,cudnn,compiled,tuned]
+
+eager: stock diffusers; cudnn: stock with cuDNN's attention preferred; compiled: channels_last and
+torch.compile (reduce-overhead) of the UNet and the VAE decoder, as the engine's compiled path;
+tuned: compiled, plus fused QKV projections, cuDNN attention and inductor's tuning flags
+(conv_1x1_as_mm, coordinate descent, no epilogue fusion). Prints images/s per variant and the
+compile seconds; writes $OUT/unet_variants.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def one(variant: str, folder: Path, batch: int, steps: int, size: int, calls: int) -> dict:
+    import torch
+
+    from bench_gpu import load_direct
+
+    pipe, _ = load_direct(folder)
+    if variant in ("cudnn", "tuned"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        preferred = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
+        sdpa_kernel(preferred, set_priority=True).__enter__()  # for the rest of this process
+    if variant in ("compiled", "tuned"):
+        if variant == "tuned":
+            import torch._inductor.config as inductor
+
+            inductor.conv_1x1_as_mm = True
+            inductor.coordinate_descent_tuning = True
+            inductor.epilogue_fusion = False
+            pipe.fuse_qkv_projections()
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", dynamic=False)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode="reduce-overhead", dynamic=False)
+
+    def call(n: int) -> None:
+        pipe(prompt=["a lighthouse at dusk"] * n, num_inference_steps=steps, width=size, height=size,
+             guidance_scale=7.0, generator=[torch.Generator("cuda").manual_seed(s) for s in range(n)])
+
+    started = time.perf_counter()
+    call(batch)
+    call(batch)  # CUDA graphs are recorded on a later run than the first
+    torch.cuda.synchronize()
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(calls):
+        call(batch)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"variant": variant, "batch": batch, "first_two_calls_s": round(first, 1),
+            "images_per_s": round(batch * calls / seconds, 4), "seconds_per_call": round(seconds / calls, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/engine-compile-gpu/model"))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--calls", type=int, default=2)
+    parser.add_argument("--variants", default="eager,cudnn,compiled,tuned")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, default=400)
+    args = parser.parse_args()
+    from engine.app import quiet_libraries
+
+    quiet_libraries()
+    if args.one:
+        print(json.dumps(one(args.one, args.folder, args.batch, args.steps, args.size, args.calls)))
+        return
+    if not args.folder.exists():
+        from bench_gpu import build_sdxl
+
+        build_sdxl(args.folder)
+    results = []
+    for variant in args.variants.split(","):
+        command = [sys.executable, __file__, "--one", variant, "--folder", str(args.folder), "--batch", str(args.batch),
+                   "--steps", str(args.steps), "--size", str(args.size), "--calls", str(args.calls)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            results.append(json.loads(lines[-1]) if lines else {"variant": variant, "error": done.stderr[-800:]})
+        except subprocess.TimeoutExpired:
+            results.append({"variant": variant, "error": f"over {args.timeout} s"})
+        print(json.dumps(results[-1]), flush=True)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "unet_variants.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
