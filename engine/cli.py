@@ -10,6 +10,7 @@ import functools
 import json
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -43,11 +44,44 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class Case(str, Enum):
+    snake = "snake"
+    camel = "camel"
+    pascal = "pascal"
+
+
 @app.callback()
 def _main(config: ConfigOption = None,
+          case: Annotated[Case, typer.Option(
+              "--case", help="key case of --json output, for clients in other languages (result.json stays snake)",
+              case_sensitive=False)] = Case.snake,
           version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                           help="print the version and exit")] = None) -> None:
     _state["config"] = config
+    _state["case"] = case
+
+
+def _recased(value: Any, case: Case) -> Any:
+    """snake_case keys as camelCase or PascalCase (the design notes' ToCSharpFormat)."""
+    if case == Case.snake:
+        return value
+    if isinstance(value, dict):
+        return {_key_in(str(k), case): _recased(v, case) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_recased(v, case) for v in value]
+    return value
+
+
+def _key_in(key: str, case: Case) -> str:
+    words = [w for w in key.split("_") if w]
+    if not words:
+        return key
+    joined = "".join(w[:1].upper() + w[1:] for w in words)
+    return joined if case == Case.pascal else joined[:1].lower() + joined[1:]
+
+
+def _print_json(value: Any, **options) -> None:
+    print(json.dumps(_recased(json.loads(json.dumps(value, default=str)), _state.get("case", Case.snake)), **options))
 
 
 def _config(path: Path | None) -> Config:
@@ -63,7 +97,7 @@ def command(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except EngineError as exc:
             if kwargs.get("as_json"):
-                print(json.dumps(exc.to_dict()))
+                _print_json(exc.to_dict())
             else:
                 err.print(f"[bold red]{exc.code}[/]: {exc.message}", highlight=False)
                 for detail in exc.details[:10]:
@@ -84,7 +118,7 @@ def _confirm(what: str, yes: bool) -> None:
 
 def _table(columns: list[str], rows: list, as_json: bool, title: str | None = None) -> None:
     if as_json:
-        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str))
+        _print_json([dict(zip(columns, r)) for r in rows], default=str)
         return
     table = Table(title=title)
     for column in columns:
@@ -127,7 +161,7 @@ def schema(config: ConfigOption = None) -> None:
     """Print the JSON Schema of job files."""
     from engine.jobs import job_schema
 
-    print(json.dumps(job_schema(), indent=2, sort_keys=True))
+    print(json.dumps(job_schema(), indent=2, sort_keys=True))  # the contract's own names
 
 
 @app.command()
@@ -147,14 +181,55 @@ def run(config: ConfigOption = None,
         until_idle: Annotated[bool, typer.Option("--until-idle", help="exit when nothing is left to do")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live view")] = False,
         runner_id: Annotated[Optional[str], typer.Option(
-            help="a stable id unique to this runner: after a crash it takes its own steps back at once")] = None) -> None:
-    """Take the inbox and run steps (a live view shows running sessions)."""
+            help="a stable id unique to this runner: after a crash it takes its own steps back at once")] = None,
+        log_format: Annotated[Optional[str], typer.Option(
+            "--log-format", help="log lines on stderr: plain or json (else [logging] format)")] = None) -> None:
+    """Take the inbox and run steps (a live view shows running sessions; log lines go to stderr)."""
+    from engine import logs
     from engine.live import run_with_view
 
     cfg = _config(config)
+    logs.configure(cfg.get("logging", "level"), log_format or cfg.get("logging", "format"))
     done = run_with_view(cfg, until_idle=until_idle, console=out, live=not quiet and out.is_terminal,
                          runner_id=runner_id)
     out.print(f"{done} steps done")
+
+
+@app.command()
+@command
+def validate(files: Annotated[list[Path], typer.Argument(help="job files")], config: ConfigOption = None,
+             as_json: JsonOption = False) -> None:
+    """Check job files exactly as the inbox would, without submitting them: exit 0 when every one
+    is valid, else 2 with the error the inbox would write."""
+    from engine.app import require_installation
+    from engine.intake import Intake
+    from engine.jobs import parse_job_bytes
+
+    cfg = _config(config)
+    require_installation(cfg)
+    intake, reports = Intake(cfg), []
+    for path in files:
+        try:
+            raw = path.read_bytes()
+            job = parse_job_bytes(raw)
+            if job.kind == "session":
+                intake.session(job)
+            elif job.kind == "batch":
+                intake.batch(job)
+            reports.append({"file": path.name, "ok": True, "error": None})
+        except OSError as exc:
+            reports.append({"file": path.name, "ok": False, "error": {"code": "NOT_FOUND", "message": str(exc)}})
+        except EngineError as exc:
+            reports.append({"file": path.name, "ok": False, "error": {**exc.to_dict(), "file": path.name}})
+    if as_json:
+        _print_json(reports)
+    else:
+        for report in reports:
+            error = report["error"]
+            out.print(f"{report['file']}: " + ("ok" if report["ok"] else f"[red]{error['code']}[/]: {error['message']}"),
+                      highlight=False)
+    if not all(r["ok"] for r in reports):
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -185,7 +260,7 @@ def submit(files: list[Path], config: ConfigOption = None, as_json: JsonOption =
             failed = failed or exc
             results.append({"file": str(path), **exc.to_dict()})
     if as_json:
-        print(json.dumps(results))
+        _print_json(results)
     else:
         for r in results:
             if "code" in r:
@@ -265,7 +340,7 @@ def session(session_id: str, config: ConfigOption = None, as_json: JsonOption = 
         follow_session(cfg, session_id, out, lambda: _session_report(cfg, session_id))
     report = _session_report(cfg, session_id)
     if as_json:
-        print(json.dumps(report, default=str))
+        _print_json(report, default=str)
         return
     out.print(f"[bold]{report['session_id']}[/] {report['workflow_id']} [bold]{report['status']}[/] "
               f"step {report['current_step']}/{report['total_steps']} ({report['progress']:.0%})", highlight=False)
@@ -300,7 +375,7 @@ def batch(batch_id: str, config: ConfigOption = None, as_json: JsonOption = Fals
                                       "s.error_code FROM items i LEFT JOIN sessions s ON s.session_id = i.session_id "
                                       "WHERE i.batch_id = :id ORDER BY i.item_index", id=report["batch_id"])
     if as_json:
-        print(json.dumps({**report, "items": [dict(zip(item_columns, i)) for i in items]}, default=str))
+        _print_json({**report, "items": [dict(zip(item_columns, i)) for i in items]}, default=str)
         return
     out.print(f"[bold]{report['batch_id']}[/] [bold]{report['status']}[/] {report['completed_items']}/"
               f"{report['total_items']} completed, {report['failed_items']} failed", highlight=False)
@@ -320,8 +395,8 @@ def events(target: str, config: ConfigOption = None, as_json: JsonOption = False
     found = store.stream(target_type, target_id)
     rows = [(e.event_id, e.seq, e.type, json.dumps(e.data, sort_keys=True)[:200], e.created_at) for e in found]
     if as_json:
-        print(json.dumps([{"event_id": e.event_id, "stream_type": e.stream_type, "stream_id": e.stream_id,
-                           "seq": e.seq, "type": e.type, "data": e.data, "created_at": e.created_at} for e in found]))
+        _print_json([{"event_id": e.event_id, "stream_type": e.stream_type, "stream_id": e.stream_id,
+                           "seq": e.seq, "type": e.type, "data": e.data, "created_at": e.created_at} for e in found])
         return
     _table(["event_id", "seq", "type", "data", "created_at"], rows, False)
 
@@ -338,8 +413,8 @@ def _control(action: str, target: str, config: Path | None, as_json: bool) -> No
     target_type, target_id, appended = commands.control(store, target, action)
     Outbox(cfg.outbox).finish(store, appended)
     if as_json:
-        print(json.dumps({"target_type": target_type, "target_id": target_id, "action": action,
-                          "events": [e.type for e in appended]}))
+        _print_json({"target_type": target_type, "target_id": target_id, "action": action,
+                          "events": [e.type for e in appended]})
     else:
         out.print(f"{action}: {target_type} {target_id} ({', '.join(e.type for e in appended)})", highlight=False)
 
@@ -394,7 +469,7 @@ def rebuild(config: ConfigOption = None, verify: Annotated[bool, typer.Option("-
     if verify:
         differences = store.verify()
         if as_json:
-            print(json.dumps({"differences": differences}))
+            _print_json({"differences": differences})
         else:
             for line in differences[:200]:
                 out.print(line, highlight=False)
@@ -405,9 +480,10 @@ def rebuild(config: ConfigOption = None, verify: Annotated[bool, typer.Option("-
     _confirm("drop and rebuild every status table from the event log", yes)
     counts = store.rebuild()
     if as_json:
-        print(json.dumps(counts))
+        _print_json(counts)
     else:
-        out.print(f"rebuilt {counts} in {time.perf_counter() - started:.2f}s")
+        rows = ", ".join(f"{count} {table}" for table, count in counts.items())
+        out.print(f"rebuilt from the event log in {time.perf_counter() - started:.2f}s: {rows}", highlight=False)
 
 
 # the catalogue -----------------------------------------------------------------------------
@@ -430,16 +506,24 @@ def workflows(workflow_id: Annotated[Optional[str], typer.Argument()] = None, co
     from engine.jobs import validate_params
 
     workflow = get_workflow(found, workflow_id)
-    given = validate_params(json.loads(params) if params else {}, "params")
+    try:
+        raw = json.loads(params) if params else {}
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"--params: not valid JSON: {exc.msg} at column {exc.colno}") from None
+    given = validate_params(raw, "params")
     steps = workflow.resolve(given.model_dump())
     guess = estimate(cfg, workflow, given)
     if as_json:
-        print(json.dumps({"id": workflow.id, "description": workflow.description, "steps": steps, "estimate": guess}))
+        _print_json({"id": workflow.id, "description": workflow.description, "steps": steps, "estimate": guess})
         return
     out.print(f"[bold]{workflow.id}[/]: {workflow.description}", highlight=False)
     _table(["index", "type", "domain", "config"], [(i, s["type"], s["domain"], json.dumps(s["config"]))
                                                     for i, s in enumerate(steps)], False)
-    out.print(f"estimate: {guess}", highlight=False)
+    memory = f"{guess['memory_gib']} GiB" if guess.get("memory_gib") is not None else "unknown memory"
+    seconds = f"about {guess['seconds']:.0f} s" if guess.get("seconds") is not None else "unknown time"
+    size = f"{guess['width']}x{guess['height']}" if guess.get("width") else "default size"
+    out.print(f"estimate on {guess.get('device')}: {memory}, {seconds} for {size} "
+              f"({guess.get('note') or 'a rough order of magnitude'})", highlight=False)
 
 
 @app.command()
@@ -463,10 +547,15 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
     from engine.registry import ModelRegistry
 
     cfg = _config(config)
-    entries = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle")).entries().values()
+    registry = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle"), cfg.get("models", "default"))
+    entries = registry.entries().values()
+    try:
+        default_id = registry.default_pipeline().id
+    except EngineError:
+        default_id = None  # none registered, or [models] default names none: a job that names none is refused
     default_compile = "on" if cfg.get("compile", "default") else "off"
-    _table(["id", "kind", "format", "family", "context_dim", "compile", "path", "configs_from"],
-           [(e.id, e.kind, e.format, e.family or "unknown", e.context_dim or None,
+    _table(["id", "kind", "default", "format", "family", "context_dim", "compile", "path", "configs_from"],
+           [(e.id, e.kind, e.id == default_id, e.format, e.family or "unknown", e.context_dim or None,
              (e.compile or f"{default_compile} (default)") if e.kind == "pipeline" else None, e.path, e.configs_from)
             for e in entries], as_json)
 
@@ -536,7 +625,7 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
     finally:
         store.close()
     if as_json:
-        print(json.dumps(report))
+        _print_json(report)
 
 
 @app.command()
@@ -549,8 +638,19 @@ def sql(query: str, config: ConfigOption = None, as_json: JsonOption = False) ->
     _table(columns, rows, as_json)
 
 
+def _case_first(argv: list[str]) -> list[str]:
+    """`--case` is the app's option, also where a user writes it after the command
+    (`engine sessions --json --case camel`)."""
+    for index, arg in enumerate(argv):
+        if arg == "--case" and index + 1 < len(argv):
+            return ["--case", argv[index + 1], *argv[:index], *argv[index + 2:]]
+        if arg.startswith("--case="):
+            return [arg, *argv[:index], *argv[index + 1:]]
+    return argv
+
+
 def main() -> None:
     from engine.app import quiet_libraries
 
     quiet_libraries()
-    app()
+    app(args=_case_first(sys.argv[1:]), prog_name="engine")

@@ -122,6 +122,9 @@ class Registry:
     def compatibility(self, step_type: str) -> Callable | None:
         return self._compatibility.get(step_type)
 
+    def serves(self, step_type: str) -> bool:
+        return step_type in self._handlers
+
     def serves_groups(self, step_type: str) -> bool:
         return step_type in self._compatibility
 

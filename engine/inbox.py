@@ -111,6 +111,7 @@ class Inbox:
         self.waiting: set[str] = set()  # files still being written
         self._stranded: dict[tuple, float] = {}  # stat key -> when to try moving it again
         self._failures: dict[tuple, int] = {}  # stat key -> failed attempts to take it
+        self._noted: set[str] = set()  # names of things not taken, said once
 
     # taking files ----------------------------------------------------------------------------
 
@@ -123,9 +124,25 @@ class Inbox:
                 try:
                     if is_job_name(entry.name) and not entry.is_dir(follow_symlinks=False):
                         found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name, Path(entry.path)))
+                    else:
+                        self._note_ignored(entry)
                 except OSError:
                     continue
         return [path for _, _, path in sorted(found)]
+
+    def _note_ignored(self, entry: os.DirEntry) -> None:
+        """Say once why a file or folder in the inbox is not taken (hidden and temporary names,
+        and the inbox's own accepted/ and rejected/, quietly)."""
+        name = display_name(entry.name)
+        if name in self._noted or name in ("accepted", "rejected") or name.startswith((".", "~", "#")) \
+                or name.lower().endswith(SKIPPED_SUFFIXES):
+            return
+        self._noted.add(name)
+        if entry.is_dir(follow_symlinks=False):
+            log.info("not taking the folder %s: job files are taken from the inbox itself, not from subfolders "
+                     "(a subfolder may hold input images)", name)
+        else:
+            log.info("not taking %s: only files ending in .json are jobs", name)
 
     def scan(self) -> list[Outcome]:
         """Take every complete job file now in the inbox; one file's trouble never stops the rest."""
@@ -178,7 +195,8 @@ class Inbox:
             return None
         self.outbox.finish(self.store, submitted.events)
         self._move(seen, destination, source.file_key, None)
-        log.info("accepted %s as %s %s", seen.name, submitted.target_type, submitted.target_id)
+        log.info("accepted %s (job %s) as %s %s", seen.name, job.job_id or "without an id", submitted.target_type,
+                 submitted.target_id)
         return Outcome(seen.name, True, submitted.target_type, submitted.target_id)
 
     def _known(self, seen: SeenFile) -> dict | None:

@@ -6,6 +6,7 @@ size, the seed actually used. Replays and restarts never depend on templates or 
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,23 @@ from engine.jobs import MAX_SEED, BatchJob, GenerationParams, SessionJob, check_
 from engine.paths import resolve_inside
 from engine.registry import ModelEntry, ModelRegistry, describe_family, fits
 from engine.workflows import Workflow, get_workflow, load_workflows
+
+log = logging.getLogger("engine.intake")
+
+
+def served_workflows(workflows: dict[str, Workflow], handlers) -> tuple[dict[str, Workflow], dict[str, str]]:
+    """The templates whose every step type has a handler, and why each other one is refused
+    (logged once here, when templates load, instead of failing at its first run)."""
+    served, refused = {}, {}
+    for workflow_id, workflow in workflows.items():
+        missing = sorted({step.type for step in workflow.steps if not handlers.serves(step.type)})
+        if missing:
+            refused[workflow_id] = (f"template {workflow_id!r} was refused when templates loaded: no handler serves "
+                                    f"step type {', '.join(map(repr, missing))} (see handlers.modules)")
+            log.warning("%s", refused[workflow_id])
+        else:
+            served[workflow_id] = workflow
+    return served, refused
 
 
 @dataclass
@@ -36,12 +54,26 @@ class Intake:
         self.config = config
         self.limits = config.values["limits"]
         self.inbox = config.inbox
-        self.workflows = load_workflows(config.workflows_dir)
-        self.models = ModelRegistry(config.models_dir, config.get("models", "allow_pickle"))
+        self.models = ModelRegistry(config.models_dir, config.get("models", "allow_pickle"),
+                                    config.get("models", "default"))
         self.handlers = load_registry(config.get("handlers", "modules"))
+        self.workflows, self.refused = served_workflows(load_workflows(config.workflows_dir), self.handlers)
+        self._devices: list | None = None
+
+    def workflow(self, workflow_id: str) -> Workflow:
+        if workflow_id in self.refused:
+            raise ValidationError(f"workflow: {self.refused[workflow_id]}", [{"loc": "workflow"}])
+        return get_workflow(self.workflows, workflow_id)
+
+    def check_priority(self, priority: int) -> None:
+        limit = self.limits["max_priority"]
+        if priority > limit:
+            raise ValidationError(f"priority: {priority} is above limits.max_priority ({limit}); use 0 to {limit}",
+                                  [{"loc": "priority"}])
 
     def session(self, job: SessionJob) -> ResolvedSession:
-        workflow = get_workflow(self.workflows, job.workflow)
+        self.check_priority(job.priority)
+        workflow = self.workflow(job.workflow)
         params = self.resolve_params(workflow, job.params, "params")
         return ResolvedSession(workflow.id, self.steps(workflow, params), params)
 
@@ -56,7 +88,8 @@ class Intake:
         return steps
 
     def batch(self, job: BatchJob) -> list[ResolvedSession]:
-        workflow = get_workflow(self.workflows, job.workflow)
+        self.check_priority(job.priority)
+        workflow = self.workflow(job.workflow)
         max_items = self.config.get("inbox", "max_batch_items")
         if len(job.items) > max_items:
             raise ValidationError(f"items: {len(job.items)} items, at most {max_items} allowed", [{"loc": "items"}])
@@ -87,6 +120,9 @@ class Intake:
             native = pipeline.default_size or 1024
             data["width"] = data["width"] or native
             data["height"] = data["height"] or native
+            self.check_size(data, pipeline, where)
+        if params.device:
+            self.check_device(params.device, f"{where}.device")
         for index, lora in enumerate(params.loras):
             entry = self.models.get(lora.model, "lora", f"{where}.loras[{index}].model")
             self.check_fits(entry, pipeline, f"{where}.loras[{index}].model")
@@ -97,12 +133,45 @@ class Intake:
         for index, op in enumerate(params.postprocess):
             if getattr(op, "model", None):
                 self.models.get(op.model, "upscaler", f"{where}.postprocess[{index}].model")
+            if getattr(op, "preset", None):
+                self.check_preset(op.preset, f"{where}.postprocess[{index}].preset")
         for name in ("init_image", "mask_image"):
             if data.get(name):
                 self.check_image(data[name], f"{where}.{name}")
         if data["seed"] in (None, -1):
             data["seed"] = secrets.randbelow(MAX_SEED + 1)
         return data
+
+    def check_size(self, data: dict[str, Any], pipeline: ModelEntry, where: str) -> None:
+        """A size left to the model's native one must still be within the limits."""
+        low, high = self.limits["min_size"], self.limits["max_size"]
+        for name in ("width", "height"):
+            if not low <= data[name] <= high:
+                raise ValidationError(
+                    f"{where}.{name}: {pipeline.id!r} makes {data[name]} by default, outside limits.min_size/max_size "
+                    f"({low} to {high}); give width and height", [{"loc": f"{where}.{name}"}])
+
+    def check_device(self, wanted: str, field: str) -> None:
+        """A device named in a job must exist on this machine (else it would fail three times)."""
+        from engine.domains.device import discover, select
+        from engine.errors import DeviceUnavailable
+
+        if self._devices is None:
+            self._devices = discover()
+        try:
+            select(wanted, self._devices)
+        except DeviceUnavailable:
+            found = ", ".join(d.id for d in self._devices)
+            raise ValidationError(f"{field}: no device {wanted!r} on this machine (found: {found}); leave it out to use "
+                                  "the configured one", [{"loc": field}]) from None
+
+    @staticmethod
+    def check_preset(preset: str, field: str) -> None:
+        from engine.domains.postprocessing import PRESETS
+
+        if preset not in PRESETS:
+            raise ValidationError(f"{field}: unknown enhance preset {preset!r}; known: {', '.join(PRESETS)}",
+                                  [{"loc": field}])
 
     @staticmethod
     def check_fits(adapter: ModelEntry, pipeline: ModelEntry | None, field: str) -> None:

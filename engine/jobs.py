@@ -6,6 +6,7 @@ bounds, and so the published JSON Schema); `check_limits` applies the limits of 
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from typing import Annotated, Any, Literal, Union
@@ -169,25 +170,69 @@ class JobFile(BaseModel):
 
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+# Words written with inner capitals that are one word: LoRAs -> loras, ControlNet -> controlnet.
+_WORDS = re.compile(r"LoRA|ControlNet|CFG|VAE", re.IGNORECASE)
+
+# Documented aliases (the README's table): the design notes' C# clients and AUTOMATIC1111's API.
+ALIASES = {
+    "cfg_scale": "guidance_scale", "cfg": "guidance_scale",
+    "denoising_strength": "strength",
+    "sampler_name": "scheduler", "sampler": "scheduler",
+    "batch_size": "num_images",
+    "negative": "negative_prompt",
+    "init_images": "init_image",
+    "mask": "mask_image",
+}
+# AUTOMATIC1111's sampler names -> the scheduler names here.
+SAMPLER_NAMES = {
+    "euler a": "euler_a", "euler": "euler", "ddim": "ddim", "pndm": "pndm", "plms": "pndm", "lms": "lms",
+    "heun": "heun", "unipc": "unipc", "dpm++ 2m": "dpm++2m", "dpm++ 2m karras": "dpm++2m_karras",
+    "dpm++ sde": "dpm++sde", "dpm++ 2m sde": "dpm++sde",
+}
 
 
 def snake_case(key: str) -> str:
+    key = _WORDS.sub(lambda m: m.group(0).capitalize(), key)
     return _CAMEL.sub("_", key).replace("-", "_").lower()
 
 
+def contract_key(key: str) -> str:
+    """The contract's name for a key as a client wrote it (any case; documented aliases)."""
+    snake = snake_case(key)
+    return ALIASES.get(snake, snake)
+
+
+def _a1111_values(result: dict[str, Any]) -> dict[str, Any]:
+    """AUTOMATIC1111's ways of saying things: n_iter batches of batch_size images, sampler names
+    such as "DPM++ 2M Karras", init_images as a list of one."""
+    if "n_iter" in result:
+        n_iter = result.pop("n_iter")
+        if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
+            raise ValidationError("n_iter: a whole number of at least 1", [{"loc": "n_iter"}])
+        images = result.get("num_images", 1)
+        result["num_images"] = images * n_iter if isinstance(images, int) else images
+    scheduler = result.get("scheduler")
+    if isinstance(scheduler, str) and scheduler.strip().lower() in SAMPLER_NAMES:
+        result["scheduler"] = SAMPLER_NAMES[scheduler.strip().lower()]
+    if isinstance(result.get("init_image"), list) and len(result["init_image"]) == 1:
+        result["init_image"] = result["init_image"][0]
+    return result
+
+
 def normalise_keys(value: Any, path: str = "") -> Any:
-    """snake_case every key (camelCase and PascalCase clients drop their objects as they are)."""
+    """The contract's key for every key (camelCase and PascalCase clients drop their objects as
+    they are; documented aliases such as CfgScale and sampler_name are taken)."""
     if isinstance(value, dict):
         result: dict[str, Any] = {}
         for key, inner in value.items():
             if not isinstance(key, str):
                 raise ValidationError("keys must be strings", [{"loc": path or "$"}])
-            new_key = snake_case(key)
+            new_key = contract_key(key)
             where = f"{path}.{new_key}" if path else new_key
             if new_key in result:
                 raise ValidationError(f"{where}: given twice (as {key!r} and another spelling)", [{"loc": where}])
             result[new_key] = normalise_keys(inner, where)
-        return result
+        return _a1111_values(result)
     if isinstance(value, list):
         return [normalise_keys(inner, f"{path}[{i}]") for i, inner in enumerate(value)]
     return value
@@ -202,9 +247,23 @@ def _loc(parts: tuple, prefix: str = "") -> str:
     return out or "$"
 
 
+def _known_keys() -> set[str]:
+    models = (GenerationParams, SessionJob, BatchJob, ControlJob, BatchConfig, Matrix, ControlNetParams, LoraParams,
+              UpscaleOp, EnhanceOp)
+    return {name for model in models for name in model.model_fields}
+
+
+def _message(error: dict) -> str:
+    """pydantic's message, with "did you mean" for an unknown key close to a known one."""
+    if error["type"] != "extra_forbidden" or not error["loc"] or not isinstance(error["loc"][-1], str):
+        return error["msg"]
+    close = difflib.get_close_matches(error["loc"][-1], sorted(_known_keys()), n=1, cutoff=0.6)
+    return f"unknown key{f'; did you mean {close[0]!r}?' if close else ''} (the README lists every key)"
+
+
 def pydantic_failure(exc: PydanticValidationError, prefix: str = "") -> ValidationError:
     details = [
-        {"loc": _loc(e["loc"], prefix), "message": e["msg"], "type": e["type"]}
+        {"loc": _loc(e["loc"], prefix), "message": _message(e), "type": e["type"]}
         for e in exc.errors(include_url=False, include_input=False)
     ]
     first = details[0]
@@ -246,9 +305,12 @@ def parse_job(data: Any) -> SessionJob | BatchJob | ControlJob:
         raise ValidationError("the JSON is nested too deeply") from exc
 
 
-def validate_params(data: dict[str, Any], where: str) -> GenerationParams:
+def validate_params(data: Any, where: str) -> GenerationParams:
+    """Params as a client gave them (any case, aliases), checked against the contract."""
+    if not isinstance(data, dict):
+        raise ValidationError(f"{where}: a JSON object of params, not {type(data).__name__}", [{"loc": where}])
     try:
-        return GenerationParams.model_validate(data)
+        return GenerationParams.model_validate(normalise_keys(data, where))
     except PydanticValidationError as exc:
         raise pydantic_failure(exc, where) from exc
 

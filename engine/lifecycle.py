@@ -38,6 +38,7 @@ class Claim:
     item_index: int | None
     previous: tuple = ()  # (step_index, attempt, output) of the run's earlier steps
     group_key: str | None = None  # set when the step's handler serves groups (engine.grouping)
+    job_id: str | None = None
 
     @property
     def session_ref(self) -> dict[str, Any]:
@@ -147,7 +148,7 @@ def _claim_step(tx: Tx, session_id: str, index: int, runner_id: str, policy: Pol
     return Claim(session_id, session["run"], index, step["step_type"], step["domain"], attempt, runner_id,
                  session["workflow_id"], json.loads(session["params"]), step_spec.get("config", {}),
                  session["total_steps"], session["batch_id"], session["item_index"], previous,
-                 step_spec.get("group"))
+                 step_spec.get("group"), session.get("job_id"))
 
 
 def _item_started(tx: Tx, session: dict) -> None:

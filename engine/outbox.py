@@ -150,6 +150,10 @@ class Outbox:
         }
         path = folder / "result.json"
         atomic_write_json(path, result)
+        ended = "%s %s%s" % (session["status"], f"{len(images)} image(s) in {folder}" if images else f"see {path}",
+                             f" ({session['error_code']}: {session['error_message']})" if session["error_code"] else "")
+        log.log(logging.WARNING if session["status"] == "failed" else logging.INFO, "session %s (job %s) %s",
+                session_id, session["job_id"] or "-", ended)
         return path
 
     def write_summary(self, store: Store, batch_id: str) -> Path | None:

@@ -173,9 +173,10 @@ def guess_kind(path: Path) -> tuple[str, str, str]:
 
 
 class ModelRegistry:
-    def __init__(self, models_dir: Path, allow_pickle: bool = False) -> None:
+    def __init__(self, models_dir: Path, allow_pickle: bool = False, default: str = "") -> None:
         self.models_dir = models_dir
         self.allow_pickle = allow_pickle
+        self.default = default
         self.index_file = models_dir / "registry.json"
 
     def _read_index(self) -> dict[str, dict]:
@@ -209,6 +210,10 @@ class ModelRegistry:
         return entry
 
     def default_pipeline(self) -> ModelEntry:
+        """The model of jobs that name none: `[models] default` when set, else the first pipeline:
+        diffusers folders in models/ by name, then registered ones in the order they were added."""
+        if self.default:
+            return self.get(self.default, "pipeline", "models.default (config.toml)")
         pipelines = [e for e in self.entries().values() if e.kind == "pipeline"]
         if not pipelines:
             raise UnknownModel("no model is registered: engine models add PATH --id ID", [{"loc": "params.model"}])

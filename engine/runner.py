@@ -160,6 +160,7 @@ class Runner:
         call (perhaps already started). Returns the next group, if one was claimed meanwhile."""
         if isinstance(group, _Call):
             return self._finish_call(group)
+        _log_starts(group)
         if self.registry.serves_groups(group[0].step_type):
             return self._finish_call(self._start_call(group))
         claim = group[0]
@@ -186,6 +187,7 @@ class Runner:
         progress, notices = made[0][2], made[0][3]
         for context in contexts:
             context.progress, context.notify = progress.set, lambda kind, data: notices.append((kind, data))
+        _log_starts(group)
         ticket = self.worker.start(self.registry.get(group[0].step_type), contexts)
         return _Call(group, contexts, progress, notices, ticket, time.monotonic())
 
@@ -348,7 +350,12 @@ class Runner:
 
         _, events = self.store.write_events(record)
         self._finish(events)
+        retried = {e.stream_id for e in events if e.type == "step.retried"}
         for number, claim in enumerate(group):
+            if number not in stale:
+                log.warning("step %d (%s) of session %s (job %s) failed, attempt %d: %s: %s; %s", claim.step_index,
+                            claim.step_type, claim.session_id, claim.job_id or "-", claim.attempt, failure.code,
+                            failure.message, "it will be retried" if claim.session_id in retried else "the session failed")
             self.on_step(claim, "stale" if number in stale else "failed")
         return []
 
@@ -373,6 +380,12 @@ class Runner:
 
         self.store.write(record)
         notices.clear()
+
+
+def _log_starts(group: list[Claim]) -> None:
+    for claim in group:
+        if claim.step_index == 0 and claim.attempt == 1:
+            log.info("session %s (job %s, %s) started", claim.session_id, claim.job_id or "-", claim.workflow_id)
 
 
 def _written(context: StepContext):

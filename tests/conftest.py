@@ -24,7 +24,7 @@ POSTGRES_URL = os.environ.get("ENGINE_TEST_POSTGRES_URL", "")
 
 TEST_SETTINGS = {
     "paths": {"workflows": str(TEST_WORKFLOWS)},
-    "handlers": {"modules": ["tests.handlers"]},
+    "handlers": {"modules": ["engine.domains", "tests.handlers"]},
     "runner": {"backoff_base_seconds": 0.01, "backoff_max_seconds": 0.05, "idle_poll_seconds": 0.02,
                "control_poll_seconds": 0.05, "lease_seconds": 5.0, "heartbeat_seconds": 0.5},
     "inbox": {"poll_seconds": 0.2, "partial_grace_seconds": 0.5},

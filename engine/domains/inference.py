@@ -147,9 +147,14 @@ def generate(pipe, wanted: list[Image], p: dict[str, Any], inputs: dict[str, Any
 
     generators = [torch.Generator(device=generator_device(device)).manual_seed(w.seed) for w in wanted]
 
+    started = time.perf_counter()
+
     def on_step_end(pipeline, step, timestep, callback_kwargs):
         total = getattr(pipeline, "num_timesteps", None) or p["steps"]
-        contexts[0].progress((step + 1) / max(total, 1), f"denoising {step + 1}/{total}")
+        done, elapsed = step + 1, time.perf_counter() - started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 and done < total else ""
+        contexts[0].progress(done / max(total, 1), f"denoising {done}/{total}, {rate:.2f} it/s{eta}")
         if all(c.token.is_set for c in contexts):
             contexts[0].token.raise_if_set()
         return callback_kwargs

@@ -1,0 +1,48 @@
+"""The engine's log lines, to stderr: plain text or JSON lines (one object per line, for a
+service's journal or a log shipper), at the level in `[logging] level`. A runner logs each
+session's start and end, step failures and retries, and each file the inbox takes or rejects,
+with the job id."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+FORMATS = ("plain", "json")
+
+
+class JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure(level: str = "INFO", fmt: str = "plain", stream=None) -> None:
+    """Send the engine's log records to stderr (or `stream`) in this format, replacing what an
+    earlier call set up."""
+    if fmt not in FORMATS:
+        from engine.errors import ValidationError
+
+        raise ValidationError(f"log format {fmt!r}: one of {', '.join(FORMATS)}")
+    numeric = logging.getLevelName(str(level).upper())
+    if not isinstance(numeric, int):
+        from engine.errors import ValidationError
+
+        raise ValidationError(f"[logging] level {level!r}: one of DEBUG, INFO, WARNING, ERROR")
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonLines() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("engine")
+    for old in [h for h in root.handlers if getattr(h, "engine_handler", False)]:
+        root.removeHandler(old)
+    handler.engine_handler = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    root.propagate = False

@@ -1,0 +1,162 @@
+"""The user's contract as a new user meets it, through the CLI and the inbox: names and aliases,
+checks at submit, `engine validate`, output for other languages' clients, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine.inbox import Inbox
+from engine.registry import ModelRegistry
+from tests.conftest import Installation
+from tests.helpers import engine_process, query
+
+
+def engine(install, *args: str) -> subprocess.CompletedProcess:
+    """`engine ARGS` in the installation's folder, whatever its exit code."""
+    return subprocess.run([sys.executable, "-m", "engine", *args], env=install.env(), capture_output=True, text=True,
+                          timeout=300, cwd=install.folder)
+
+
+def drop(install, name: str, job) -> None:
+    path = install.config.inbox / name
+    path.write_text(json.dumps(job) if not isinstance(job, str) else job)
+    os.utime(path, (0, 0))  # old enough that the inbox takes it at once
+
+
+def outcomes(install) -> dict:
+    return {o.file_name: o for o in Inbox(install.config, install.store).scan()}
+
+
+def test_csharp_and_automatic1111_keys_are_aliases_of_the_contracts(install):
+    drop(install, "csharp.json", {"Workflow": "noop1", "Params": {
+        "Prompt": "a fox", "NegativePrompt": "blurry", "CfgScale": 4.5, "DenoisingStrength": 0.4, "NumImages": 2}})
+    drop(install, "a1111.json", {"workflow": "noop1", "params": {
+        "prompt": "an owl", "cfg_scale": 6, "sampler_name": "DPM++ 2M Karras", "batch_size": 2, "n_iter": 3,
+        "denoising_strength": 0.3}})
+    taken = outcomes(install)
+    assert taken["csharp.json"].accepted and taken["a1111.json"].accepted, taken
+    params = {json.loads(p)["prompt"]: json.loads(p) for (p,) in query(install, "SELECT params FROM sessions")}
+    fox, owl = params["a fox"], params["an owl"]
+    assert (fox["negative_prompt"], fox["guidance_scale"], fox["strength"], fox["num_images"]) == ("blurry", 4.5, 0.4, 2)
+    assert (owl["guidance_scale"], owl["scheduler"], owl["num_images"], owl["strength"]) == (6, "dpm++2m_karras", 6, 0.3)
+
+
+def test_loras_and_controlnet_in_pascal_case_reach_the_model_checks(install):
+    """LoRAs and ControlNet are words, not lo_r_as and control_net: the keys are taken, and the
+    model they name is looked up (and, here, not found)."""
+    drop(install, "pascal.json", {"Workflow": "noop1", "Params": {"LoRAs": [{"Model": "style", "Scale": 0.5}]}})
+    drop(install, "cn.json", {"Workflow": "noop1", "Params": {"ControlNet": {"Model": "edges", "Image": "x.png"}}})
+    taken = outcomes(install)
+    assert taken["pascal.json"].code == "UNKNOWN_MODEL" and "loras[0].model" in taken["pascal.json"].message
+    assert taken["cn.json"].code == "UNKNOWN_MODEL" and "controlnet.model" in taken["cn.json"].message
+
+
+def test_an_unknown_key_says_which_known_key_was_meant(install):
+    (install.folder / "typo.json").write_text(json.dumps({"workflow": "noop1", "params": {"guidence_scale": 3}}))
+    done = engine(install, "submit", "typo.json")
+    assert done.returncode == 2
+    assert "VALIDATION_ERROR" in done.stderr and "did you mean 'guidance_scale'" in done.stderr
+
+
+def test_params_given_to_the_cli_are_normalised_as_job_files_are(install):
+    shown = json.loads(engine_process(install, "workflows", "noop1", "--params", '{"numImages": 2, "CfgScale": 3}',
+                                      "--json"))
+    assert shown["id"] == "noop1"
+    bad = engine(install, "workflows", "noop1", "--params", "{not json")
+    assert bad.returncode == 2 and "--params: not valid JSON" in bad.stderr
+
+
+def test_json_output_in_camel_or_pascal_case_for_other_languages(install):
+    (install.folder / "one.json").write_text(json.dumps({"workflow": "noop1", "params": {"num_images": 2}}))
+    engine_process(install, "submit", "one.json")
+    snake = json.loads(engine_process(install, "sessions", "--json"))[0]
+    camel = json.loads(engine_process(install, "sessions", "--json", "--case", "camel"))[0]
+    pascal = json.loads(engine_process(install, "--case", "pascal", "sessions", "--json"))[0]
+    assert "session_id" in snake and camel["sessionId"] == snake["session_id"] == pascal["SessionId"]
+    assert engine(install, "sessions", "--json", "--case", "kebab").returncode == 2
+
+
+def test_what_cannot_run_here_is_refused_at_submit(install):
+    drop(install, "priority.json", {"workflow": "noop1", "priority": 1000})
+    drop(install, "device.json", {"workflow": "noop1", "params": {"device": "cuda:7"}})
+    drop(install, "preset.json", {"workflow": "noop1", "params": {"postprocess": [{"op": "enhance", "preset": "vivd"}]}})
+    taken = outcomes(install)
+    assert taken["priority.json"].code == "VALIDATION_ERROR" and "limits.max_priority (100)" in taken["priority.json"].message
+    assert taken["device.json"].code == "VALIDATION_ERROR" and "no device 'cuda:7' on this machine" in taken["device.json"].message
+    assert taken["preset.json"].code == "VALIDATION_ERROR" and "unknown enhance preset 'vivd'" in taken["preset.json"].message
+    assert query(install, "SELECT count(*) FROM sessions") == [(0,)], "nothing was queued to fail later"
+
+
+def test_a_template_with_a_step_no_handler_serves_is_refused_when_templates_load(tmp_path):
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "dream.toml").write_text('description = "x"\ngenerates = false\n\n[[steps]]\ntype = "dreaming"\n'
+                                       'domain = "test"\n')
+    install = Installation(tmp_path / "engine", settings={"paths": {"workflows": str(folder)}})
+    drop(install, "dream.json", {"workflow": "dream"})
+    taken = outcomes(install)["dream.json"]
+    assert taken.code == "VALIDATION_ERROR"
+    assert "refused when templates loaded" in taken.message and "'dreaming'" in taken.message
+    install.store.close()
+
+
+def test_the_default_model_is_settable_shown_and_checked_against_the_size_limits(tmp_path):
+    from engine.tinymodels import build_tiny_sd15
+
+    models = tmp_path / "models"
+    build_tiny_sd15(models / "tiny15")
+    install = Installation(tmp_path / "engine", settings={"models": {"default": "second"}})
+    registry = ModelRegistry(install.config.models_dir)
+    registry.add(models / "tiny15", "first")
+    registry.add(models / "tiny15", "second")
+    listed = {m["id"]: m["default"] for m in json.loads(engine_process(install, "models", "--json"))}
+    assert listed == {"first": False, "second": True}
+    drop(install, "default.json", {"workflow": "txt2img", "params": {"prompt": "x", "width": 64, "height": 64}})
+    assert outcomes(install)["default.json"].accepted
+    assert json.loads(query(install, "SELECT params FROM sessions")[0][0])["model"] == "second"
+    strict = Installation(tmp_path / "strict", settings={"limits": {"min_size": 128}})
+    ModelRegistry(strict.config.models_dir).add(models / "tiny15", "tiny")
+    drop(strict, "small.json", {"workflow": "txt2img", "params": {"prompt": "x"}})
+    small = outcomes(strict)["small.json"]
+    assert small.code == "VALIDATION_ERROR" and "by default" in small.message and "give width and height" in small.message
+    install.store.close()
+    strict.store.close()
+
+
+def test_validate_checks_files_as_the_inbox_would_without_submitting(install):
+    good, bad = install.folder / "good.json", install.folder / "bad.json"
+    good.write_text(json.dumps({"workflow": "noop1", "params": {"CfgScale": 5}}))
+    bad.write_text(json.dumps({"workflow": "noop1", "params": {"stesp": 5}}))
+    assert engine(install, "validate", str(good)).returncode == 0
+    done = engine(install, "validate", str(good), str(bad), "--json")
+    assert done.returncode == 2
+    reports = {r["file"]: r for r in json.loads(done.stdout)}
+    assert reports["good.json"]["ok"] and not reports["bad.json"]["ok"]
+    assert reports["bad.json"]["error"]["code"] == "VALIDATION_ERROR" and "did you mean 'steps'" in reports["bad.json"]["error"]["message"]
+    assert query(install, "SELECT count(*) FROM sessions") == [(0,)] and query(install, "SELECT count(*) FROM jobs") == [(0,)]
+
+
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_a_runner_without_a_terminal_logs_what_happened(install, log_format):
+    (install.folder / "ok.json").write_text(json.dumps({"job_id": "fine-job", "workflow": "noop1"}))
+    engine_process(install, "submit", "ok.json")
+    drop(install, "broken.json", "{nope")
+    (install.config.inbox / "notes.txt").write_text("not a job")
+    (install.config.inbox / "later").mkdir()
+    done = engine(install, "run", "--until-idle", "--log-format", log_format)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    if log_format == "json":
+        records = [json.loads(line) for line in lines]
+        text = " ".join(r["message"] for r in records)
+        assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    else:
+        text = done.stderr
+    assert "fine-job" in text and "started" in text and "completed" in text
+    assert "broken.json" in text and "rejected" in text
+    assert "not taking notes.txt" in text and "not taking the folder later" in text
