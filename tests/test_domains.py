@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -472,3 +473,26 @@ def test_a_lora_that_does_not_fit_at_run_time_fails_at_once(studio):
         studio, "SELECT status, attempts, error_message FROM steps WHERE session_id = :id AND status = 'failed'",
         id=session_id)
     assert attempts == 1 and "not retried" in message, message
+
+
+# AUTOMATIC1111's own reader of the parameters line (modules/infotext_utils.py, re_param).
+A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def test_the_a1111_parameters_name_the_real_sampler_the_hashes_and_loras_as_a1111_writes_them(studio):
+    plain = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "a fox", "seed": 1}})
+    styled = submit(studio, {"workflow": "txt2img", "params": {
+        **SIZE, "prompt": "a fox", "seed": 1, "scheduler": "euler_a", "loras": [{"model": "style", "scale": 0.5}]}})
+    run_until_idle(studio)
+
+    def fields(session_id):
+        lines = images_of(studio, session_id)[0].info["parameters"].splitlines()
+        return lines[0], {k: json.loads(v) if v.startswith('"') else v for k, v in A1111_FIELD.findall(lines[-1])}
+
+    prompt, found = fields(plain.target_id)
+    assert found["Sampler"] == "Euler" and "default" not in found.values(), "the model's own sampler, by A1111's name"
+    assert re.fullmatch(r"[0-9a-f]{10}", found["Model hash"]) and found["Model"] == "tiny"
+    assert {"Steps", "CFG scale", "Seed", "Size", "Workflow mode"} <= set(found)
+    prompt, found = fields(styled.target_id)
+    assert prompt == "a fox <lora:style:0.5>" and found["Sampler"] == "Euler a"
+    assert re.fullmatch(r"style: [0-9a-f]{12}", found["Lora hashes"])

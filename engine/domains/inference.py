@@ -20,7 +20,7 @@ from engine.domains.device import generator_device
 from engine.domains.model import component_for, pipeline_for, registry_of
 from engine.errors import OutOfMemory, ValidationError
 from engine.handlers import StepContext, StepResult
-from engine.outbox import a1111_parameters, save_png
+from engine.outbox import a1111_parameters, a1111_sampler, save_png
 from engine.paths import resolve_inside
 
 # name -> (scheduler class, extra config)
@@ -110,6 +110,16 @@ def _apply_loras(ctx: StepContext, base) -> list[str]:
     if names:
         base.set_adapters(names, adapter_weights=scales)
     return names
+
+
+def lora_hashes(ctx: StepContext) -> str | None:
+    """`name: short hash, ...` of the session's LoRAs, as AUTOMATIC1111's `Lora hashes`."""
+    registry = registry_of(ctx)
+    parts = []
+    for lora in ctx.params.get("loras") or []:
+        entry = registry.get(lora["model"], "lora")
+        parts.append(f"{entry.id}: {(entry.sha256 or '')[:12] or 'unknown'}")
+    return ", ".join(parts) or None
 
 
 def compatibility(step_config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -260,8 +270,10 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
     for owner, context in enumerate(contexts):
         mine = [w for w in wanted if w.owner == owner]
         names = [f"{index:05d}-{image.seed}.png" for index, image in enumerate(mine)]
-        writing = _save_later([(image.picture, context.work_dir / name,
-                                a1111_parameters(context.params, image.seed, {"Workflow mode": mode}))
+        extra = {"Sampler": a1111_sampler(context.params.get("scheduler"), scheduler_name),
+                 "Model hash": cached.file_hash[:10] if cached.file_hash else None,
+                 "Lora hashes": lora_hashes(context), "Workflow mode": mode}
+        writing = _save_later([(image.picture, context.work_dir / name, a1111_parameters(context.params, image.seed, extra))
                                for image, name in zip(mine, names)])
         results.append(StepResult(images=names, writing=writing, data=_call_data(
             mine, mode, device, dtype, cached, loaded, scheduler_name, peak, halved, len(contexts), len(wanted),
