@@ -160,3 +160,10 @@ def test_a_runner_without_a_terminal_logs_what_happened(install, log_format):
     assert "fine-job" in text and "started" in text and "completed" in text
     assert "broken.json" in text and "rejected" in text
     assert "not taking notes.txt" in text and "not taking the folder later" in text
+
+
+def test_help_shows_flags_as_flags(install):
+    """No `<bool>` placeholder on a flag (a typer release rendered one on every flag)."""
+    for command in (["run"], ["sessions"], ["submit"], ["models", "add"]):
+        shown = engine(install, *command, "--help")
+        assert shown.returncode == 0 and "--help" in shown.stdout and "<bool>" not in shown.stdout, shown.stdout
