@@ -324,7 +324,15 @@ def _session_report(cfg: Config, session_id: str) -> dict:
                       id=report["session_id"])
     report["params"] = json.loads(extra[0][0])
     report["run"], report["batch_id"], report["item_index"] = extra[0][1:]
-    report["outbox"] = str(Outbox(cfg.outbox).dir_of(report))
+    folder = Outbox(cfg.outbox).dir_of(report)
+    report["outbox"] = str(folder)
+    _, activity = _query(cfg, "SELECT message FROM leases WHERE session_id = :id", id=report["session_id"])
+    report["activity"] = activity[0][0] if activity and activity[0][0] else None
+    try:
+        result = json.loads((folder / "result.json").read_text())
+        report["images"] = [str(folder / name) for name in result.get("images", [])]
+    except (OSError, ValueError):
+        report["images"] = []
     return report
 
 
@@ -342,14 +350,22 @@ def session(session_id: str, config: ConfigOption = None, as_json: JsonOption = 
     if as_json:
         _print_json(report, default=str)
         return
-    out.print(f"[bold]{report['session_id']}[/] {report['workflow_id']} [bold]{report['status']}[/] "
-              f"step {report['current_step']}/{report['total_steps']} ({report['progress']:.0%})", highlight=False)
+    from engine.live import prompt_start, step_label
+
+    out.print(f"[bold]{report['session_id']}[/] (job {report.get('job_id') or '-'}) {report['workflow_id']} "
+              f"[bold]{report['status']}[/] step {step_label(report['status'], report['current_step'], report['total_steps'])}"
+              f" ({report['progress']:.0%}) {report['activity'] or ''}", highlight=False)
+    out.print(f"prompt: {prompt_start(report['params'], 100)}", highlight=False)
+    shown = {k: v for k, v in report["params"].items() if v not in (None, "", [], {}) and k != "prompt"}
+    out.print("params: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items()), highlight=False)
     if report["error_code"]:
         out.print(f"[red]{report['error_code']}[/]: {report['error_message']}", highlight=False)
     if report.get("waiting"):
         out.print(f"[yellow]{report['waiting']}[/]", highlight=False)
     _table(list(report["steps"][0]) if report["steps"] else [], [tuple(s.values()) for s in report["steps"]], False)
     out.print(f"outbox: {report['outbox']}", highlight=False)
+    for image in report["images"]:
+        out.print(f"  {image}", highlight=False)
 
 
 @app.command()

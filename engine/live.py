@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -19,14 +20,30 @@ from engine.runner import Runner
 from engine.runners import lease_holder_state
 
 RUNNING = text(
-    "SELECT s.session_id, s.workflow_id, s.status, s.current_step, s.total_steps, s.progress, st.step_type, l.message, "
-    "st.status AS step_status "
+    "SELECT s.session_id, s.job_id, s.workflow_id, s.status, s.current_step, s.total_steps, s.progress, st.step_type, "
+    "l.message, st.status AS step_status, ss.params "
     "FROM session_status s LEFT JOIN steps st ON st.session_id = s.session_id AND st.step_index = s.current_step "
     "LEFT JOIN leases l ON l.session_id = s.session_id AND l.step_index = s.current_step "
+    "JOIN sessions ss ON ss.session_id = s.session_id "
     "WHERE s.status IN ('running', 'pending', 'paused') ORDER BY s.status = 'running' DESC, s.priority DESC, "
     "s.created_at LIMIT 15"
 )
 COUNTS = text("SELECT status, count(*) FROM session_status GROUP BY status")
+
+
+def step_label(status: str, current_step: int, total_steps: int) -> str:
+    """The step a session is at, counted from 1, the same in every view ("3/4"; "0/4" before it starts)."""
+    if status == "completed":
+        return f"{total_steps}/{total_steps}"
+    return f"{current_step + (status != 'pending')}/{total_steps}"
+
+
+def prompt_start(params: dict | str | None, width: int = 32) -> str:
+    """The start of a session's prompt, for a one-line view."""
+    if isinstance(params, str):
+        params = json.loads(params)
+    prompt = (params or {}).get("prompt") or ""
+    return prompt if len(prompt) <= width else prompt[: width - 1] + "…"
 
 
 def _view(store) -> Table:
@@ -36,13 +53,13 @@ def _view(store) -> Table:
         waiting = {row.session_id for row in rows if row.step_status == "running"
                    and lease_holder_state(conn, row.session_id, row.current_step) == "waiting"}
     table = Table(title="sessions: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no sessions")
-    for column in ("session", "workflow", "status", "step", "progress"):
+    for column in ("session", "job", "workflow", "prompt", "status", "step", "progress"):
         table.add_column(column)
     for row in rows:
         bar = "#" * int(row.progress * 20)
-        step = f"{row.current_step + (row.status != 'pending')}/{row.total_steps} {row.step_type or ''}"
+        step = f"{step_label(row.status, row.current_step, row.total_steps)} {row.step_type or ''}"
         shown = "waiting for a runner" if row.session_id in waiting else row.status
-        table.add_row(row.session_id, row.workflow_id, shown, step,
+        table.add_row(row.session_id, row.job_id or "", row.workflow_id, prompt_start(row.params), shown, step,
                       f"{bar:<20} {row.progress:4.0%} {row.message or ''}")
     return table
 

@@ -496,3 +496,14 @@ def test_the_a1111_parameters_name_the_real_sampler_the_hashes_and_loras_as_a111
     prompt, found = fields(styled.target_id)
     assert prompt == "a fox <lora:style:0.5>" and found["Sampler"] == "Euler a"
     assert re.fullmatch(r"style: [0-9a-f]{12}", found["Lora hashes"])
+
+
+def test_engine_session_shows_the_job_the_prompt_the_params_and_the_image_files(studio):
+    made = submit(studio, {"job_id": "look-1", "workflow": "txt2img", "params": {
+        **SIZE, "prompt": "a lighthouse on a cliff", "seed": 8, "num_images": 2, "guidance_scale": 5.5}})
+    run_until_idle(studio)
+    shown = engine_process(studio, "session", "look-1")
+    assert made.target_id in shown and "(job look-1)" in shown and "step 3/3" in shown
+    assert "prompt: a lighthouse on a cliff" in shown and "guidance_scale=5.5" in shown and "num_images=2" in shown
+    folder = studio.config.outbox / made.target_id
+    assert str(folder / "00000-8.png") in shown and str(folder / "00001-9.png") in shown
