@@ -3,7 +3,8 @@ VAEs, upscalers and safety checkers, by id. It reads only metadata: no weights, 
 
 Entries live in `<models_dir>/registry.json`; diffusers folders placed directly in models_dir are
 found too (their folder name is their id). Pickle formats run code when loaded and are refused
-with UNSAFE_MODEL_FORMAT unless config.toml allows them.
+with UNSAFE_MODEL_FORMAT unless config.toml allows them. The one exception to "metadata only": a
+file registered as an upscaler is opened with spandrel (on the CPU) to check that it is one.
 """
 
 from __future__ import annotations
@@ -172,6 +173,21 @@ def guess_kind(path: Path) -> tuple[str, str, str]:
     return "upscaler", "safetensors", ""
 
 
+def check_upscaler(path: Path) -> str:
+    """The architecture spandrel finds in an upscaler file; ValidationError when it finds none."""
+    from spandrel import ImageModelDescriptor, ModelLoader
+
+    try:
+        descriptor = ModelLoader(device="cpu").load_from_file(str(path))
+    except Exception as exc:
+        raise ValidationError(
+            f"{path.name}: not an upscaler spandrel knows ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}); "
+            "if it is another kind of model, name it with --kind") from None
+    if not isinstance(descriptor, ImageModelDescriptor):
+        raise ValidationError(f"{path.name}: a {descriptor.architecture.name} model, not an image upscaler")
+    return descriptor.architecture.name
+
+
 class ModelRegistry:
     def __init__(self, models_dir: Path, allow_pickle: bool = False, default: str = "") -> None:
         self.models_dir = models_dir
@@ -244,6 +260,8 @@ class ModelRegistry:
             family = family or adapter_family(path, safetensors_keys(path) if path.is_file() else [], context_dim)
         if compile_setting and kind != "pipeline":
             raise ValidationError("--compile is for pipelines only")
+        if kind == "upscaler" and fmt == "safetensors":
+            check_upscaler(path)
         entry = ModelEntry(model_id, kind, self._stored(path), fmt, family, _native_size(path) if path.is_dir() else 0,
                            sha, configs, context_dim, compile_setting)
         index = self._read_index()

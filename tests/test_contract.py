@@ -167,3 +167,17 @@ def test_help_shows_flags_as_flags(install):
     for command in (["run"], ["sessions"], ["submit"], ["models", "add"]):
         shown = engine(install, *command, "--help")
         assert shown.returncode == 0 and "--help" in shown.stdout and "<bool>" not in shown.stdout, shown.stdout
+
+
+def test_a_safetensors_file_that_is_no_upscaler_is_not_registered_as_one(install, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.tinymodels import build_tiny_upscaler
+
+    save_file({"some.weight": torch.zeros(4, 4)}, str(tmp_path / "mystery.safetensors"))
+    done = engine(install, "models", "add", str(tmp_path / "mystery.safetensors"), "--id", "mystery")
+    assert done.returncode == 2 and "not an upscaler spandrel knows" in done.stderr
+    build_tiny_upscaler(tmp_path / "up.safetensors")
+    engine_process(install, "models", "add", str(tmp_path / "up.safetensors"), "--id", "up")
+    assert {m["id"]: m["kind"] for m in json.loads(engine_process(install, "models", "--json"))} == {"up": "upscaler"}
