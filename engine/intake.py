@@ -126,6 +126,8 @@ class Intake:
         for index, lora in enumerate(params.loras):
             entry = self.models.get(lora.model, "lora", f"{where}.loras[{index}].model")
             self.check_fits(entry, pipeline, f"{where}.loras[{index}].model")
+        if params.vae:
+            self.models.get(params.vae, "vae", f"{where}.vae")
         if params.controlnet:
             entry = self.models.get(params.controlnet.model, "controlnet", f"{where}.controlnet.model")
             self.check_fits(entry, pipeline, f"{where}.controlnet.model")

@@ -77,6 +77,7 @@ class GenerationParams(Strict):
     mask_image: str | None = Field(None, max_length=1024)
     controlnet: ControlNetParams | None = None
     loras: list[LoraParams] = Field(default_factory=list, max_length=16)
+    vae: str | None = Field(None, max_length=128, description="a registered VAE id, instead of the model's own")
     postprocess: list[PostprocessOp] = Field(default_factory=list, max_length=16)
     device: str | None = Field(None, max_length=32, description="cpu, cuda, cuda:1, mps, directml; default from config")
 

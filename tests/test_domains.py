@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from engine import commands
-from engine.errors import UnsafeModelFormat
+from engine.errors import EngineError, UnsafeModelFormat
 from engine.registry import ModelRegistry
 from tests.conftest import ROOT, Installation
 from tests.helpers import engine_process, query, run_until_idle, runner, status, submit
@@ -507,3 +507,28 @@ def test_engine_session_shows_the_job_the_prompt_the_params_and_the_image_files(
     assert "prompt: a lighthouse on a cliff" in shown and "guidance_scale=5.5" in shown and "num_images=2" in shown
     folder = studio.config.outbox / made.target_id
     assert str(folder / "00000-8.png") in shown and str(folder / "00001-9.png") in shown
+
+
+def test_a_job_can_use_a_registered_vae_instead_of_its_models_own(studio, models, tmp_path):
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+
+    registry = ModelRegistry(studio.config.models_dir)
+    registry.add(models / "tiny" / "vae", "same-vae")
+    other = AutoencoderKL.from_pretrained(models / "tiny" / "vae")
+    with torch.no_grad():
+        other.decoder.conv_out.weight.mul_(0.25)
+    other.save_pretrained(tmp_path / "dim-vae", safe_serialization=True)
+    registry.add(tmp_path / "dim-vae", "dim-vae")
+    job = {"workflow": "txt2img", "params": {**SIZE, "prompt": "a fox", "seed": 4}}
+    own = submit(studio, job).target_id
+    same = submit(studio, {**job, "params": {**job["params"], "vae": "same-vae"}}).target_id
+    dim = submit(studio, {**job, "params": {**job["params"], "vae": "dim-vae"}}).target_id
+    run_until_idle(studio)
+    pictures = {s: np.asarray(images_of(studio, s)[0], dtype=np.int16) for s in (own, same, dim)}
+    assert np.abs(pictures[own] - pictures[same]).max() <= 1, "the same weights through the job's VAE: the same image"
+    assert np.abs(pictures[own] - pictures[dim]).mean() > 2, "another VAE decodes another image"
+    assert "VAE: dim-vae" in images_of(studio, dim)[0].info["parameters"]
+    with pytest.raises(EngineError, match="unknown vae model 'nope'"):
+        submit(studio, {**job, "params": {**job["params"], "vae": "nope"}})

@@ -47,6 +47,24 @@ def make_scheduler(name: str | None, default):
     return getattr(diffusers, class_name).from_config(default.config, **extra)
 
 
+def load_vae(entry, path):
+    from diffusers import AutoencoderKL
+
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+    return AutoencoderKL.from_single_file(str(path), local_files_only=True)
+
+
+def job_vae(ctx: StepContext, device, dtype):
+    """The registered VAE a job names instead of its model's own (None: the model's)."""
+    if not ctx.params.get("vae"):
+        return None
+    from engine.domains.device import torch_device
+
+    return component_for(ctx, ctx.params["vae"], "vae", lambda entry, path: load_vae(entry, path).to(
+        torch_device(device), dtype))
+
+
 def load_image(ctx: StepContext, relative: str, field: str, mode: str, size: tuple[int, int]):
     from PIL import Image
 
@@ -132,7 +150,7 @@ def compatibility(step_config: dict[str, Any], params: dict[str, Any]) -> dict[s
         "height": params.get("height"), "steps": params.get("steps"), "scheduler": params.get("scheduler"),
         "guidance_scale": params.get("guidance_scale"), "loras": params.get("loras") or [],
         "controlnet": params.get("controlnet"), "init_image": params.get("init_image"),
-        "mask_image": params.get("mask_image"),
+        "mask_image": params.get("mask_image"), "vae": params.get("vae"),
         "strength": params.get("strength") if params.get("init_image") else None,
         "negative": bool(params.get("negative_prompt")),
     }
@@ -245,6 +263,9 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
     base.scheduler = make_scheduler(p.get("scheduler"), cached.default_scheduler)
     scheduler_name = type(base.scheduler).__name__
     adapters = _apply_loras(ctx, base)
+    own_vae, vae = base.vae, job_vae(ctx, device, dtype)
+    if vae is not None:
+        base.vae = vae
     try:
         pipe = _pipeline_for_mode(ctx, base, mode, device, dtype)
         pipe.set_progress_bar_config(disable=True)
@@ -252,15 +273,16 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
         memory.reset_peak(device)
         budget = memory.call_budget(device)
         # 4. Denoise every image in one call (on the compiled path, in calls of its compiled sizes),
-        #    halving a call on out of memory. Calls with LoRAs run eagerly.
+        #    halving a call on out of memory. Calls with LoRAs or a job's own VAE run eagerly.
         started = time.perf_counter()
-        halved = generate_in_calls(pipe, wanted, p, inputs, device, contexts, None if adapters else cached.accelerated,
-                                   mode)
+        halved = generate_in_calls(pipe, wanted, p, inputs, device, contexts,
+                                   None if adapters or vae is not None else cached.accelerated, mode)
         seconds = time.perf_counter() - started
     finally:
         if adapters:
             base.unload_lora_weights()
         base.scheduler = cached.default_scheduler
+        base.vae = own_vae
     _report_memory(ctx, budget, memory.peak_bytes(device), max(w.call_images for w in wanted), mode, device)
     # 5. Save each session's PNGs with its parameters embedded (AUTOMATIC1111 format) on the PNG
     #    threads, several at once (compression releases the GIL): the handler returns at once, and
@@ -272,7 +294,7 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
         names = [f"{index:05d}-{image.seed}.png" for index, image in enumerate(mine)]
         extra = {"Sampler": a1111_sampler(context.params.get("scheduler"), scheduler_name),
                  "Model hash": cached.file_hash[:10] if cached.file_hash else None,
-                 "Lora hashes": lora_hashes(context), "Workflow mode": mode}
+                 "Lora hashes": lora_hashes(context), "VAE": context.params.get("vae"), "Workflow mode": mode}
         writing = _save_later([(image.picture, context.work_dir / name, a1111_parameters(context.params, image.seed, extra))
                                for image, name in zip(mine, names)])
         results.append(StepResult(images=names, writing=writing, data=_call_data(
