@@ -283,7 +283,8 @@ class Inbox:
             except FileExistsError:
                 if not _same_inode(path, destination):
                     raise OSError(f"{display_name(destination.name)} already holds another file") from None
-            except OSError:  # no hard links here (some network shares): a plain rename
+            except (OSError, NotImplementedError):  # no hard links (some network shares; Windows cannot
+                # link without following links): a plain rename
                 if os.path.lexists(destination):
                     raise
                 os.rename(path, destination)

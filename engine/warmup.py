@@ -43,6 +43,7 @@ def warmup(config, store: Store, shared: dict, model_id: str, sizes: list[tuple[
     import torch
 
     from engine.domains import accelerate
+    from engine.domains.device import CUDA_API
     from engine.domains.inference import Image, generate
     from engine.domains.model import accelerated_or_none, pipeline_for
 
@@ -66,7 +67,7 @@ def warmup(config, store: Store, shared: dict, model_id: str, sizes: list[tuple[
                 accelerated, pipe, shape,
                 lambda: generate(pipe, wanted, params, {"width": width, "height": height}, device, [ctx]),
                 ctx.notify, model_id, device.id)
-            if device.kind == "cuda":
+            if device.kind in CUDA_API:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - started
             report.append({"images": images, "width": width, "height": height, "compiled": compiled,

@@ -181,3 +181,29 @@ def test_a_safetensors_file_that_is_no_upscaler_is_not_registered_as_one(install
     build_tiny_upscaler(tmp_path / "up.safetensors")
     engine_process(install, "models", "add", str(tmp_path / "up.safetensors"), "--id", "up")
     assert {m["id"]: m["kind"] for m in json.loads(engine_process(install, "models", "--json"))} == {"up": "upscaler"}
+
+
+def test_rocm_and_intel_xpu_devices_are_found_and_ordered(monkeypatch):
+    """Nothing here has an AMD or Intel GPU: torch's own APIs are stood in for (as a ROCm build and
+    an XPU build of torch answer them) to check that discovery reports and orders them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine.domains import device
+
+    properties = SimpleNamespace(name="Radeon PRO W7900", major=11, total_memory=48 * 2**30)
+    monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (40 * 2**30, 48 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties)
+    found = device.discover()
+    rocm = next(d for d in found if d.kind == "rocm")
+    assert (rocm.id, rocm.name, rocm.total_memory) == ("cuda:0", "Radeon PRO W7900", 48 * 2**30)
+    assert device.select("auto", found) == rocm and device.select("rocm", found) == rocm
+    assert device.generator_device(rocm) == "cuda" and str(device.dtype_for(rocm)) == "torch.float16"
+    xpu = device.DeviceInfo("xpu:0", "xpu", 0, "Arc A770", 16 * 2**30, 15 * 2**30, True, True)
+    cpu = next(d for d in found if d.kind == "cpu")
+    assert device.select("auto", [cpu, xpu]) == xpu and device.generator_device(xpu) == "xpu"
+    assert cpu.total_memory > 0 and cpu.free_memory > 0, "system memory through psutil"

@@ -1,20 +1,23 @@
-"""The device domain: which accelerators exist (DirectML, CUDA, MPS, CPU), and which one a job runs on.
+"""The device domain: which accelerators exist (DirectML, CUDA, ROCm, Intel XPU, MPS, CPU), and
+which one a job runs on.
 
-`auto` prefers DirectML (torch_directml), then CUDA, MPS, CPU. On DirectML, seeds are drawn from
-CPU generators (torch's RNG does not run there) and fp32 is the default precision.
+`auto` prefers DirectML (torch_directml), then CUDA, ROCm (torch's CUDA API on a HIP build: ids
+`cuda:N`, kind `rocm`), XPU (`torch.xpu`, Intel GPUs), MPS, CPU. On DirectML, seeds are drawn from
+CPU generators (torch's RNG does not run there) and fp32 is the default precision. System memory
+comes from psutil, so discovery runs on Windows too.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from engine.errors import DeviceUnavailable
 from engine.handlers import StepContext, StepResult
 
-PREFERENCE = ("directml", "cuda", "mps", "cpu")
+PREFERENCE = ("directml", "cuda", "rocm", "xpu", "mps", "cpu")
+CUDA_API = ("cuda", "rocm")  # devices torch reaches as "cuda:N"
 
 
 @dataclass(frozen=True)
@@ -38,17 +41,11 @@ def _directml() -> Any | None:
 
 
 def system_memory() -> tuple[int, int]:
-    """(total, available) bytes of system memory."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    available = total
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return total, available
+    """(total, available) bytes of system memory, on any operating system."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return memory.total, memory.available
 
 
 def discover() -> list[DeviceInfo]:
@@ -62,11 +59,19 @@ def discover() -> list[DeviceInfo]:
             found.append(DeviceInfo(f"directml:{index}", "directml", index, dml.device_name(index), total, free,
                                     fp16=True, bf16=False))
     if torch.cuda.is_available():
+        kind = "rocm" if getattr(torch.version, "hip", None) else "cuda"
         for index in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(index)
             props = torch.cuda.get_device_properties(index)
-            found.append(DeviceInfo(f"cuda:{index}", "cuda", index, props.name, total, free, fp16=True,
-                                    bf16=props.major >= 8))
+            found.append(DeviceInfo(f"cuda:{index}", kind, index, props.name, total, free, fp16=True,
+                                    bf16=kind == "rocm" or props.major >= 8))
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        for index in range(xpu.device_count()):
+            props = xpu.get_device_properties(index)
+            total = getattr(props, "total_memory", 0)
+            free = xpu.mem_get_info(index)[0] if hasattr(xpu, "mem_get_info") else total
+            found.append(DeviceInfo(f"xpu:{index}", "xpu", index, props.name, total, free, fp16=True, bf16=True))
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         total, free = system_memory()
@@ -105,12 +110,14 @@ def dtype_for(device: DeviceInfo, configured: str = "auto"):
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if configured != "auto":
         return names[configured]
-    return torch.float16 if device.kind == "cuda" else torch.float32
+    return torch.float16 if device.kind in (*CUDA_API, "xpu") else torch.float32
 
 
 def generator_device(device: DeviceInfo) -> str:
     """Where seeded generators live: CPU for DirectML and MPS (reproducible), else the device."""
-    return "cuda" if device.kind == "cuda" else "cpu"
+    if device.kind in CUDA_API:
+        return "cuda"
+    return "xpu" if device.kind == "xpu" else "cpu"
 
 
 def discovery_step(ctx: StepContext) -> StepResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.domains import memory
-from engine.domains.device import select
+from engine.domains.device import CUDA_API, select
 from engine.errors import EngineError
 from engine.registry import ModelRegistry
 
@@ -25,7 +25,7 @@ def estimate(config, workflow, params) -> dict[str, Any]:
         except EngineError:
             pass
     width, height = params.width or size, params.height or size
-    dtype_bytes = 2 if device.kind == "cuda" else 4
+    dtype_bytes = 2 if device.kind in CUDA_API else 4
     activations = memory.activation_bytes(width, height, params.num_images, dtype_bytes) if workflow.generates else 0
     megapixels = width * height / 2**20
     seconds = (SECONDS_PER_MEGAPIXEL_STEP[device.kind] * megapixels * params.steps * params.num_images

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from engine.domains.device import DeviceInfo, system_memory
+from engine.domains.device import CUDA_API, DeviceInfo, system_memory
 from engine.errors import WillNotFit
 from engine.failures import is_oom  # noqa: F401  (the domains' name for it)
 
@@ -14,11 +14,15 @@ ACTIVATION_BYTES_PER_LATENT_PIXEL = 90_000
 
 
 def free_memory(device: DeviceInfo) -> int:
-    if device.kind == "cuda":
+    if device.kind in CUDA_API:
         import torch
 
         free, _ = torch.cuda.mem_get_info(device.index)
         return free
+    if device.kind == "xpu":
+        import torch
+
+        return torch.xpu.mem_get_info(device.index)[0] if hasattr(torch.xpu, "mem_get_info") else device.free_memory
     return system_memory()[1]
 
 
@@ -41,7 +45,7 @@ def check_fits(required: int, device: DeviceInfo, already_loaded: bool, weights:
 def call_budget(device: DeviceInfo) -> tuple[int, int] | None:
     """(bytes allocated now, bytes a call could use now: free plus what torch holds unused) on
     CUDA; None where torch does not say."""
-    if device.kind != "cuda":
+    if device.kind not in CUDA_API:
         return None
     import torch
 
@@ -52,21 +56,21 @@ def call_budget(device: DeviceInfo) -> tuple[int, int] | None:
 
 def free_caches(device: DeviceInfo) -> None:
     gc.collect()
-    if device.kind == "cuda":
+    if device.kind in CUDA_API:
         import torch
 
         torch.cuda.empty_cache()
 
 
 def reset_peak(device: DeviceInfo) -> None:
-    if device.kind == "cuda":
+    if device.kind in CUDA_API:
         import torch
 
         torch.cuda.reset_peak_memory_stats(device.index)
 
 
 def peak_bytes(device: DeviceInfo) -> int | None:
-    if device.kind == "cuda":
+    if device.kind in CUDA_API:
         import torch
 
         return int(torch.cuda.max_memory_allocated(device.index))
