@@ -128,6 +128,8 @@ class Intake:
             self.check_fits(entry, pipeline, f"{where}.loras[{index}].model")
         if params.vae:
             self.models.get(params.vae, "vae", f"{where}.vae")
+        if any(step.config.get("mode") == "hires" for step in workflow.steps):
+            self.check_hires(data, where)
         if params.controlnet:
             entry = self.models.get(params.controlnet.model, "controlnet", f"{where}.controlnet.model")
             self.check_fits(entry, pipeline, f"{where}.controlnet.model")
@@ -152,6 +154,18 @@ class Intake:
                 raise ValidationError(
                     f"{where}.{name}: {pipeline.id!r} makes {data[name]} by default, outside limits.min_size/max_size "
                     f"({low} to {high}); give width and height", [{"loc": f"{where}.{name}"}])
+
+    def check_hires(self, data: dict[str, Any], where: str) -> None:
+        """The hires fix's upscaler exists and its second pass fits the size limits."""
+        if data.get("hires_upscaler"):
+            self.models.get(data["hires_upscaler"], "upscaler", f"{where}.hires_upscaler")
+        from engine.domains.inference import hires_size
+
+        width, height = hires_size(data)
+        if max(width, height) > self.limits["max_size"]:
+            raise ValidationError(
+                f"{where}.hires_scale: the second pass would be {width}x{height}, over limits.max_size "
+                f"({self.limits['max_size']}); lower hires_scale, width or height", [{"loc": f"{where}.hires_scale"}])
 
     def check_device(self, wanted: str, field: str) -> None:
         """A device named in a job must exist on this machine (else it would fail three times)."""

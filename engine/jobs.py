@@ -78,6 +78,10 @@ class GenerationParams(Strict):
     controlnet: ControlNetParams | None = None
     loras: list[LoraParams] = Field(default_factory=list, max_length=16)
     vae: str | None = Field(None, max_length=128, description="a registered VAE id, instead of the model's own")
+    hires_scale: float = Field(2.0, ge=1.0, le=4.0, description="txt2img-hires: how much larger the second pass is")
+    hires_steps: int | None = Field(None, ge=1, le=10000, description="txt2img-hires: steps of the second pass (else steps)")
+    hires_strength: float = Field(0.55, gt=0.0, le=1.0, description="txt2img-hires: denoising strength of the second pass")
+    hires_upscaler: str | None = Field(None, max_length=128, description="txt2img-hires: an upscaler id; Lanczos when absent")
     postprocess: list[PostprocessOp] = Field(default_factory=list, max_length=16)
     device: str | None = Field(None, max_length=32, description="cpu, cuda, cuda:1, mps, directml; default from config")
 
@@ -183,6 +187,7 @@ ALIASES = {
     "negative": "negative_prompt",
     "init_images": "init_image",
     "mask": "mask_image",
+    "hr_scale": "hires_scale", "hr_second_pass_steps": "hires_steps", "hr_upscaler": "hires_upscaler",
 }
 # AUTOMATIC1111's sampler names -> the scheduler names here.
 SAMPLER_NAMES = {

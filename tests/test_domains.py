@@ -275,6 +275,35 @@ def test_hires_workflow_says_plainly_that_no_safety_model_checked_the_images(stu
     assert "Postprocess: safety_check" in images_of(studio, session_id)[0].info["parameters"]
 
 
+def test_the_hires_fix_denoises_the_upscaled_image_again_as_automatic1111_does(studio):
+    """txt2img at the base size, an upscale (hires_upscaler, hires_scale), then img2img at the larger
+    size with hires_steps and hires_strength; the image's parameters use A1111's hires keys."""
+    params = {**SIZE, "prompt": "castle", "seed": 2, "hires_scale": 1.5, "hires_steps": 2, "hires_strength": 0.6,
+              "hires_upscaler": "up"}
+    import numpy as np
+
+    session_id = submit(studio, {"workflow": "txt2img-hires", "params": params}).target_id
+    run_until_idle(studio)
+    result = result_of(studio, session_id)
+    assert [s["type"] for s in result["steps"]] == ["device_discovery", "model_loading", "inference_generation",
+                                                    "postprocessing_enhancement", "inference_generation",
+                                                    "postprocessing_enhancement"]
+    second = result["steps"][4]["data"]
+    assert second["mode"] == "hires" and second["seeds"] == [2]
+    image = images_of(studio, session_id)[0]
+    assert image.size == (96, 96)
+    fields = dict(A1111_FIELD.findall(image.info["parameters"].splitlines()[-1]))
+    assert (fields["Hires upscale"], fields["Hires steps"], fields["Hires upscaler"], fields["Denoising strength"]) == (
+        "1.5", "2", "up", "0.6")
+    assert fields["Size"] == "64x64", "A1111 writes the first pass's size"
+    first = studio.config.outbox / session_id
+    upscaled = np.asarray(Image.open(next(f for f in first.glob("*-s3.png"))), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - upscaled).mean() > 1, "the second pass changed the upscaled image"
+    with pytest.raises(EngineError, match="over limits.max_size"):
+        submit(studio, {"workflow": "txt2img-hires", "params": {**params, "width": 1024, "height": 1024,
+                                                                 "hires_scale": 4}})
+
+
 def test_work_that_cannot_fit_is_refused_before_trying(studio):
     session_id = submit(studio, {"workflow": "txt2img", "params": {
         "width": 2048, "height": 2048, "num_images": 16, "steps": 1, "prompt": "huge"}}).target_id

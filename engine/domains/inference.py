@@ -81,12 +81,31 @@ def load_controlnet(entry, path):
     return ControlNetModel.from_single_file(str(path), local_files_only=True)
 
 
+def hires_size(params: dict[str, Any]) -> tuple[int, int]:
+    """The hires fix's second-pass size: the first times hires_scale, down to multiples of 8."""
+    scale = float(params.get("hires_scale") or 2.0)
+    return int(params["width"] * scale) // 8 * 8, int(params["height"] * scale) // 8 * 8
+
+
+def _hires_inits(ctx: StepContext, size: tuple[int, int]) -> list:
+    """The upscaled first-pass images the hires fix denoises again, one per image."""
+    from PIL import Image as PILImage
+
+    inits = []
+    for path in ctx.previous_images():
+        with PILImage.open(path) as image:
+            inits.append(image.convert("RGB").resize(size, PILImage.Resampling.LANCZOS))
+    if len(inits) != ctx.params["num_images"]:
+        raise ValidationError(f"the hires fix found {len(inits)} first-pass image(s), expected {ctx.params['num_images']}")
+    return inits
+
+
 def _pipeline_for_mode(ctx: StepContext, base, mode: str, device, dtype):
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
     if mode == "txt2img":
         return base
-    if mode == "img2img":
+    if mode in ("img2img", "hires"):
         return AutoPipelineForImage2Image.from_pipe(base)
     if mode == "inpaint":
         return AutoPipelineForInpainting.from_pipe(base)
@@ -101,6 +120,8 @@ def _pipeline_for_mode(ctx: StepContext, base, mode: str, device, dtype):
 
 def _mode_inputs(ctx: StepContext, mode: str, size: tuple[int, int]) -> dict[str, Any]:
     p = ctx.params
+    if mode == "hires":
+        return {"strength": p["hires_strength"]}
     if mode == "img2img":
         return {"image": load_image(ctx, p["init_image"], "params.init_image", "RGB", size), "strength": p["strength"]}
     if mode == "inpaint":
@@ -130,6 +151,13 @@ def _apply_loras(ctx: StepContext, base) -> list[str]:
     return names
 
 
+def hires_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """The hires fix's parameters in AUTOMATIC1111's keys."""
+    return {"Denoising strength": params["hires_strength"], "Hires upscale": params["hires_scale"],
+            "Hires steps": params.get("hires_steps") or params["steps"],
+            "Hires upscaler": params.get("hires_upscaler") or "Lanczos"}
+
+
 def lora_hashes(ctx: StepContext) -> str | None:
     """`name: short hash, ...` of the session's LoRAs, as AUTOMATIC1111's `Lora hashes`."""
     registry = registry_of(ctx)
@@ -145,6 +173,8 @@ def compatibility(step_config: dict[str, Any], params: dict[str, Any]) -> dict[s
     and the number of images may differ (one generator per image keeps each image its own);
     whether a negative prompt is given may not (no negative prompt is encoded differently from
     an empty one)."""
+    if step_config.get("mode") == "hires":  # each session denoises its own first pass: never shared
+        return {"hires": uuid.uuid4().hex}
     return {
         "model": params.get("model"), "device": params.get("device"), "width": params.get("width"),
         "height": params.get("height"), "steps": params.get("steps"), "scheduler": params.get("scheduler"),
@@ -167,6 +197,7 @@ class Image:
     picture: Any = None
     call_id: str = ""
     call_images: int = 0
+    init: Any = None  # its own image to start from (the hires fix's second pass)
 
 
 def generate(pipe, wanted: list[Image], p: dict[str, Any], inputs: dict[str, Any], device, contexts) -> None:
@@ -190,6 +221,8 @@ def generate(pipe, wanted: list[Image], p: dict[str, Any], inputs: dict[str, Any
     if all(c.token.is_set for c in contexts):
         contexts[0].token.raise_if_set()
     negatives = [w.negative for w in wanted]
+    if wanted[0].init is not None:
+        inputs = {**inputs, "image": [w.init for w in wanted]}
     result = pipe(prompt=[w.prompt for w in wanted], negative_prompt=None if negatives[0] is None else negatives,
                   num_inference_steps=p["steps"], guidance_scale=p["guidance_scale"], num_images_per_prompt=1,
                   generator=generators, callback_on_step_end=on_step_end, output_type="pil", **inputs)
@@ -250,6 +283,11 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
     size = (p["width"], p["height"])
     wanted = [Image(owner, c.params["prompt"], c.params["negative_prompt"] or None, (c.params["seed"] + i) % 2**32)
               for owner, c in enumerate(contexts) for i in range(c.params["num_images"])]
+    if mode == "hires":  # the second pass: larger, its own steps, each image from its first pass
+        size = hires_size(p)
+        p = {**p, "width": size[0], "height": size[1], "steps": p.get("hires_steps") or p["steps"]}
+        for image, init in zip(wanted, _hires_inits(ctx, size)):
+            image.init = init
     # 1. The pipeline, warm from the cache when possible.
     cached, loaded, device = pipeline_for(ctx, p["model"])
     base = cached.value
@@ -294,7 +332,8 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
         names = [f"{index:05d}-{image.seed}.png" for index, image in enumerate(mine)]
         extra = {"Sampler": a1111_sampler(context.params.get("scheduler"), scheduler_name),
                  "Model hash": cached.file_hash[:10] if cached.file_hash else None,
-                 "Lora hashes": lora_hashes(context), "VAE": context.params.get("vae"), "Workflow mode": mode}
+                 "Lora hashes": lora_hashes(context), "VAE": context.params.get("vae"), "Workflow mode": mode,
+                 **(hires_fields(context.params) if mode == "hires" else {})}
         writing = _save_later([(image.picture, context.work_dir / name, a1111_parameters(context.params, image.seed, extra))
                                for image, name in zip(mine, names)])
         results.append(StepResult(images=names, writing=writing, data=_call_data(

@@ -30,6 +30,8 @@ SAFETY_SKIPPED = "skipped: no safety model is configured (set safety.model in co
 
 def ops_for(ctx: StepContext) -> list[dict[str, Any]]:
     """This step's ops: the params' ops, the template's defaults, or defaults overridden by name."""
+    if ctx.step_config.get("ops_from") == "hires":  # the hires fix's upscale, from its params
+        return [{"op": "upscale", "model": ctx.params.get("hires_upscaler"), "scale": ctx.params.get("hires_scale") or 2.0}]
     given = ctx.params.get("postprocess") or []
     defaults = ctx.step_config.get("default_ops") or []
     if ctx.step_config.get("ops_from") == "by_name":
