@@ -5,8 +5,9 @@ their settings cannot leak into each other (pipeline called directly, no engine)
 
 eager: stock diffusers; cudnn: stock with cuDNN's attention preferred; compiled: channels_last and
 torch.compile (reduce-overhead) of the UNet and the VAE decoder, as the engine's compiled path;
-tuned: compiled, plus fused QKV projections, cuDNN attention and inductor's tuning flags
-(conv_1x1_as_mm, coordinate descent, no epilogue fusion). Prints images/s per variant and the
+benchmark: compiled, with cuDNN's convolution autotuning (cudnn.benchmark); flags: benchmark, plus
+inductor's conv_1x1_as_mm and no epilogue fusion; tuned: compiled, plus fused QKV projections,
+cuDNN attention and inductor's tuning flags (conv_1x1_as_mm, coordinate descent, no epilogue fusion). Prints images/s per variant and the
 compile seconds; writes $OUT/unet_variants.json.
 """
 
@@ -37,7 +38,14 @@ def one(variant: str, folder: Path, batch: int, steps: int, size: int, calls: in
         preferred = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                      SDPBackend.MATH]
         sdpa_kernel(preferred, set_priority=True).__enter__()  # for the rest of this process
-    if variant in ("compiled", "tuned"):
+    if variant in ("benchmark", "flags"):
+        torch.backends.cudnn.benchmark = True
+    if variant == "flags":
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True
+        inductor.epilogue_fusion = False
+    if variant in ("compiled", "benchmark", "flags", "tuned"):
         if variant == "tuned":
             import torch._inductor.config as inductor
 
