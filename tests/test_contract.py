@@ -207,3 +207,23 @@ def test_rocm_and_intel_xpu_devices_are_found_and_ordered(monkeypatch):
     cpu = next(d for d in found if d.kind == "cpu")
     assert device.select("auto", [cpu, xpu]) == xpu and device.generator_device(xpu) == "xpu"
     assert cpu.total_memory > 0 and cpu.free_memory > 0, "system memory through psutil"
+
+
+def test_session_progress_weighs_a_denoise_above_a_device_lookup(backend_install):
+    """With the device and model steps done and the inference step half way, the session is
+    (1 + 2 + 0.5 x 20) / 23 done, not (2 + 0.5) / 3 (each step counting the same)."""
+    from engine import lifecycle
+    from engine.lifecycle import Policy
+    from tests.helpers import submit
+
+    install = backend_install
+    session_id = submit(install, {"workflow": "weighted"}).target_id
+    policy = Policy.from_config(install.config)
+    for _ in range(2):
+        claim = lifecycle.claim(install.store, "r1", policy)
+        install.store.write(lambda tx: lifecycle.complete_in(tx, claim, {"images": [], "files": [], "data": {}}, 0.0))
+    claim = lifecycle.claim(install.store, "r1", policy)
+    assert claim.step_index == 2
+    lifecycle.heartbeat(install.store, claim, policy, 0.5, "denoising 15/30")
+    (progress,), = query(install, "SELECT progress FROM session_status WHERE session_id = :s", s=session_id)
+    assert progress == pytest.approx((1 + 2 + 0.5 * 20) / 23)
