@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gpu import GpuSamples, build_sdxl, device_name, load_direct, synchronize  # noqa: E402
+from bench_gpu import GpuSamples, device_name, ensure_model, load_direct, synchronize  # noqa: E402
 
 
 def span(samples: GpuSamples, work) -> dict:
@@ -203,14 +203,7 @@ def main() -> None:
     from engine.app import quiet_libraries
 
     quiet_libraries()
-    model = args.folder / "model"
-    if not model.exists():
-        if args.tiny:
-            from engine.tinymodels import build_tiny_sdxl
-
-            build_tiny_sdxl(model)
-        else:
-            build_sdxl(model)
+    model = ensure_model(args.folder, args.tiny)
     samples = GpuSamples()
     started = time.perf_counter()
     raw = raw_diffusers(model, [1, 2, 4, 8], args.images, args.steps, args.size, samples)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_batch_gpu import Engine, span  # noqa: E402
-from bench_gpu import GpuSamples, build_sdxl, device_name, load_direct  # noqa: E402
+from bench_gpu import GpuSamples, device_name, ensure_model, load_direct  # noqa: E402
 
 PROMPT = "a lighthouse at dusk"
 
@@ -155,14 +155,7 @@ def main() -> None:
     from engine.app import quiet_libraries
 
     quiet_libraries()
-    model = args.folder / "model"
-    if not model.exists():
-        if args.tiny:
-            from engine.tinymodels import build_tiny_sdxl
-
-            build_tiny_sdxl(model)
-        else:
-            build_sdxl(model)
+    model = ensure_model(args.folder, args.tiny)
     if args.phase == "cold":
         import shutil
 

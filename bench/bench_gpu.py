@@ -74,6 +74,19 @@ def build_sdxl(folder: Path) -> None:
     torch.cuda.empty_cache()
 
 
+def ensure_model(folder: Path, tiny: bool = False) -> Path:
+    """folder/model: the random-weight SDXL (or, with tiny, the tests' tiny SDXL), built once."""
+    model = folder / "model"
+    if not model.exists():
+        if tiny:
+            from engine.tinymodels import build_tiny_sdxl
+
+            build_tiny_sdxl(model)
+        else:
+            build_sdxl(model)
+    return model
+
+
 def device_name() -> str:
     import torch
 
