@@ -197,6 +197,23 @@ def run(config: ConfigOption = None,
 
 @app.command()
 @command
+def worker(stdio: Annotated[bool, typer.Option("--stdio", help="JSON lines on stdin and stdout (the only transport)")] = False,
+           no_runner: Annotated[bool, typer.Option("--no-runner", help="only submit and read: a runner runs elsewhere")] = False,
+           config: ConfigOption = None) -> None:
+    """The design notes' PROCESSING worker: one JSON request a line on stdin, one response a line
+    on stdout, logs on stderr (see the README's transcript)."""
+    from engine import logs
+    from engine.worker import run_stdio
+
+    if not stdio:
+        raise ValidationError("engine worker needs --stdio (JSON lines on stdin and stdout)")
+    cfg = _config(config)
+    logs.configure(cfg.get("logging", "level"), cfg.get("logging", "format"))
+    run_stdio(cfg, _state.get("case", Case.snake).value, with_runner=not no_runner)
+
+
+@app.command()
+@command
 def validate(files: Annotated[list[Path], typer.Argument(help="job files")], config: ConfigOption = None,
              as_json: JsonOption = False) -> None:
     """Check job files exactly as the inbox would, without submitting them: exit 0 when every one
