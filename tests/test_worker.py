@@ -156,6 +156,9 @@ def test_bad_lines_get_error_responses_and_the_next_line_is_served(pipe):
     no_id = pipe.ask({"Type": "processing.get_workflows", "RequestId": 7}, "7")
     assert no_id["success"] and no_id["request_id"] == "7"
     assert pipe.call("get_capabilities")["limits"]["max_priority"] == 100
+    single = pipe.ask({"type": "inference.generate_images", "request_id": "g1", "session_id": "step-9",
+                       "data": {"workflow_id": "tick3", "prompt": "an owl", "steps": 4, "seed": -1}}, "g1")
+    assert single["success"] and single["data"]["job_id"] == "step-9", "the notes' INFERENCE name is an alias"
     assert pipe.close() == 0
 
 
