@@ -61,27 +61,11 @@ def _main(config: ConfigOption = None,
     _state["case"] = case
 
 
-def _recased(value: Any, case: Case) -> Any:
-    """snake_case keys as camelCase or PascalCase (the design notes' ToCSharpFormat)."""
-    if case == Case.snake:
-        return value
-    if isinstance(value, dict):
-        return {_key_in(str(k), case): _recased(v, case) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_recased(v, case) for v in value]
-    return value
-
-
-def _key_in(key: str, case: Case) -> str:
-    words = [w for w in key.split("_") if w]
-    if not words:
-        return key
-    joined = "".join(w[:1].upper() + w[1:] for w in words)
-    return joined if case == Case.pascal else joined[:1].lower() + joined[1:]
-
-
 def _print_json(value: Any, **options) -> None:
-    print(json.dumps(_recased(json.loads(json.dumps(value, default=str)), _state.get("case", Case.snake)), **options))
+    from engine.jobs import to_case
+
+    case = _state.get("case", Case.snake).value
+    print(json.dumps(to_case(json.loads(json.dumps(value, default=str)), case), **options))
 
 
 def _config(path: Path | None) -> Config:

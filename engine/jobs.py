@@ -244,6 +244,25 @@ def normalise_keys(value: Any, path: str = "") -> Any:
     return value
 
 
+CASES = ("snake", "camel", "pascal")
+
+
+def to_case(value: Any, case: str) -> Any:
+    """snake_case keys as camelCase or PascalCase, for clients in other languages (the design
+    notes' ToCSharpFormat); "snake" leaves them."""
+    if case == "snake":
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for key, inner in value.items():
+            joined = "".join(w[:1].upper() + w[1:] for w in str(key).split("_") if w) or str(key)
+            out[joined if case == "pascal" else joined[:1].lower() + joined[1:]] = to_case(inner, case)
+        return out
+    if isinstance(value, list):
+        return [to_case(inner, case) for inner in value]
+    return value
+
+
 def _loc(parts: tuple, prefix: str = "") -> str:
     out = prefix
     for part in parts:

@@ -25,13 +25,12 @@ from sqlalchemy import text
 
 from engine import commands
 from engine.errors import EngineError, NotFound, ValidationError
-from engine.jobs import ACTIONS, SCHEDULERS, normalise_keys, parse_job, snake_case
+from engine.jobs import ACTIONS, CASES, SCHEDULERS, normalise_keys, parse_job, snake_case, to_case
 from engine.lifecycle import waited_ms
 
 # The notes' INFERENCE names for what PROCESSING does here.
 COMMAND_ALIASES = {"batch_process": "execute_batch", "get_batch_progress": "get_batch_status",
                    "generate_images": "execute_workflow"}
-CASES = ("snake", "camel", "pascal")
 
 
 @dataclass
@@ -69,21 +68,6 @@ def parse_request(line: str) -> Request:
     case = data.pop("response_case", None)
     command = snake_case(command)
     return Request(COMMAND_ALIASES.get(command, command), request_id, data, case)
-
-
-def recased(value: Any, case: str) -> Any:
-    if case == "snake":
-        return value
-    if isinstance(value, dict):
-        out = {}
-        for key, inner in value.items():
-            words = [w for w in str(key).split("_") if w]
-            joined = "".join(w[:1].upper() + w[1:] for w in words) or str(key)
-            out[joined if case == "pascal" else joined[:1].lower() + joined[1:]] = recased(inner, case)
-        return out
-    if isinstance(value, list):
-        return [recased(v, case) for v in value]
-    return value
 
 
 class Worker:
@@ -124,9 +108,9 @@ class Worker:
             if handler is None:
                 raise ValidationError(f"unknown command {request.command!r}; known: {', '.join(sorted(self.handlers))}",
                                       [{"loc": "type"}])
-            return recased({"success": True, "request_id": request_id, "data": handler(request.data)}, case)
+            return to_case({"success": True, "request_id": request_id, "data": handler(request.data)}, case)
         except EngineError as exc:
-            return recased({"success": False, "request_id": request_id, "error": exc.to_dict()},
+            return to_case({"success": False, "request_id": request_id, "error": exc.to_dict()},
                            case if case in CASES else "snake")
         except Exception as exc:  # a bug must not stop the worker: the client hears of it
             return {"success": False, "request_id": request_id,
@@ -254,7 +238,7 @@ class Worker:
         for event_id, stream_type, stream_id, kind, payload, created_at in rows:
             self.last_event = event_id
             if self.subscribed_all or stream_id in self.subscriptions:
-                self.write(recased({"type": "event", "event_id": event_id, "stream_type": stream_type,
+                self.write(to_case({"type": "event", "event_id": event_id, "stream_type": stream_type,
                                     "stream_id": stream_id, "event": kind, "data": json.loads(payload),
                                     "created_at": created_at}, self.case))
 
