@@ -92,10 +92,22 @@ class Worker:
 
     # the loop ------------------------------------------------------------------------------
 
-    def serve(self, source: TextIO) -> None:
-        for line in source:
-            if line.strip():
-                self.write(self.answer(line))
+    def serve(self, source) -> None:
+        """Answer each line of `source` (bytes or text) until EOF, or until the client stops reading."""
+        try:
+            for raw in source:
+                if isinstance(raw, bytes):
+                    try:
+                        raw = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        self.write({"success": False, "request_id": None, "error": {
+                            "code": "VALIDATION_ERROR", "message": f"the line is not UTF-8: {exc.reason} at byte "
+                            f"{exc.start}", "details": []}})
+                        continue
+                if raw.strip():
+                    self.write(self.answer(raw))
+        except BrokenPipeError:  # the client closed our output: nothing more can be said
+            return
 
     def answer(self, line: str) -> dict[str, Any]:
         request_id, case = _request_id_of(line), self.case
@@ -326,7 +338,7 @@ def _request_id_of(line: str) -> str | None:
         return None
 
 
-def run_stdio(config, case: str = "snake", with_runner: bool = True, source: TextIO = sys.stdin,
+def run_stdio(config, case: str = "snake", with_runner: bool = True, source=None,
               sink: TextIO = sys.stdout) -> None:
     """Serve stdin until EOF, with a runner in this process unless told not to. At EOF the runner
     stops after its current step's record; anything unfinished is left to the next runner."""
@@ -354,7 +366,7 @@ def run_stdio(config, case: str = "snake", with_runner: bool = True, source: Tex
     for thread in threads:
         thread.start()
     try:
-        worker.serve(source)
+        worker.serve(source if source is not None else sys.stdin.buffer)
     finally:
         done.set()
         if runner is not None:

@@ -144,6 +144,10 @@ def test_a_batch_in_the_notes_inference_shape_with_its_metrics(pipe):
 def test_bad_lines_get_error_responses_and_the_next_line_is_served(pipe):
     assert pipe.ask("{not json")["error"]["code"] == "VALIDATION_ERROR"
     assert pipe.ask("[1, 2]")["error"]["code"] == "VALIDATION_ERROR"
+    pipe.process.stdin.flush()
+    pipe.process.stdin.buffer.write(b'{"type": "get_workflows", "request_id": "\xff"}\n')
+    pipe.process.stdin.buffer.flush()
+    assert "not UTF-8" in json.loads(pipe.process.stdout.readline())["error"]["message"]
     unknown = pipe.ask({"type": "processing.make_coffee", "request_id": "u1"}, "u1")
     assert unknown["request_id"] == "u1" and "unknown command 'make_coffee'" in unknown["error"]["message"]
     missing = pipe.ask({"type": "processing.get_session_status", "request_id": "m1", "data": {}}, "m1")
