@@ -237,7 +237,11 @@ def test_cancel_interrupts_a_long_denoise_mid_way(studio):
     thread = threading.Thread(target=worker.run, kwargs={"until_idle": True})
     thread.start()
     deadline = time.monotonic() + 60
-    while query(studio, "SELECT progress FROM session_status WHERE session_id = :id", id=session_id)[0][0] < 0.7:
+    def denoised() -> float:  # the denoising step's own progress (its lease), 0 before it runs
+        found = query(studio, "SELECT progress FROM leases WHERE session_id = :id AND step_index = 2", id=session_id)
+        return found[0][0] if found else 0.0
+
+    while denoised() < 0.05:
         assert time.monotonic() < deadline, "denoising never reported progress"
         time.sleep(0.05)
     commands.control(studio.store, session_id, "cancel")
