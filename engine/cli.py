@@ -401,6 +401,20 @@ def batch(batch_id: str, config: ConfigOption = None, as_json: JsonOption = Fals
 
 @app.command()
 @command
+def runners(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """The runners that registered with this database: host, pid, devices, warm models, last
+    heartbeat, version; one whose heartbeat lapsed shows as gone (its steps are taken back)."""
+    from engine.app import require_installation
+
+    cfg = _config(config)
+    require_installation(cfg)
+    columns, rows = _query(cfg, "SELECT runner_id, host, pid, status, devices, warm_models, last_heartbeat, version "
+                                "FROM runner_status ORDER BY status = 'running' DESC, last_heartbeat DESC")
+    _table(columns, rows, as_json)
+
+
+@app.command()
+@command
 def events(target: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """The events of a session or batch (by id or job_id), oldest first."""
     from engine import commands

@@ -227,3 +227,13 @@ def test_session_progress_weighs_a_denoise_above_a_device_lookup(backend_install
     lifecycle.heartbeat(install.store, claim, policy, 0.5, "denoising 15/30")
     (progress,), = query(install, "SELECT progress FROM session_status WHERE session_id = :s", s=session_id)
     assert progress == pytest.approx((1 + 2 + 0.5 * 20) / 23)
+
+
+def test_engine_runners_lists_each_runner_and_a_stopped_one_as_stopped(install):
+    (install.folder / "one.json").write_text(json.dumps({"workflow": "noop1"}))
+    engine_process(install, "submit", "one.json")
+    engine_process(install, "run", "--until-idle", "--runner-id", "host-a-1")
+    listed = json.loads(engine_process(install, "runners", "--json"))
+    mine = next(r for r in listed if r["runner_id"] == "host-a-1")
+    assert mine["status"] == "stopped" and mine["pid"] > 0 and mine["host"] and mine["version"]
+    assert engine(install, "runners").returncode == 0
