@@ -10,6 +10,7 @@ the device does not wait for the disk.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -212,8 +213,7 @@ class Runner:
         duration = time.monotonic() - call.started
         follow = self._claim_and_start() if any(r.writing for r in results) else []
         try:
-            for result in results:
-                result.wait_for_files()
+            _wait_for_files(results)
         except Exception as exc:  # the disk's: the attempt failed, the call already started goes on
             self._failed(group, self._failure(group, exc), work_dirs())
             return follow
@@ -380,6 +380,14 @@ class Runner:
 
         self.store.write(record)
         notices.clear()
+
+
+def _wait_for_files(results: list[StepResult]) -> None:
+    """Every result's files written or failed, none still being written (so that a failed
+    attempt's folders can be discarded); raises the first write's error."""
+    concurrent.futures.wait([future for result in results for future in result.writing])
+    for result in results:
+        result.wait_for_files()
 
 
 def _log_starts(group: list[Claim]) -> None:
