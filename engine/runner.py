@@ -370,16 +370,22 @@ class Runner:
         return []
 
     def _record_notices(self, notices: list[tuple[str, dict[str, Any]]]) -> None:
-        if not notices:
-            return
-
-        def record(tx: Tx) -> None:
-            for kind, data in notices:
-                key = f"{self.runner_id}:{data['model_id']}"
-                tx.emit("model", key, kind, {**data, "model_key": key, "runner_id": self.runner_id})
-
-        self.store.write(record)
+        record_model_notices(self.store, self.runner_id, notices)
         notices.clear()
+
+
+def record_model_notices(store: Store, runner_id: str, notices: list[tuple[str, dict[str, Any]]]) -> None:
+    """What handlers noticed of models (loaded, measured, compiled...), as events of the model's
+    stream for this runner (`<runner id>:<model id>`)."""
+    if not notices:
+        return
+
+    def record(tx: Tx) -> None:
+        for kind, data in notices:
+            key = f"{runner_id}:{data['model_id']}"
+            tx.emit("model", key, kind, {**data, "model_key": key, "runner_id": runner_id})
+
+    store.write(record)
 
 
 def _wait_for_files(results: list[StepResult]) -> None:

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from engine.errors import ValidationError
 from engine.handlers import CancellationToken, StepContext
-from engine.store import Store, Tx
+from engine.runner import record_model_notices
+from engine.store import Store
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -73,15 +74,5 @@ def warmup(config, store: Store, shared: dict, model_id: str, sizes: list[tuple[
             report.append({"images": images, "width": width, "height": height, "compiled": compiled,
                            "seconds": round(seconds, 3), "error": accelerated.failed.get(shape)})
             on_shape(shape, seconds, compiled)
-    _record(store, notices)
+    record_model_notices(store, "warmup", notices)
     return report
-
-
-def _record(store: Store, notices: list) -> None:
-    def record(tx: Tx) -> None:
-        for kind, data in notices:
-            key = f"warmup:{data['model_id']}"
-            tx.emit("model", key, kind, {**data, "model_key": key, "runner_id": "warmup"})
-
-    if notices:
-        store.write(record)
