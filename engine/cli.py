@@ -246,7 +246,8 @@ def submit(files: list[Path], config: ConfigOption = None, as_json: JsonOption =
     from engine.outbox import Outbox
 
     cfg = _config(config)
-    store, intake, results, failed = open_store(cfg), Intake(cfg), [], None
+    store = open_store(cfg)
+    intake, results, failed = Intake(cfg, store), [], None
     for path in files:
         try:
             raw = path.read_bytes()
@@ -304,6 +305,20 @@ def _waiting_for_runner(cfg: Config, session_id: str, step_index: int) -> bool:
         store.close()
 
 
+def _waiting_for_device(cfg: Config, params: dict) -> str | None:
+    """Why a session no step of which runs is not taken: no live runner, or none with its device."""
+    from engine.affinity import pin_of, waiting_reason
+    from engine.app import open_store
+    from engine.runners import worker_names
+
+    store = open_store(cfg)
+    try:
+        with store.read() as conn:
+            return waiting_reason(pin_of(params), worker_names(conn))
+    finally:
+        store.close()
+
+
 def _session_report(cfg: Config, session_id: str) -> dict:
     from engine.errors import NotFound
     from engine.outbox import Outbox
@@ -325,6 +340,10 @@ def _session_report(cfg: Config, session_id: str) -> dict:
                       id=report["session_id"])
     report["params"] = json.loads(extra[0][0])
     report["run"], report["batch_id"], report["item_index"] = extra[0][1:]
+    if report["status"] in ("pending", "running") and not any(s["status"] != "pending" and s["status"] not in
+                                                                 ("completed", "failed", "skipped")
+                                                                 for s in report["steps"]):
+        report["waiting"] = report.get("waiting") or _waiting_for_device(cfg, report["params"])
     folder = Outbox(cfg.outbox).dir_of(report)
     report["outbox"] = str(folder)
     _, activity = _query(cfg, "SELECT message FROM leases WHERE session_id = :id", id=report["session_id"])

@@ -58,6 +58,9 @@ class StepContext:
     shared: dict[str, Any]
     notify: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
     work_dir_made: bool = False
+    # The device of the runner's worker that runs this step (engine.domains.device.DeviceInfo);
+    # None outside a worker. Handlers use it, so a worker's steps stay on its device.
+    device: Any = None
 
     @property
     def work_dir(self) -> Path:
@@ -127,6 +130,12 @@ class Registry:
 
     def serves_groups(self, step_type: str) -> bool:
         return step_type in self._compatibility
+
+    def for_another_worker(self) -> "Registry":
+        """The same handlers with their own shared state (a worker's warm model cache is its own)."""
+        other = Registry()
+        other._handlers, other._compatibility = self._handlers, self._compatibility
+        return other
 
     def warm_models(self) -> list[str]:
         """Ids of the models the domains keep warm in this process (none before the first load)."""

@@ -94,7 +94,7 @@ class Inbox:
     def __init__(self, config, store: Store, intake: Intake | None = None) -> None:
         self.config = config
         self.store = store
-        self.intake = intake or Intake(config)
+        self.intake = intake or Intake(config, store)
         self.folder = config.inbox
         self.accepted = self.folder / "accepted"
         self.rejected = self.folder / "rejected"

@@ -50,8 +50,11 @@ class ResolvedSession:
 class Intake:
     """What validation needs to know: limits, workflows, models, and the inbox for images."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, store=None) -> None:
+        """`store`: where runners register; a device one of them offers is accepted though this
+        machine lacks it (a job for another host's GPU)."""
         self.config = config
+        self.store = store
         self.limits = config.values["limits"]
         self.inbox = config.inbox
         self.models = ModelRegistry(config.models_dir, config.get("models", "allow_pickle"),
@@ -168,7 +171,10 @@ class Intake:
                 f"({self.limits['max_size']}); lower hires_scale, width or height", [{"loc": f"{where}.hires_scale"}])
 
     def check_device(self, wanted: str, field: str) -> None:
-        """A device named in a job must exist on this machine (else it would fail three times)."""
+        """A device named in a job must exist on this machine or be offered by a runner registered
+        with the store (it may be down now: the session then waits, saying why); else the job
+        could never run."""
+        from engine.affinity import offers, pin_of
         from engine.domains.device import discover, select
         from engine.errors import DeviceUnavailable
 
@@ -176,10 +182,24 @@ class Intake:
             self._devices = discover()
         try:
             select(wanted, self._devices)
+            return
         except DeviceUnavailable:
-            found = ", ".join(d.id for d in self._devices)
-            raise ValidationError(f"{field}: no device {wanted!r} on this machine (found: {found}); leave it out to use "
-                                  "the configured one", [{"loc": field}]) from None
+            pass
+        registered = self._registered_workers()
+        if offers(pin_of({"device": wanted}), registered):
+            return
+        found = ", ".join(d.id for d in self._devices)
+        elsewhere = f"; runners offer: {', '.join(sorted(set(registered)))}" if registered else ""
+        raise ValidationError(f"{field}: no device {wanted!r} on this machine (found: {found}{elsewhere}) nor in any "
+                              "runner's [runner] devices; leave it out to use any", [{"loc": field}])
+
+    def _registered_workers(self) -> list[str]:
+        if self.store is None:
+            return []
+        from engine.runners import worker_names
+
+        with self.store.read() as conn:
+            return worker_names(conn, live_only=False)
 
     @staticmethod
     def check_preset(preset: str, field: str) -> None:

@@ -13,12 +13,16 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, insert, select, update
 
+from engine.affinity import Candidate, Offer, choose
 from engine.commands import session_ended
 from engine.errors import StaleLease
 from engine.grouping import call_limit, images_of, take_partners
 from engine.machines import ITEM
 from engine.store import Store, Tx
 from engine.store.tables import leases, sessions, steps
+
+
+ANYWHERE = Offer(lookahead=1)  # a claim that is no device's worker's: any session, no model preference
 
 
 @dataclass(frozen=True)
@@ -64,37 +68,59 @@ class Policy:
         return min(self.backoff_base * 2 ** (attempt - 1), self.backoff_max)
 
 
-def claim_in(tx: Tx, runner_id: str, policy: Policy) -> Claim | None:
+def claim_in(tx: Tx, runner_id: str, policy: Policy, offer: Offer = ANYWHERE) -> Claim | None:
     """Take the best runnable step in this transaction, or None when nothing is runnable."""
     now = time.time()
     tx.projection.flush()  # the claim query reads the tables: what this transaction changed must be there
-    found = tx.store.dialect.fetch_one(tx.conn, tx.store.dialect.claim_query, {"now": now})
+    found = _best_ready(tx, now, offer)
     if found is None:
         return None
-    return _claim_step(tx, found["session_id"], found["step_index"], runner_id, policy, now)
+    return _claim_step(tx, found["session_id"], found["step_index"], runner_id, policy, now, offer)
 
 
-def claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, Any]) -> list[Claim]:
-    """The best runnable step (the leader: highest priority, then oldest) and, when its handler
-    serves groups, compatible ready steps that join its call, in queue order, up to the call's
-    image limit. Each keeps its own lease, attempt and fencing. Empty when nothing is runnable.
+def _best_ready(tx: Tx, now: float, offer: Offer) -> dict | None:
+    """The ready session this worker takes next (see engine.affinity): the queue's head, unless its
+    model is not warm here and another of the head's priority within `lookahead` places suits better.
+    Only then are more rows than the head read (and, on PostgreSQL, locked)."""
+    dialect = tx.store.dialect
+    where = {"now": now, **_pins(offer)}
+    head = dialect.fetch_one(tx.conn, dialect.claim_query, {**where, "n": 1})
+    if head is None or not head["model"] or head["model"] in offer.warm or offer.lookahead <= 1:
+        return head
+    rows = dialect.fetch_all(tx.conn, dialect.claim_query, {**where, "n": offer.lookahead})
+    candidates = [Candidate(r["session_id"], r["priority"], r["model"] or "") for r in rows]
+    return rows[choose(candidates, offer.warm, offer.lookahead)] if rows else None
+
+
+def _pins(offer: Offer) -> dict[str, Any]:
+    _, pin_id, pin_kind, pin_alias = offer.pins
+    return {"any_device": int(offer.any_device), "pin_id": pin_id, "pin_kind": pin_kind, "pin_alias": pin_alias}
+
+
+def claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, Any],
+                   offer: Offer = ANYWHERE) -> list[Claim]:
+    """The best runnable step for this worker (the leader: highest priority, then oldest, with model
+    affinity within the lookahead) and, when its handler serves groups, compatible ready steps that
+    join its call, in queue order, up to the call's image limit. Each keeps its own lease, attempt
+    and fencing. Empty when nothing is runnable.
 
     While the call is not full and the leader has waited less than `max_wait_ms`, a session whose
     earlier step stands between it and the group runs that step first, so that it can join."""
     now = time.time()
     tx.projection.flush()
     dialect = tx.store.dialect
-    found = dialect.fetch_one(tx.conn, dialect.claim_query, {"now": now})
+    found = _best_ready(tx, now, offer)
     if found is None:
         return []
     leader_id, key = found["session_id"], found["group_key"]
     leader = tx.get("sessions", (leader_id,))
     if not key or not (leader["batch_id"] or batching.get("coalesce", True)):
-        return [_claim_step(tx, leader_id, found["step_index"], runner_id, policy, now)]
+        return [_claim_step(tx, leader_id, found["step_index"], runner_id, policy, now, offer)]
     batch = tx.get("batches", (leader["batch_id"],)) if leader["batch_id"] else None
     limit = call_limit(json.loads(batch["config"]) if batch else None, batching, _profile(tx, leader))
+    where = {"now": now, "group": key, **_pins(offer)}
     candidates = []
-    for row in dialect.fetch_all(tx.conn, dialect.partners_query, {"now": now, "group": key, "n": 4 * limit + 1}):
+    for row in dialect.fetch_all(tx.conn, dialect.partners_query, {**where, "n": 4 * limit + 1}):
         session = tx.get("sessions", (row["session_id"],))
         # A batch's items share calls among themselves (its sizes rule them); single sessions with singles.
         if row["session_id"] != leader_id and session["batch_id"] == leader["batch_id"]:
@@ -103,11 +129,11 @@ def claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, A
     partners = take_partners(limit, leader_images, candidates)
     room = limit - leader_images - sum(dict(candidates)[p] for p in partners)
     if room > 0 and waited_ms(found["updated_at"], now) < batching.get("max_wait_ms", 0):
-        follower = dialect.fetch_one(tx.conn, dialect.followers_query, {"now": now, "group": key})
+        follower = dialect.fetch_one(tx.conn, dialect.followers_query, where)
         if follower is not None and tx.get("sessions", (follower["session_id"],))["batch_id"] == leader["batch_id"]:
-            return [_claim_step(tx, follower["session_id"], follower["step_index"], runner_id, policy, now)]
-    return [_claim_step(tx, session_id, tx.get("sessions", (session_id,))["current_step"], runner_id, policy, now)
-            for session_id in [leader_id, *partners]]
+            return [_claim_step(tx, follower["session_id"], follower["step_index"], runner_id, policy, now, offer)]
+    return [_claim_step(tx, session_id, tx.get("sessions", (session_id,))["current_step"], runner_id, policy, now,
+                        offer) for session_id in [leader_id, *partners]]
 
 
 def _profile(tx: Tx, session: dict) -> dict | None:
@@ -125,7 +151,8 @@ def waited_ms(updated_at: str, now: float) -> float:
     return max(0.0, (now - then) * 1000.0)
 
 
-def _claim_step(tx: Tx, session_id: str, index: int, runner_id: str, policy: Policy, now: float) -> Claim:
+def _claim_step(tx: Tx, session_id: str, index: int, runner_id: str, policy: Policy, now: float,
+                offer: Offer = ANYWHERE) -> Claim:
     session = tx.get("sessions", (session_id,))
     if session["status"] == "pending":
         tx.emit("session", session_id, "session.started", {"session_id": session_id, "run": session["run"]})
@@ -135,7 +162,7 @@ def _claim_step(tx: Tx, session_id: str, index: int, runner_id: str, policy: Pol
     attempt = step["attempts"] + 1
     tx.emit("session", session_id, "step.claimed", {
         "session_id": session_id, "run": session["run"], "step_index": index, "attempt": attempt,
-        "runner_id": runner_id,
+        "runner_id": runner_id, **({"device": offer.device_id, "worker": offer.worker} if offer.device_id else {}),
     })
     # No lease exists for a pending step: every way out of `running` removes it.
     tx.store.dialect.execute(tx.conn, INSERT_LEASE, {
@@ -164,12 +191,13 @@ def _item_started(tx: Tx, session: dict) -> None:
                                                      "session_id": session["session_id"]})
 
 
-def claim(store: Store, runner_id: str, policy: Policy) -> Claim | None:
-    return store.write(lambda tx: claim_in(tx, runner_id, policy))
+def claim(store: Store, runner_id: str, policy: Policy, offer: Offer = ANYWHERE) -> Claim | None:
+    return store.write(lambda tx: claim_in(tx, runner_id, policy, offer))
 
 
-def claim_group(store: Store, runner_id: str, policy: Policy, batching: dict[str, Any]) -> list[Claim]:
-    return store.write(lambda tx: claim_group_in(tx, runner_id, policy, batching))
+def claim_group(store: Store, runner_id: str, policy: Policy, batching: dict[str, Any],
+                offer: Offer = ANYWHERE) -> list[Claim]:
+    return store.write(lambda tx: claim_group_in(tx, runner_id, policy, batching, offer))
 
 
 _HELD = and_(leases.c.session_id == bindparam("sid"), leases.c.step_index == bindparam("idx"),

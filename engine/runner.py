@@ -1,11 +1,15 @@
-"""The runner: claim a step under a lease, run its handler in a worker thread, record the result.
+"""The runner: one worker per device; each claims steps under a lease, runs their handler on its
+device in its own thread, and records the result.
 
-The handler runs in one worker thread (one per device); this thread renews the lease, watches
-for pause and cancel (setting the handler's cancellation token), and writes throttled progress.
-A step's completion and the claim of the next step commit in one transaction; the step's files
-are renamed into the outbox right after that commit. When a handler returns with files still being
-written (an inference call's PNGs), the next call is claimed and started on the device first, so
-the device does not wait for the disk.
+A runner process registers itself (engine.runners), takes back the steps of runners that died and
+runs one `_Lane` per device of `[runner] devices`: a claim loop with a handler thread, its own warm
+model cache and its own claims (only sessions its device may run, preferring the models it has
+warm: engine.affinity). While a handler runs, its lane renews the lease, watches for pause and
+cancel (setting the handler's cancellation token), and writes throttled progress. A step's
+completion and the claim of the next step commit in one transaction; the step's files are renamed
+into the outbox right after that commit. When a handler returns with files still being written (an
+inference call's PNGs), the next call is claimed and started on the device first, so the device
+does not wait for the disk.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Callable
 from sqlalchemy import select
 
 from engine import __version__, lifecycle, runners
+from engine.affinity import Offer
 from engine.errors import Cancelled, EngineError, StaleLease
 from engine.failures import Failure, classify
 from engine.handlers import CancellationToken, Registry, StepContext, StepResult
@@ -42,12 +47,23 @@ def default_runner_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def lane_names(device_ids: list[str]) -> list[str]:
+    """A name per worker: its device's id, numbered when a device has several workers (cpu#1, cpu#2)."""
+    names = []
+    for index, device_id in enumerate(device_ids):
+        if device_ids.count(device_id) == 1:
+            names.append(device_id)
+        else:
+            names.append(f"{device_id}#{device_ids[: index + 1].count(device_id)}")
+    return names
+
+
 class Runner:
     def __init__(self, config, store: Store, registry: Registry, runner_id: str | None = None,
-                 on_step: Callable[[Claim, str], None] | None = None) -> None:
+                 on_step: Callable[[Claim, str], None] | None = None, devices: list | None = None) -> None:
+        """`devices`: the DeviceInfo of each worker; by default `[runner] devices` resolved here."""
         self.config = config
         self.store = store
-        self.registry = registry
         self.runner_id = runner_id or default_runner_id()
         self.policy = Policy.from_config(config)
         self.outbox = Outbox(config.outbox)
@@ -55,8 +71,8 @@ class Runner:
         self.heartbeat_every = runner["heartbeat_seconds"]
         self.control_every = runner["control_poll_seconds"]
         self.idle_sleep = runner["idle_poll_seconds"]
+        self.lookahead = max(1, int(runner["affinity_lookahead"]))
         self.progress_every = 1.0 / max(runner["progress_writes_per_second"], 0.01)
-        self.worker = _Worker()
         # result.json and summary.json are written off the claim loop, in order; a crash before
         # they are written is mended by recovery (ended sessions without result.json get one).
         self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finisher")
@@ -66,10 +82,32 @@ class Runner:
         self.stop_event = threading.Event()
         self.on_step = on_step or (lambda claim, outcome: None)
         self.steps_done = 0
-        self.devices = [str(config.get("device", "preferred"))]
+        self._counting = threading.Lock()
         self.batching = config.values["batching"]
         self._owed = OwedWrites(self.outbox)
         self._last_beat = self._last_reap = time.monotonic()
+        self._housekeeping_lock = threading.Lock()
+        if devices is None:
+            from engine.domains.device import discover, worker_devices
+
+            devices = worker_devices(runner["devices"], config.get("device", "preferred"), discover())
+        names = lane_names([device.id for device in devices])
+        self.lanes = [_Lane(self, device, name, registry if number == 0 else registry.for_another_worker())
+                      for number, (device, name) in enumerate(zip(devices, names))]
+        self.devices = names
+
+    @property
+    def registry(self) -> Registry:
+        """The first worker's handlers and warm models (the only worker's, mostly)."""
+        return self.lanes[0].registry
+
+    def warm_models(self) -> list[str]:
+        """`model@worker` for each model a worker keeps warm."""
+        return [f"{model}@{lane.name}" for lane in self.lanes for model in lane.registry.warm_models()]
+
+    def count_step(self) -> None:
+        with self._counting:
+            self.steps_done += 1
 
     # the loop ------------------------------------------------------------------------------
 
@@ -79,59 +117,61 @@ class Runner:
         return recover(self.store, self.outbox, self.policy, [self.runner_id, *dead])
 
     def run(self, until_idle: bool = False, before_idle_check: Callable[[], bool] | None = None) -> int:
-        """Run steps until stopped (or, with until_idle, until nothing is left to do).
+        """Run steps until stopped (or, with until_idle, until nothing is left to do): the first
+        worker's loop in this thread, the others' in their own.
 
-        Nothing that goes wrong in one turn of the loop (the database, the disk) stops the runner:
-        it is logged, the runner waits a moment and goes on; a step it held is taken back when its
+        Nothing that goes wrong in one turn of a loop (the database, the disk) stops the runner:
+        it is logged, the worker waits a moment and goes on; a step it held is taken back when its
         lease expires, as after a crash."""
         runners.register(self.store, self.runner_id, self.policy.lease_seconds, __version__, self.devices)
         self.recover()
-        group: list[Claim] = []
-        while not self.stop_event.is_set():
-            try:
-                if not group:
-                    group = lifecycle.claim_group(self.store, self.runner_id, self.policy, self.batching)
-                if group:
-                    group = self.execute(group)
-                    continue
-                self._housekeeping()
-                if until_idle and (before_idle_check is None or before_idle_check()) and self.nothing_left():
-                    self._finisher_caught_up()  # every result.json is written before we say idle
-                    self._owed.retry(self.store)
-                    if self._owed.pending():  # a full or read-only outbox: the next start writes them
-                        log.warning("some outbox files could not be written; the next start of a runner writes them")
-                    break
-            except Exception:
-                log.exception("the runner's loop hit an error; going on in a moment")
-                group = []
-                self.stop_event.wait(1.0)
-                continue
-            self.stop_event.wait(self.idle_sleep)
+        done = threading.Event()
+        others = [threading.Thread(target=lane.loop, args=(done,), name=f"engine-lane-{lane.name}", daemon=True)
+                  for lane in self.lanes[1:]]
+        for thread in others:
+            thread.start()
+        try:
+            self.lanes[0].loop(done, until_idle, before_idle_check)
+        finally:
+            done.set()
+            for thread in others:
+                thread.join()
+        if until_idle and not self.stop_event.is_set():
+            self._finisher_caught_up()  # every result.json is written before we say idle
+            self._owed.retry(self.store)
+            if self._owed.pending():  # a full or read-only outbox: the next start writes them
+                log.warning("some outbox files could not be written; the next start of a runner writes them")
         return self.steps_done
 
-    def _housekeeping(self) -> None:
-        """On a timer while idle: renew this runner's registration, take back the steps of runners
-        that died (on this host at once, elsewhere when their lease expires), and retry outbox
-        writes that failed (a full or read-only disk)."""
-        now = time.monotonic()
-        if now - self._last_beat >= self.heartbeat_every:
-            self._last_beat = now
-            runners.beat(self.store, self.runner_id, self.policy.lease_seconds, self.registry.warm_models())
-            dead = runners.find_dead_here(self.store, self.runner_id)
-            if dead:
-                runners.mark_gone(self.store, dead)
-                taken = lifecycle.reap_expired(self.store, self.policy, dead_runners=dead)
-                log.warning("runner(s) %s on this host are gone; took back %d step(s)", ", ".join(dead), taken)
-            self._owed.retry(self.store)
-        if now - self._last_reap > self.policy.lease_seconds / 2:
-            self._last_reap = now
-            lifecycle.reap_expired(self.store, self.policy)
+    def housekeeping(self) -> None:
+        """On a timer while a worker is idle (one worker at a time): renew this runner's
+        registration, take back the steps of runners that died (on this host at once, elsewhere
+        when their lease expires), and retry outbox writes that failed (a full or read-only disk)."""
+        if not self._housekeeping_lock.acquire(blocking=False):
+            return
+        try:
+            now = time.monotonic()
+            if now - self._last_beat >= self.heartbeat_every:
+                self._last_beat = now
+                runners.beat(self.store, self.runner_id, self.policy.lease_seconds, self.warm_models())
+                dead = runners.find_dead_here(self.store, self.runner_id)
+                if dead:
+                    runners.mark_gone(self.store, dead)
+                    taken = lifecycle.reap_expired(self.store, self.policy, dead_runners=dead)
+                    log.warning("runner(s) %s on this host are gone; took back %d step(s)", ", ".join(dead), taken)
+                self._owed.retry(self.store)
+            if now - self._last_reap > self.policy.lease_seconds / 2:
+                self._last_reap = now
+                lifecycle.reap_expired(self.store, self.policy)
+        finally:
+            self._housekeeping_lock.release()
 
     def stop(self) -> None:
         self.stop_event.set()
 
     def close(self) -> None:
-        self.worker.close()
+        for lane in self.lanes:
+            lane.worker.close()
         self.finisher.shutdown(wait=True)
         try:
             runners.stopped(self.store, self.runner_id)
@@ -142,7 +182,7 @@ class Runner:
         """Returns once everything handed to the finisher is written (it runs in order)."""
         self.finisher.submit(lambda: None).result()
 
-    def _finish(self, events, rows: dict | None = None) -> None:
+    def finish(self, events, rows: dict | None = None) -> None:
         if any(e.type.startswith(("session.", "batch.")) for e in events):
             self.finisher.submit(self._owed.finish, self.store, events, rows)
 
@@ -153,6 +193,51 @@ class Runner:
             waiting = conn.execute(select(sessions.c.session_id).where(sessions.c.ready == 1).limit(1)).first()
             running = conn.execute(select(leases.c.session_id).limit(1)).first()
         return waiting is None and running is None
+
+
+class _Lane:
+    """One worker of a runner: a device, the thread that runs handlers on it, its own handlers'
+    shared state (its warm model cache), and the loop that claims what this device may run."""
+
+    def __init__(self, runner: Runner, device, name: str, registry: Registry) -> None:
+        self.runner, self.device, self.name, self.registry = runner, device, name, registry
+        self.store, self.config, self.policy, self.outbox = runner.store, runner.config, runner.policy, runner.outbox
+        self.runner_id, self.batching, self.stop_event = runner.runner_id, runner.batching, runner.stop_event
+        self.heartbeat_every, self.control_every = runner.heartbeat_every, runner.control_every
+        self.progress_every, self.on_step = runner.progress_every, runner.on_step
+        self.worker = _Worker(name)
+
+    def offer(self) -> Offer:
+        """What this worker claims: sessions its device may run, preferring its warm models."""
+        return Offer(self.device.id, self.device.kind, frozenset(self.registry.warm_models()), self.runner.lookahead,
+                     self.name)
+
+    def claim(self, tx: Tx | None = None) -> list[Claim]:
+        if tx is not None:
+            return lifecycle.claim_group_in(tx, self.runner_id, self.policy, self.batching, self.offer())
+        return lifecycle.claim_group(self.store, self.runner_id, self.policy, self.batching, self.offer())
+
+    def loop(self, done: threading.Event, until_idle: bool = False,
+             before_idle_check: Callable[[], bool] | None = None) -> None:
+        """Claim and run until the runner stops or `done` is set; with until_idle, return once
+        nothing is left to do anywhere."""
+        group: list[Claim] = []
+        while not self.stop_event.is_set() and not done.is_set():
+            try:
+                if not group:
+                    group = self.claim()
+                if group:
+                    group = self.execute(group)
+                    continue
+                self.runner.housekeeping()
+                if until_idle and (before_idle_check is None or before_idle_check()) and self.runner.nothing_left():
+                    return
+            except Exception:
+                log.exception("worker %s hit an error; going on in a moment", self.name)
+                group = []
+                self.stop_event.wait(1.0)
+                continue
+            self.stop_event.wait(self.runner.idle_sleep)
 
     # one step ------------------------------------------------------------------------------
 
@@ -226,7 +311,7 @@ class Runner:
         first, one after another."""
         if self.stop_event.is_set():
             return []
-        group = lifecycle.claim_group(self.store, self.runner_id, self.policy, self.batching)
+        group = self.claim()
         while group and not self.registry.serves_groups(group[0].step_type) and not self.stop_event.is_set():
             group = self.execute(group)
         if group and self.registry.serves_groups(group[0].step_type):
@@ -242,6 +327,7 @@ class Runner:
             attempt_dir=self.outbox.attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt),
             inbox=self.config.inbox, token=token, progress=progress.set, config=self.config,
             shared=self.registry.shared, notify=lambda kind, data: notices.append((kind, data)),
+            device=self.device,
         )
         return context, token, progress, notices
 
@@ -321,7 +407,7 @@ class Runner:
                     stale.add(number)
             if self.stop_event.is_set() or not claim_next:
                 return []
-            return lifecycle.claim_group_in(tx, self.runner_id, self.policy, self.batching)
+            return self.claim(tx)
 
         next_group, events = self.store.write_events(record)
         for number, (claim, output, work_dir) in enumerate(zip(group, outputs, work_dirs)):
@@ -329,10 +415,10 @@ class Runner:
                 self.outbox.discard(work_dir)
                 self.on_step(claim, "stale")
                 continue
-            self._owed.publish(work_dir, self.outbox.dir_of(claim.session_ref), output["images"] + output["files"])
-            self.steps_done += 1
+            self.runner._owed.publish(work_dir, self.outbox.dir_of(claim.session_ref), output["images"] + output["files"])
+            self.runner.count_step()
             self.on_step(claim, "completed")
-        self._finish(events, ended)
+        self.runner.finish(events, ended)
         return next_group
 
     def _failed(self, group: list[Claim], failure: Failure, work_dirs) -> list[Claim]:
@@ -349,7 +435,7 @@ class Runner:
                     stale.add(number)
 
         _, events = self.store.write_events(record)
-        self._finish(events)
+        self.runner.finish(events)
         retried = {e.stream_id for e in events if e.type == "step.retried"}
         for number, claim in enumerate(group):
             if number not in stale:
@@ -370,19 +456,21 @@ class Runner:
         return []
 
     def _record_notices(self, notices: list[tuple[str, dict[str, Any]]]) -> None:
-        record_model_notices(self.store, self.runner_id, notices)
+        record_model_notices(self.store, self.runner_id, notices, self.name)
         notices.clear()
 
 
-def record_model_notices(store: Store, runner_id: str, notices: list[tuple[str, dict[str, Any]]]) -> None:
+def record_model_notices(store: Store, runner_id: str, notices: list[tuple[str, dict[str, Any]]],
+                         worker: str = "") -> None:
     """What handlers noticed of models (loaded, measured, compiled...), as events of the model's
-    stream for this runner (`<runner id>:<model id>`)."""
+    stream for this runner's worker (`<runner id>:<worker>:<model id>`; `<runner id>:<model id>`
+    outside a worker)."""
     if not notices:
         return
 
     def record(tx: Tx) -> None:
         for kind, data in notices:
-            key = f"{runner_id}:{data['model_id']}"
+            key = ":".join(part for part in (runner_id, worker, data["model_id"]) if part)
             tx.emit("model", key, kind, {**data, "model_key": key, "runner_id": runner_id})
 
     store.write(record)
@@ -425,11 +513,11 @@ class _Worker:
     runner no longer waits for (its loop hit an error meanwhile) is dropped, never taken for
     another call's."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "") -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._tickets = itertools.count(1)
-        self._thread = threading.Thread(target=self._loop, name="engine-worker", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"engine-worker-{name}".rstrip("-"), daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:

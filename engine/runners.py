@@ -98,6 +98,23 @@ def mark_gone(store: Store, runner_ids: list[str]) -> None:
             update(runners).where(runners.c.runner_id.in_(runner_ids)).values(status="gone")))
 
 
+def worker_names(conn, live_only: bool = True, now: float | None = None) -> list[str]:
+    """The workers (devices) registered runners offer: of live runners (running, heartbeat within
+    the lease), or of every runner ever registered."""
+    now = time.time() if now is None else now
+    query = select(runners.c.devices, runners.c.host, runners.c.pid, runners.c.process_started,
+                   runners.c.runner_id, runners.c.status)
+    if live_only:
+        query = query.where(runners.c.status == "running", runners.c.expires_at >= now)
+    names = []
+    for row in conn.execute(query):
+        if live_only and dead_on_this_host([RunnerRow(row.runner_id, row.host, row.pid, row.process_started,
+                                                      row.status)], HOST, process_started, me=""):
+            continue
+        names.extend(json.loads(row.devices or "[]"))
+    return names
+
+
 def lease_holder_state(conn, session_id: str, step_index: int, now: float | None = None) -> str | None:
     """'running' when a live runner holds this step; 'waiting' when its lease expired or its
     runner is gone (it waits for a runner to take it back); None when no lease exists."""

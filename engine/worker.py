@@ -348,7 +348,7 @@ def run_stdio(config, case: str = "snake", with_runner: bool = True, source=None
 
     require_installation(config)
     store = init(config)
-    worker = Worker(config, store, Intake(config), case, sink)
+    worker = Worker(config, store, Intake(config, store), case, sink)
     done = threading.Event()
     threads = []
     runner = Runner(config, store, registry_for(config)) if with_runner else None

@@ -63,7 +63,7 @@ class Installation:
         self.config_path = write_config(folder, database_url, settings)
         self.config = load_config(self.config_path)
         self.store: Store = app.init(self.config)
-        self.intake = Intake(self.config)
+        self.intake = Intake(self.config, self.store)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

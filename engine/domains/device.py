@@ -96,6 +96,22 @@ def select(preferred: str, devices: list[DeviceInfo] | None = None) -> DeviceInf
     raise DeviceUnavailable(f"device {preferred!r} is not available here; found: {', '.join(d.id for d in devices)}")
 
 
+def worker_devices(setting: str | list[str], preferred: str, devices: list[DeviceInfo]) -> list[DeviceInfo]:
+    """The devices a runner runs one worker each on (`[runner] devices`). "auto": every device of
+    the kind `[device] preferred` selects (auto: the best kind here; an exact id: that one device).
+    A list (or a comma-separated string) names each worker's device; a name given twice makes two
+    workers on that device."""
+    if isinstance(setting, str):
+        setting = [part.strip() for part in setting.split(",") if part.strip()] or ["auto"]
+    if [name.lower() for name in setting] == ["auto"]:
+        best = select(preferred, devices)
+        exact = (preferred or "auto").lower() not in ("auto", best.kind, "cuda")
+        return [best] if exact else [d for d in devices if d.kind == best.kind]
+    if not setting:
+        raise DeviceUnavailable("[runner] devices names no device")
+    return [select(name, devices) for name in setting]
+
+
 def torch_device(device: DeviceInfo):
     import torch
 
@@ -121,14 +137,19 @@ def generator_device(device: DeviceInfo) -> str:
 
 
 def discovery_step(ctx: StepContext) -> StepResult:
-    """device_discovery: choose the device for this session (params.device, else config)."""
+    """device_discovery: the device this session runs on: the worker's that claimed it (which took
+    it because its device is the one the job pins, or the job pins none); outside a runner's worker,
+    params.device, else config."""
     found = discover()
-    device = select(ctx.params.get("device") or ctx.config.get("device", "preferred"), found)
+    device = ctx.device or select(ctx.params.get("device") or ctx.config.get("device", "preferred"), found)
     dtype = str(dtype_for(device, ctx.config.get("device", "dtype"))).replace("torch.", "")
     return StepResult(data={"device": device.id, "device_name": device.name, "dtype": dtype,
                             "devices": [asdict(d) for d in found]})
 
 
 def device_of(ctx: StepContext) -> DeviceInfo:
-    """The device an earlier device_discovery step chose (or a fresh choice)."""
+    """The device of the worker running this step; outside a worker, the one an earlier
+    device_discovery step chose (or a fresh choice)."""
+    if ctx.device is not None:
+        return ctx.device
     return select(ctx.previous_value("device") or ctx.params.get("device") or ctx.config.get("device", "preferred"))

@@ -24,6 +24,11 @@ from engine.registry import ModelEntry, ModelRegistry, file_sha256, folder_finge
 Notify = Callable[[str, dict[str, Any]], None]
 log = logging.getLogger("engine.model")
 
+# One load at a time in a process: diffusers and accelerate build models on the "meta" device by
+# patching torch for the duration of a load, so two workers loading at once (one per GPU) break
+# each other's loads ("Cannot copy out of meta tensor"). Loads are bound by the disk anyway.
+LOADING = threading.Lock()
+
 
 @dataclass
 class Cached:
@@ -53,7 +58,8 @@ class ModelCache:
             self._make_room(size, device, notify)
             started = time.perf_counter()
             try:
-                value = loader()
+                with LOADING:
+                    value = loader()
             except EngineError:
                 raise
             except Exception as exc:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sqlalchemy import bindparam, event, select, text
+from sqlalchemy import bindparam, event, or_, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Executable, Select
 
@@ -22,16 +22,24 @@ Row = dict[str, Any]
 from engine.store.tables import sessions, steps
 
 
+def runs_here():
+    """Sessions the claiming worker's device may run: pinned to nothing, to its id, its kind or its
+    kind's alias (bound `pin_id`, `pin_kind`, `pin_alias`), or any when `any_device` is 1."""
+    return or_(bindparam("any_device") == 1, sessions.c.device == "", sessions.c.device == bindparam("pin_id"),
+               sessions.c.device == bindparam("pin_kind"), sessions.c.device == bindparam("pin_alias"))
+
+
 def claim_candidates() -> Select:
-    """The ready session with the highest priority, then the oldest; its current step is the one to run
-    (the steps before it are done). Bound parameter `now`: a retry's backoff must have passed.
-    An index on (ready, priority DESC, created_event) makes this the first rows of one index scan."""
+    """The first `n` ready sessions this worker may run, highest priority first, then the oldest;
+    the current step of the one taken is the one to run (the steps before it are done). Bound
+    parameter `now`: a retry's backoff must have passed. An index on (ready, priority DESC,
+    created_event) makes this the first rows of one index scan."""
     return (
         select(sessions.c.session_id, sessions.c.current_step.label("step_index"), sessions.c.group_key,
-               sessions.c.updated_at)
-        .where(sessions.c.ready == 1, sessions.c.ready_at <= bindparam("now"))
+               sessions.c.updated_at, sessions.c.priority, sessions.c.model)
+        .where(sessions.c.ready == 1, sessions.c.ready_at <= bindparam("now"), runs_here())
         .order_by(sessions.c.priority.desc(), sessions.c.created_event.asc())
-        .limit(1)
+        .limit(bindparam("n"))
     )
 
 
@@ -40,7 +48,7 @@ def partner_candidates() -> Select:
     return (
         select(sessions.c.session_id)
         .where(sessions.c.group_key == bindparam("group"), sessions.c.ready == 1,
-               sessions.c.ready_at <= bindparam("now"))
+               sessions.c.ready_at <= bindparam("now"), runs_here())
         .order_by(sessions.c.priority.desc(), sessions.c.created_event.asc())
         .limit(bindparam("n"))
     )
@@ -54,7 +62,7 @@ def follower_candidates() -> Select:
         .join(steps, steps.c.session_id == sessions.c.session_id)
         .where(steps.c.group_key == bindparam("group"), steps.c.status == "pending",
                steps.c.step_index > sessions.c.current_step, sessions.c.ready == 1,
-               sessions.c.ready_at <= bindparam("now"))
+               sessions.c.ready_at <= bindparam("now"), runs_here())
         .order_by(sessions.c.priority.desc(), sessions.c.created_event.asc())
         .limit(1)
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
+from engine.affinity import pin_of
 from engine.machines import BATCH, ITEM, SESSION, STEP, TRIGGERS
 from engine.store.events import Event, dumps
 
@@ -70,6 +71,7 @@ def _session_created(p: Projection, e: Event) -> None:
         "steps": dumps(steps), "error_code": None, "error_message": None,
         "created_event": e.event_id or 0, "created_at": e.created_at, "started_at": None,
         "updated_at": e.created_at, "finished_at": None, "last_seq": e.seq,
+        "device": pin_of(d["params"]), "model": str(d["params"].get("model") or ""),
     }
     _set_ready(p, session)
     p.put("sessions", session)

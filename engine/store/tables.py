@@ -68,6 +68,10 @@ sessions = Table(
     # The current step's compatibility key while it is ready (see engine.grouping): partners of a
     # group claim are found by it.
     Column("group_key", String(64)),
+    # The device the session is pinned to ("" for any) and its model ("" for none): a worker claims
+    # only what its device may run, and prefers the models it has warm (see engine.affinity).
+    Column("device", String(32), nullable=False, server_default=""),
+    Column("model", String(256), nullable=False, server_default=""),
 )
 Index("ix_sessions_status", sessions.c.status)
 Index("ix_sessions_ready", sessions.c.ready, sessions.c.priority.desc(), sessions.c.created_event)
