@@ -121,7 +121,12 @@ class Outbox:
         for name in names:
             source = attempt_dir / name
             if source.exists():
-                os.replace(source, target_dir / name)
+                try:
+                    os.replace(source, target_dir / name)
+                except FileNotFoundError:
+                    if source.exists():
+                        raise
+                    # another runner's sweep (engine.recovery) published it meanwhile
         self.discard(attempt_dir)
 
     def discard(self, attempt_dir: Path | None) -> None:

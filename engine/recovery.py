@@ -2,8 +2,8 @@
 
 - An attempt folder whose step completed with that very attempt is published (the crash fell
   between the commit and the renames).
-- An attempt folder of an attempt that never committed, and is not running under a live lease,
-  is removed.
+- An attempt folder of an attempt that never committed and holds no lease is removed (also on a
+  timer while runners run: `sweep_attempts`).
 - Expired leases go back to pending, the attempt counted.
 - Ended sessions and batches without result.json / summary.json get them.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 
 from sqlalchemy import select
 
@@ -31,39 +30,51 @@ def recover(store: Store, outbox: Outbox, policy: Policy, dead_runners: list[str
     """Run once when a runner starts. `dead_runners`: runners known to be gone, whose leases are
     taken back at once instead of after expiry: the starting runner's own id (its previous life,
     when a stable --runner-id is given) and runners of this host whose process no longer exists."""
-    report = {"reaped": reap_expired(store, policy, dead_runners=dead_runners, orphans=True), "published": 0,
-              "removed": 0, "results": 0}
-    attempts_root = outbox.root / ATTEMPTS
-    now = time.time()
-    if attempts_root.is_dir():
-        with store.read() as conn:
-            for session_dir in sorted(attempts_root.iterdir()):
-                for folder in sorted(session_dir.iterdir()) if session_dir.is_dir() else []:
-                    match = ATTEMPT_NAME.match(folder.name)
-                    if not match:
-                        continue
-                    run, index, attempt = (int(g) for g in match.groups())
-                    session = conn.execute(select(sessions).where(sessions.c.session_id == session_dir.name)
-                                           ).mappings().first()
-                    step = conn.execute(select(steps).where(steps.c.session_id == session_dir.name,
-                                                            steps.c.step_index == index)).mappings().first()
-                    lease = conn.execute(select(leases).where(leases.c.session_id == session_dir.name,
-                                                              leases.c.step_index == index)).first()
-                    if step and step["status"] == "completed" and step["attempts"] == attempt and step["run"] == run:
-                        output = json.loads(step["output"] or "{}")
-                        if _tried(outbox.publish, folder, outbox.dir_of(dict(session)),
-                                  output.get("images", []) + output.get("files", [])):
-                            report["published"] += 1
-                    elif lease is not None and lease.attempt == attempt and lease.run == run and lease.expires_at > now:
-                        continue  # another runner is working in it right now
-                    else:
-                        outbox.discard(folder)
-                        report["removed"] += 1
-                try:
-                    session_dir.rmdir()
-                except OSError:
-                    pass
+    report = {"reaped": reap_expired(store, policy, dead_runners=dead_runners, orphans=True)}
+    report.update(sweep_attempts(store, outbox))
     report["results"] = finish_missing_results(store, outbox)
+    return report
+
+
+def sweep_attempts(store: Store, outbox: Outbox) -> dict[str, int]:
+    """Every attempt folder in the outbox: published when its attempt committed, kept while a lease
+    for that very attempt exists (it may still commit, even if the lease has expired), else removed:
+    without its lease an attempt can never commit (fencing). Runs at start and, on a timer, while
+    runners run: a runner killed on another host leaves its folder behind for the others to remove.
+
+    The lease is read before the step: a completion deletes the lease and completes the step in one
+    commit, so a lease found gone means the step read after it shows that completion, if any."""
+    report = {"published": 0, "removed": 0}
+    attempts_root = outbox.root / ATTEMPTS
+    if not attempts_root.is_dir():
+        return report
+    for session_dir in sorted(attempts_root.iterdir()):
+        for folder in sorted(session_dir.iterdir()) if session_dir.is_dir() else []:
+            match = ATTEMPT_NAME.match(folder.name)
+            if not match:
+                continue
+            run, index, attempt = (int(g) for g in match.groups())
+            where = (session_dir.name, index)
+            with store.read() as conn:
+                lease = conn.execute(select(leases.c.attempt, leases.c.run).where(
+                    leases.c.session_id == where[0], leases.c.step_index == index)).first()
+                if lease is not None and lease.attempt == attempt and lease.run == run:
+                    continue  # a runner is working in it, or may still commit it
+                step = conn.execute(select(steps).where(steps.c.session_id == where[0],
+                                                        steps.c.step_index == index)).mappings().first()
+                session = conn.execute(select(sessions).where(sessions.c.session_id == where[0])).mappings().first()
+            if step and step["status"] == "completed" and step["attempts"] == attempt and step["run"] == run:
+                output = json.loads(step["output"] or "{}")
+                if _tried(outbox.publish, folder, outbox.dir_of(dict(session)),
+                          output.get("images", []) + output.get("files", [])):
+                    report["published"] += 1
+            else:
+                outbox.discard(folder)
+                report["removed"] += 1
+        try:
+            session_dir.rmdir()
+        except OSError:
+            pass
     return report
 
 

@@ -36,7 +36,7 @@ from engine.failures import Failure, classify
 from engine.handlers import CancellationToken, Registry, StepContext, StepResult
 from engine.lifecycle import Claim, Policy
 from engine.outbox import Outbox, OwedWrites
-from engine.recovery import recover
+from engine.recovery import recover, sweep_attempts
 from engine.store import Store, Tx
 from engine.store.tables import leases, sessions
 
@@ -85,7 +85,7 @@ class Runner:
         self._counting = threading.Lock()
         self.batching = config.values["batching"]
         self._owed = OwedWrites(self.outbox)
-        self._last_beat = self._last_reap = time.monotonic()
+        self._last_beat = self._last_reap = self._last_sweep = time.monotonic()
         self._housekeeping_lock = threading.Lock()
         if devices is None:
             from engine.domains.device import discover, worker_devices
@@ -144,9 +144,10 @@ class Runner:
         return self.steps_done
 
     def housekeeping(self) -> None:
-        """On a timer while a worker is idle (one worker at a time): renew this runner's
+        """On a timer, between a worker's steps (one worker at a time): renew this runner's
         registration, take back the steps of runners that died (on this host at once, elsewhere
-        when their lease expires), and retry outbox writes that failed (a full or read-only disk)."""
+        when their lease expires), remove the attempt folders they left, and retry outbox writes
+        that failed (a full or read-only disk)."""
         if not self._housekeeping_lock.acquire(blocking=False):
             return
         try:
@@ -163,6 +164,9 @@ class Runner:
             if now - self._last_reap > self.policy.lease_seconds / 2:
                 self._last_reap = now
                 lifecycle.reap_expired(self.store, self.policy)
+            if now - self._last_sweep > max(4 * self.policy.lease_seconds, 5.0):
+                self._last_sweep = now
+                sweep_attempts(self.store, self.outbox)  # what runners that died elsewhere left in the outbox
         finally:
             self._housekeeping_lock.release()
 
@@ -224,12 +228,12 @@ class _Lane:
         group: list[Claim] = []
         while not self.stop_event.is_set() and not done.is_set():
             try:
+                self.runner.housekeeping()  # on its timer, busy or not: a busy cluster still takes back dead steps
                 if not group:
                     group = self.claim()
                 if group:
                     group = self.execute(group)
                     continue
-                self.runner.housekeeping()
                 if until_idle and (before_idle_check is None or before_idle_check()) and self.runner.nothing_left():
                     return
             except Exception:
@@ -412,6 +416,9 @@ class _Lane:
         next_group, events = self.store.write_events(record)
         for number, (claim, output, work_dir) in enumerate(zip(group, outputs, work_dirs)):
             if number in stale:
+                log.warning("step %d (%s) of session %s: its lease was lost meanwhile (its session cancelled, or "
+                            "the step taken over by another runner); this result is discarded", claim.step_index,
+                            claim.step_type, claim.session_id)
                 self.outbox.discard(work_dir)
                 self.on_step(claim, "stale")
                 continue

@@ -193,14 +193,14 @@ def _store(url: str, shared: Path):
     return config, app.init(config)
 
 
-def _wait(what, timeout: float, every: float = 0.2):
+def _wait(what, timeout: float, every: float = 0.2, state=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = what()
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"gave up waiting after {timeout} s")
+    raise AssertionError(f"gave up waiting after {timeout} s; {state()}")
 
 
 def test_three_hosts_share_the_work_survive_a_kill_and_a_cut_link_and_do_everything_once(cluster):
@@ -232,8 +232,7 @@ def test_three_hosts_share_the_work_survive_a_kill_and_a_cut_link_and_do_everyth
     for host in hosts:
         host.start()
 
-    total = 700 * 3 + 3 * 4
-    _wait(lambda: scalar("SELECT count(*) FROM steps WHERE status = 'completed'") >= total * 0.3, 180)
+    _wait(lambda: scalar("SELECT count(*) FROM steps WHERE status = 'completed'") >= 700, 180)
     assert {r for r in scalar_rows(store, "SELECT DISTINCT runner_id FROM leases")} <= {h.runner_id for h in hosts}
     hosts[1].kill()  # host2's runner dies mid-way: its steps wait for their leases to expire
 
@@ -244,26 +243,41 @@ def test_three_hosts_share_the_work_survive_a_kill_and_a_cut_link_and_do_everyth
                                             "l.session_id AND s.step_index = l.step_index WHERE s.step_type = 'sleep' "
                                             "AND l.runner_id = :r", r=hosts[2].runner_id), 120, every=0.05)
     hosts[2].link(False)
+    cut_at = time.time()
     time.sleep(LEASE * 3)
     hosts[2].link(True)
 
+    def state() -> str:
+        return repr({
+            "sessions": scalar_rows_pairs(store, "SELECT status, count(*) FROM sessions GROUP BY status"),
+            "unfinished": scalar_rows_pairs(store, "SELECT session_id, workflow_id, status, current_step, ready "
+                                                   "FROM sessions WHERE status <> 'completed' LIMIT 5"),
+            "leases": scalar_rows_pairs(store, "SELECT session_id, step_index, runner_id, expires_at FROM leases"),
+            "runners": scalar_rows_pairs(store, "SELECT runner_id, status, last_heartbeat FROM runner_status"),
+            "now": time.time()})
+
     _wait(lambda: scalar("SELECT count(*) FROM sessions WHERE status NOT IN ('completed', 'failed')") == 0
-          and scalar("SELECT count(*) FROM sessions") == 706, 300)
+          and scalar("SELECT count(*) FROM sessions") == 705, 120, state=state)
+    # host2's in-flight attempt folder, left when it was killed, is swept away by the live runners
+    _wait(lambda: not leftovers(config.outbox), 4 * LEASE + 30, state=lambda: leftovers(config.outbox))
     for host in (hosts[0], hosts[2]):
         host.stop()
 
-    assert scalar("SELECT count(*) FROM sessions WHERE status = 'completed'") == 706
+    assert scalar("SELECT count(*) FROM sessions WHERE status = 'completed'") == 705
     counts = completions(type("install", (), {"store": store})())
-    assert len(counts) == 700 * 3 + 3 * 4 + 2 * 3 and set(counts.values()) == {1}, "a step completed twice"
+    assert set(counts.values()) == {1}, "a step completed twice"
+    assert len(counts) == scalar("SELECT count(*) FROM steps WHERE status = 'completed'") >= 700 * 3 + 3 * 3 + 2 * 3
 
     # the step host3 held while cut off: taken over by another runner, its late result refused
     session_id = held[0]
     claimed = [json.loads(d) for d in scalar_rows(store, "SELECT data FROM events WHERE stream_id = :s AND type = "
                                                          "'step.claimed' ORDER BY event_id", s=session_id)]
     sleep_claims = [c for c in claimed if c["step_index"] == 1]
+    history = scalar_rows_pairs(store, "SELECT type, data, created_at FROM events WHERE stream_id = :s ORDER BY event_id",
+                                s=session_id)
+    assert len(sleep_claims) >= 2, (cut_at, [row[:1] + row[2:] for row in history])
     assert sleep_claims[0]["runner_id"] == hosts[2].runner_id and len(sleep_claims) >= 2
-    done = [json.loads(d) for d in scalar_rows(store, "SELECT data FROM events WHERE stream_id = :s AND type = "
-                                                      "'step.completed' AND data LIKE '%\"step_index\":1%'", s=session_id)]
+    done = [json.loads(d) for t, d, _ in history if t == "step.completed" and json.loads(d)["step_index"] == 1]
     assert len(done) == 1 and done[0]["attempt"] == sleep_claims[-1]["attempt"]
     host3_log = hosts[2].log.read_text()
     assert "lease was lost" in host3_log, host3_log[-3000:]
@@ -273,8 +287,7 @@ def test_three_hosts_share_the_work_survive_a_kill_and_a_cut_link_and_do_everyth
     written = [p for p in outbox.rglob("step-*.txt") if ".attempts" not in p.parts]
     assert len(written) == 2100 and len({p.parent for p in written}) == 700
     assert len([p for p in outbox.rglob("*.png") if ".attempts" not in p.parts and p.name != "contact-sheet.png"]) == 3
-    leftovers = [p for p in (outbox / ".attempts").rglob("*") if p.is_file()] if (outbox / ".attempts").exists() else []
-    assert leftovers == []
+    assert leftovers(outbox) == []
     assert sorted(p.name for p in (inbox / "accepted").iterdir()) == sorted(
         ["files.json", "slow-0.json", "slow-1.json"] + [f"tiny-{n}.json" for n in range(3)])
     assert scalar("SELECT count(*) FROM jobs") == 6
@@ -285,6 +298,11 @@ def test_three_hosts_share_the_work_survive_a_kill_and_a_cut_link_and_do_everyth
     assert {runners[h.runner_id] for h in hosts} == {"host1", "host2", "host3"}
     assert store.verify() == []
     store.close()
+
+
+def leftovers(outbox: Path) -> list[Path]:
+    attempts = outbox / ".attempts"
+    return [p for p in attempts.rglob("*") if p.is_file()] if attempts.exists() else []
 
 
 def scalar_rows(store, sql: str, **params) -> list:

@@ -282,3 +282,38 @@ def test_two_cpu_workers_each_load_the_model_once_and_a_sigkill_loses_no_image(t
     inference = Counter(c["worker"] for c in claims(install) if c["step_index"] == 2)
     assert set(inference) == {"cpu#1", "cpu#2"}, inference
     assert install.store.verify() == []
+
+
+def test_a_live_runner_sweeps_away_the_attempt_folder_a_killed_runner_left(tmp_path):
+    """A runner killed mid-step leaves its attempt folder; a runner that is already running (its
+    start-up recovery long done) takes the step back and, on its sweep timer, removes the folder.
+    The session is pinned to the CPU and the live runner offers only a stand-in GPU, so it is the
+    killed runner that ran the step and the live one cannot run it again."""
+    install = Installation(tmp_path / "engine", settings={"runner": {"lease_seconds": 1.0, "heartbeat_seconds": 0.2}})
+    session_id = submit(install, {"workflow": "write1", "params": {"device": "cpu"}}).target_id
+    attempts = install.config.outbox / ATTEMPTS
+    live = Runner(install.config, install.store, app.registry_for(install.config), devices=[device("cuda:1")])
+    thread = threading.Thread(target=live.run)
+    thread.start()
+    try:
+        env = {**install.env(), "ENGINE_TEST_WRITE_PAUSE": "60"}
+        doomed = subprocess.Popen([sys.executable, "-m", "engine", "run", "--quiet"], env=env, cwd=install.folder,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not list(attempts.rglob("step-0.txt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(attempts.rglob("step-0.txt")), "the runner never started the step"
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait()
+        deadline = time.monotonic() + 30
+        while list(attempts.rglob("*.txt")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not list(attempts.rglob("*.txt")), "the killed runner's attempt folder was left behind"
+        assert status(install, session_id) == "running"  # taken back, waiting for a CPU worker
+    finally:
+        live.stop()
+        thread.join()
+        live.close()
+    run_until_idle(install, devices=[device("cpu")])
+    assert status(install, session_id) == "completed"
+    assert (install.config.outbox / session_id / "step-0.txt").read_text().endswith("done\n")
