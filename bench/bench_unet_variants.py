@@ -7,8 +7,11 @@ eager: stock diffusers; cudnn: stock with cuDNN's attention preferred; compiled:
 torch.compile (reduce-overhead) of the UNet and the VAE decoder, as the engine's compiled path;
 benchmark: compiled, with cuDNN's convolution autotuning (cudnn.benchmark); flags: benchmark, plus
 inductor's conv_1x1_as_mm and no epilogue fusion; tuned: compiled, plus fused QKV projections,
-cuDNN attention and inductor's tuning flags (conv_1x1_as_mm, coordinate descent, no epilogue fusion). Prints images/s per variant and the
-compile seconds; writes $OUT/unet_variants.json.
+cuDNN attention and inductor's tuning flags (conv_1x1_as_mm, coordinate descent, no epilogue fusion);
+fp8: compiled, with the UNet's linear layers in float8 (torchao's dynamic activation and weight
+quantization, one scale per row; Hopper-class GPUs). Prints images/s per variant and the compile
+seconds; with --save, the PSNR of each variant's last images against the first variant's at the same
+seeds; writes $OUT/unet_variants.json.
 """
 
 from __future__ import annotations
@@ -25,12 +28,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def one(variant: str, folder: Path, batch: int, steps: int, size: int, calls: int) -> dict:
+def quantize_fp8(unet) -> int:
+    """The UNet's linear layers (those float8 matmuls can take: sizes multiples of 16) in float8 with
+    dynamic per-row scales; how many were quantized."""
+    import torch
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+
+    chosen = []
+
+    def suitable(module, name: str) -> bool:
+        ok = isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+        if ok:
+            chosen.append(name)
+        return ok
+
+    # one scale per row needs bfloat16 weights; the fp16 pipelines here take one scale per tensor
+    granularity = PerRow() if unet.dtype == torch.bfloat16 else PerTensor()
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=granularity), filter_fn=suitable)
+    return len(chosen)
+
+
+def one(variant: str, folder: Path, batch: int, steps: int, size: int, calls: int, save: Path | None = None) -> dict:
     import torch
 
     from bench_gpu import load_direct
 
     pipe, _ = load_direct(folder)
+    quantized = quantize_fp8(pipe.unet) if variant == "fp8" else 0
     if variant in ("cudnn", "tuned"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -45,7 +69,7 @@ def one(variant: str, folder: Path, batch: int, steps: int, size: int, calls: in
 
         inductor.conv_1x1_as_mm = True
         inductor.epilogue_fusion = False
-    if variant in ("compiled", "benchmark", "flags", "tuned"):
+    if variant in ("compiled", "benchmark", "flags", "tuned", "fp8"):
         if variant == "tuned":
             import torch._inductor.config as inductor
 
@@ -58,9 +82,9 @@ def one(variant: str, folder: Path, batch: int, steps: int, size: int, calls: in
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", dynamic=False)
         pipe.vae.decoder = torch.compile(pipe.vae.decoder, mode="reduce-overhead", dynamic=False)
 
-    def call(n: int) -> None:
-        pipe(prompt=["a lighthouse at dusk"] * n, num_inference_steps=steps, width=size, height=size,
-             guidance_scale=7.0, generator=[torch.Generator("cuda").manual_seed(s) for s in range(n)])
+    def call(n: int):
+        return pipe(prompt=["a lighthouse at dusk"] * n, num_inference_steps=steps, width=size, height=size,
+                    guidance_scale=7.0, generator=[torch.Generator("cuda").manual_seed(s) for s in range(n)]).images
 
     started = time.perf_counter()
     call(batch)
@@ -69,11 +93,16 @@ def one(variant: str, folder: Path, batch: int, steps: int, size: int, calls: in
     first = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(calls):
-        call(batch)
+        images = call(batch)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        for seed, image in enumerate(images):
+            image.save(save / f"{variant}-{seed}.png")
     return {"variant": variant, "batch": batch, "first_two_calls_s": round(first, 1),
-            "images_per_s": round(batch * calls / seconds, 4), "seconds_per_call": round(seconds / calls, 3)}
+            "images_per_s": round(batch * calls / seconds, 4), "seconds_per_call": round(seconds / calls, 3),
+            **({"fp8_linear_layers": quantized} if variant == "fp8" else {})}
 
 
 def main() -> None:
@@ -86,12 +115,13 @@ def main() -> None:
     parser.add_argument("--variants", default="eager,cudnn,compiled,tuned")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=400)
+    parser.add_argument("--save", type=Path, help="keep each variant's last images here and compare them")
     args = parser.parse_args()
     from engine.app import quiet_libraries
 
     quiet_libraries()
     if args.one:
-        print(json.dumps(one(args.one, args.folder, args.batch, args.steps, args.size, args.calls)))
+        print(json.dumps(one(args.one, args.folder, args.batch, args.steps, args.size, args.calls, args.save)))
         return
     if not args.folder.exists():
         from bench_gpu import build_sdxl
@@ -100,13 +130,22 @@ def main() -> None:
     results = []
     for variant in args.variants.split(","):
         command = [sys.executable, __file__, "--one", variant, "--folder", str(args.folder), "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--size", str(args.size), "--calls", str(args.calls)]
+                   "--steps", str(args.steps), "--size", str(args.size), "--calls", str(args.calls),
+                   *(["--save", str(args.save)] if args.save else [])]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
             lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
             results.append(json.loads(lines[-1]) if lines else {"variant": variant, "error": done.stderr[-800:]})
         except subprocess.TimeoutExpired:
             results.append({"variant": variant, "error": f"over {args.timeout} s"})
+        if args.save and "error" not in results[-1] and variant != results[0]["variant"]:
+            from bench_compile_gpu import psnr
+
+            first = results[0]["variant"]
+            values = sorted(psnr(args.save / f"{first}-{n}.png", args.save / f"{variant}-{n}.png")
+                            for n in range(args.batch) if (args.save / f"{first}-{n}.png").exists())
+            if values:
+                results[-1]["psnr_vs_" + first] = {"min": round(values[0], 2), "median": round(values[len(values) // 2], 2)}
         print(json.dumps(results[-1]), flush=True)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "unet_variants.json").write_text(json.dumps(results, indent=2))

@@ -293,28 +293,14 @@ def sessions(config: ConfigOption = None, status: Annotated[Optional[str], typer
     _table(columns, rows, as_json)
 
 
-def _waiting_for_runner(cfg: Config, session_id: str, step_index: int) -> bool:
+def _why_waiting(cfg: Config, report: dict) -> str | None:
     from engine.app import open_store
-    from engine.runners import lease_holder_state
+    from engine.runners import why_waiting
 
     store = open_store(cfg)
     try:
         with store.read() as conn:
-            return lease_holder_state(conn, session_id, step_index) == "waiting"
-    finally:
-        store.close()
-
-
-def _waiting_for_device(cfg: Config, params: dict) -> str | None:
-    """Why a session no step of which runs is not taken: no live runner, or none with its device."""
-    from engine.affinity import pin_of, waiting_reason
-    from engine.app import open_store
-    from engine.runners import worker_names
-
-    store = open_store(cfg)
-    try:
-        with store.read() as conn:
-            return waiting_reason(pin_of(params), worker_names(conn))
+            return why_waiting(conn, report["session_id"], report["status"], report["current_step"], report["params"])
     finally:
         store.close()
 
@@ -331,19 +317,16 @@ def _session_report(cfg: Config, session_id: str) -> dict:
                                  "error_code FROM step_status WHERE session_id = :id ORDER BY step_index",
                             id=report["session_id"])
     report["steps"] = [dict(zip(columns, s)) for s in steps]
-    for step in report["steps"]:
-        if step["status"] == "running" and _waiting_for_runner(cfg, report["session_id"], step["step_index"]):
-            step["status"] = "waiting for a runner"
-            report["waiting"] = (f"step {step['step_index']} waits for a runner: the one that held it is gone "
-                                 "or its lease expired; a live runner takes it back")
     _, extra = _query(cfg, "SELECT params, run, batch_id, item_index FROM sessions WHERE session_id = :id",
                       id=report["session_id"])
     report["params"] = json.loads(extra[0][0])
     report["run"], report["batch_id"], report["item_index"] = extra[0][1:]
-    if report["status"] in ("pending", "running") and not any(s["status"] != "pending" and s["status"] not in
-                                                                 ("completed", "failed", "skipped")
-                                                                 for s in report["steps"]):
-        report["waiting"] = report.get("waiting") or _waiting_for_device(cfg, report["params"])
+    waiting = _why_waiting(cfg, report)
+    if waiting:
+        report["waiting"] = waiting
+        for step in report["steps"]:
+            if step["status"] == "running":
+                step["status"] = "waiting for a runner"
     folder = Outbox(cfg.outbox).dir_of(report)
     report["outbox"] = str(folder)
     _, activity = _query(cfg, "SELECT message FROM leases WHERE session_id = :id", id=report["session_id"])

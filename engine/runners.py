@@ -133,3 +133,20 @@ def lease_holder_state(conn, session_id: str, step_index: int, now: float | None
         return "waiting"
     dead = dead_on_this_host([RunnerRow(*row)], HOST, process_started, me="")
     return "waiting" if dead else "running"
+
+
+def why_waiting(conn, session_id: str, status: str, current_step: int, params: dict) -> str | None:
+    """Why a pending or running session makes no progress, when it is stuck rather than queued: the
+    runner holding its step is gone (the step waits for a live runner to take it back), no runner
+    is running, or none offers the device the session is pinned to. None otherwise."""
+    from engine.affinity import pin_of, waiting_reason
+
+    if status not in ("pending", "running"):
+        return None
+    held = lease_holder_state(conn, session_id, current_step)
+    if held == "waiting":
+        return (f"step {current_step} waits for a runner: the one that held it is gone or its lease expired; "
+                "a live runner takes it back")
+    if held == "running":
+        return None
+    return waiting_reason(pin_of(params), worker_names(conn))

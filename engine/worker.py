@@ -21,12 +21,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from engine import commands
 from engine.errors import EngineError, NotFound, ValidationError
 from engine.jobs import ACTIONS, CASES, SCHEDULERS, normalise_keys, parse_job, snake_case, to_case
 from engine.lifecycle import waited_ms
+from engine.runners import why_waiting
+from engine.store.tables import sessions
 
 # The notes' INFERENCE names for what PROCESSING does here.
 COMMAND_ALIASES = {"batch_process": "execute_batch", "get_batch_progress": "get_batch_status",
@@ -288,6 +290,10 @@ class Worker:
         report["error"] = ({"code": report["error_code"], "message": report["error_message"]}
                            if report.get("error_code") else None)
         report["estimated_completion_seconds"] = self._estimate(report)
+        with self.store.read() as conn:
+            params = json.loads(conn.execute(select(sessions.c.params).where(
+                sessions.c.session_id == report["session_id"])).scalar_one())
+            report["waiting"] = why_waiting(conn, report["session_id"], report["status"], report["current_step"], params)
         return report
 
     def _batch(self, target: str) -> dict:

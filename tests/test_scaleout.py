@@ -30,6 +30,7 @@ from engine.registry import ModelRegistry
 from engine.runner import Runner, lane_names
 from tests.conftest import Installation
 from tests.helpers import completions, query, run_until_idle, status, submit
+from tests.test_worker import Pipe
 
 
 def device(device_id: str, kind: str | None = None) -> DeviceInfo:
@@ -174,6 +175,11 @@ def test_a_pinned_session_whose_device_no_live_runner_offers_waits_and_says_why(
         shown = report()
         assert shown["status"] == "pending"
         assert "pinned to device 'cuda:1', which no live runner offers (live runners offer: cpu)" in shown["waiting"]
+        pipe = Pipe(install, "--no-runner")  # the design notes' worker says the same
+        try:
+            assert "which no live runner offers" in pipe.call("get_session_status", session_id=session_id)["waiting"]
+        finally:
+            pipe.close()
     finally:
         cpu_runner.stop()
         thread.join()

@@ -14,8 +14,8 @@ import pytest
 class Pipe:
     """A worker process and the lines it wrote: responses by request_id, pushed events in order."""
 
-    def __init__(self, install) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "engine", "worker", "--stdio"], env=install.env(),
+    def __init__(self, install, *options: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "engine", "worker", "--stdio", *options], env=install.env(),
                                         cwd=install.folder, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL, text=True, bufsize=1)
         self.events: list[dict] = []
