@@ -21,11 +21,6 @@ def pin_of(params: dict) -> str:
     return "" if wanted == "auto" else wanted
 
 
-def pins_served(device_id: str, kind: str) -> tuple[str, str, str, str]:
-    """The pins a worker on this device takes: none, its id, its kind, and "cuda" for ROCm."""
-    return ("", device_id, kind, "cuda" if kind in CUDA_KINDS else kind)
-
-
 @dataclass(frozen=True)
 class Offer:
     """What a worker offers when it claims: its device, the models it keeps warm, how far it looks."""
@@ -36,14 +31,13 @@ class Offer:
     lookahead: int = 32
     worker: str = ""  # the worker's name (its device id, numbered when a device has several)
 
-    @property
-    def pins(self) -> tuple[str, str, str, str]:
-        return pins_served(self.device_id, self.kind) if self.device_id else ("", "", "", "")
-
-    @property
-    def any_device(self) -> bool:
-        """A worker with no device of its own (a bare claim) takes sessions pinned anywhere."""
-        return not self.device_id
+    def claim_filter(self) -> dict[str, object]:
+        """The claim queries' device parameters (engine.store.dialects.runs_here): besides sessions
+        pinned to nothing, those pinned to this worker's id, its kind, or "cuda" for ROCm; a claim
+        that is no worker's (no device) takes sessions pinned anywhere."""
+        alias = "cuda" if self.kind in CUDA_KINDS else self.kind
+        return {"any_device": int(not self.device_id), "pin_id": self.device_id, "pin_kind": self.kind,
+                "pin_alias": alias}
 
 
 @dataclass(frozen=True)

@@ -83,18 +83,13 @@ def _best_ready(tx: Tx, now: float, offer: Offer) -> dict | None:
     model is not warm here and another of the head's priority within `lookahead` places suits better.
     Only then are more rows than the head read (and, on PostgreSQL, locked)."""
     dialect = tx.store.dialect
-    where = {"now": now, **_pins(offer)}
+    where = {"now": now, **offer.claim_filter()}
     head = dialect.fetch_one(tx.conn, dialect.claim_query, {**where, "n": 1})
     if head is None or not head["model"] or head["model"] in offer.warm or offer.lookahead <= 1:
         return head
     rows = dialect.fetch_all(tx.conn, dialect.claim_query, {**where, "n": offer.lookahead})
     candidates = [Candidate(r["session_id"], r["priority"], r["model"] or "") for r in rows]
     return rows[choose(candidates, offer.warm, offer.lookahead)] if rows else None
-
-
-def _pins(offer: Offer) -> dict[str, Any]:
-    _, pin_id, pin_kind, pin_alias = offer.pins
-    return {"any_device": int(offer.any_device), "pin_id": pin_id, "pin_kind": pin_kind, "pin_alias": pin_alias}
 
 
 def claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, Any],
@@ -118,7 +113,7 @@ def claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, A
         return [_claim_step(tx, leader_id, found["step_index"], runner_id, policy, now, offer)]
     batch = tx.get("batches", (leader["batch_id"],)) if leader["batch_id"] else None
     limit = call_limit(json.loads(batch["config"]) if batch else None, batching, _profile(tx, leader))
-    where = {"now": now, "group": key, **_pins(offer)}
+    where = {"now": now, "group": key, **offer.claim_filter()}
     candidates = []
     for row in dialect.fetch_all(tx.conn, dialect.partners_query, {**where, "n": 4 * limit + 1}):
         session = tx.get("sessions", (row["session_id"],))

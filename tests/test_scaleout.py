@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import app
-from engine.affinity import Candidate, choose, offers, pin_of, waiting_reason
+from engine.affinity import Candidate, Offer, choose, offers, pin_of, waiting_reason
 from engine.domains.device import DeviceInfo, worker_devices
 from engine.errors import DeviceUnavailable, ValidationError
 from engine.outbox import ATTEMPTS, Outbox
@@ -64,6 +64,9 @@ def test_a_pin_is_served_by_its_id_or_its_kind():
     assert pin_of({"device": "AUTO"}) == "" and pin_of({}) == "" and pin_of({"device": "Cuda:1"}) == "cuda:1"
     assert offers("", []) and offers("cuda", ["cuda:1"]) and offers("cuda:1", ["cpu", "cuda:1"])
     assert offers("cpu", ["cpu#2"]) and not offers("cuda:0", ["cuda:1", "cpu"])
+    assert Offer("cuda:0", "rocm").claim_filter() == {"any_device": 0, "pin_id": "cuda:0", "pin_kind": "rocm",
+                                                      "pin_alias": "cuda"}
+    assert Offer().claim_filter()["any_device"] == 1  # a claim that is no worker's takes any pin
     assert waiting_reason("", ["cpu"]) is None
     assert "no runner is running" in waiting_reason("", [])
     assert "'cuda:1', which no live runner offers (live runners offer: cpu)" in waiting_reason("cuda:1", ["cpu"])
