@@ -4,10 +4,13 @@
     python bench/bench_compile_gpu.py --phase warm   # a second process: first image with the cache there
     python bench/bench_compile_gpu.py --tiny --steps 2 --size 64   # the script itself, on a CPU
 
-cold: stock diffusers at batch sizes 1 and 8; `engine warmup` of the compiled model (batch sizes
-1 and 8, the seconds it took with an empty cache); a --items batch through the engine on the
-compiled path; single sessions one at a time, each timed from submit to its result.json; the PSNR
-of the compiled images against stock's at the same seeds. warm: a new process that loads the model
+cold: stock diffusers at batch sizes 1 and 8; `engine warmup` of the compiled model (--batch-sizes,
+the seconds it took with an empty cache); an untimed first batch (--warm-items: the runner's own
+start), then a --items batch through the engine on the compiled path (with --float32-decode-too,
+again with the decoder in float32); the engine's compiled pipeline called directly (--direct-images);
+where each call's GPU time went (bench/timeline.py); single sessions one at a time, each timed from
+submit to its result.json; the PSNR of the compiled images against stock's at the same seeds (stock's
+PNGs are written after its timing). warm: a new process that loads the model
 and makes one image, timed from the process's start (the cache from cold present). The model is
 SDXL's architecture with random weights (bench_gpu.build_sdxl), fp16. Writes $OUT/compile_<phase>.json.
 """
@@ -27,8 +30,9 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_batch_gpu import Engine, span  # noqa: E402
+from bench_batch_gpu import Engine, measured, span  # noqa: E402
 from bench_gpu import GpuSamples, device_name, ensure_model, load_direct  # noqa: E402
+from timeline import CallTimeline  # noqa: E402
 
 PROMPT = "a lighthouse at dusk"
 
@@ -47,11 +51,13 @@ def stock(folder: Path, steps: int, size: int, samples: GpuSamples, out: Path) -
                 made = pipe(prompt=[PROMPT] * len(seeds), num_inference_steps=steps, width=size, height=size,
                             guidance_scale=7.0, generator=[torch.Generator(device_name()).manual_seed(s) for s in seeds])
                 if batch == 8:
-                    for seed, picture in zip(seeds, made.images):
-                        picture.save(out / f"stock-{seed}.png")
+                    kept.extend(zip(seeds, made.images))
             return images
 
+        kept: list = []
         figures[str(batch)] = span(samples, work)
+        for seed, picture in kept:  # saved after the timing: the engine's PNG writes overlap its next call
+            picture.save(out / f"stock-{seed}.png")
     del pipe
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return figures
@@ -73,17 +79,85 @@ def checkpoint(result: dict, phase: str) -> None:
         Path(os.environ["OUT"], f"compile_{phase}.json").write_text(json.dumps(result, indent=2, default=str))
 
 
+def batch_psnr(batch_folder: Path, stock_out: Path) -> dict:
+    """The PSNR of a batch's images against stock's at the same seeds: how many, the least, the median."""
+    pairs = []
+    for item in sorted(batch_folder.glob("item-*")):
+        for image in item.glob("*.png"):
+            seed = int(image.stem.split("-")[-1])
+            if (stock_out / f"stock-{seed}.png").exists():
+                pairs.append(psnr(stock_out / f"stock-{seed}.png", image))
+    pairs.sort()
+    return {"pairs": len(pairs), "min": round(pairs[0], 2) if pairs else None,
+            "median": round(pairs[len(pairs) // 2], 2) if pairs else None}
+
+
+def float32_decode_batch(engine: Engine, args, samples: GpuSamples, timeline: CallTimeline, batch) -> dict:
+    """The same batch again with the compiled decoder in float32 (diffusers' upcast) instead of the
+    default bfloat16, compiled first: what [compile] vae_upcast = "float32" gives."""
+    import torch
+
+    from engine.domains.model import pipeline_for
+    from engine.warmup import _context, warmup
+
+    cached, _, _ = pipeline_for(_context(engine.config, engine.runner.registry.shared, "sdxl-random", []),
+                                "sdxl-random")
+    compiled = cached.accelerated.compiled
+    default = compiled["vae.decoder"]
+    compiled["vae.decoder"] = torch.compile(cached.accelerated.eager["vae.decoder"], mode=args.mode, dynamic=False)
+    timeline.arm = "warm-up"
+    warmup(engine.config, engine.store, engine.runner.registry.shared, "sdxl-random", [(args.size, args.size)], [8],
+           steps=2)
+    timeline.arm = "engine-float32-decode"
+    figures = measured(engine, samples, batch)
+    compiled["vae.decoder"] = default
+    return figures
+
+
+def direct_compiled(engine: Engine, args, samples: GpuSamples, timeline: CallTimeline) -> dict:
+    """The engine's own compiled pipeline (warm, in the runner's cache) called directly, 8 images a
+    call, as a script would call it: what the engine adds around its calls is the difference."""
+    import torch
+
+    from engine.domains.model import pipeline_for
+    from engine.warmup import _context
+
+    cached, _, _ = pipeline_for(_context(engine.config, engine.runner.registry.shared, "sdxl-random", []),
+                                "sdxl-random")
+    pipe, accelerated = cached.value, cached.accelerated
+
+    def work() -> int:
+        for start in range(0, args.direct_images, 8):
+            with accelerated.compiled_in(pipe):
+                seeds = range(start, start + 8)
+                pipe(prompt=[PROMPT] * 8, num_inference_steps=args.steps, width=args.size, height=args.size,
+                     guidance_scale=7.0, generator=[torch.Generator(device_name()).manual_seed(s) for s in seeds])
+        return args.direct_images
+
+    timeline.arm = "direct"
+    return span(samples, work)
+
+
 def cold(args, model: Path, samples: GpuSamples) -> dict:
+    from diffusers import StableDiffusionXLPipeline
+
     from engine.warmup import warmup
+
+    timeline = CallTimeline()
+    if device_name() == "cuda":
+        timeline.install(StableDiffusionXLPipeline)
 
     stock_out = args.folder / "stock"
     stock_out.mkdir(parents=True, exist_ok=True)
+    timeline.arm = "stock"
     result = {"stock": stock(model, args.steps, args.size, samples, stock_out)}
+    timeline.arm = "warm-up"
     checkpoint(result, "cold")
     engine = Engine(model, args.folder / "engine", compile_setting="on", mode=args.mode)
     started = time.perf_counter()
     result["warmup"] = warmup(engine.config, engine.store, engine.runner.registry.shared, "sdxl-random",
-                              [(args.size, args.size)], [1, 8], steps=args.steps)
+                              [(args.size, args.size)],
+                              [int(n) for n in args.batch_sizes.split(",")], steps=args.steps)
     result["warmup_seconds"] = round(time.perf_counter() - started, 1)
     checkpoint(result, "cold")
     params = {"model": "sdxl-random", "width": args.size, "height": args.size, "steps": args.steps,
@@ -96,7 +170,20 @@ def cold(args, model: Path, samples: GpuSamples) -> dict:
         engine.run()
         return args.items
 
-    result["engine_batch"] = span(samples, batch)
+    if args.warm_items:  # a long-running runner's first batch pays its start (threads, imports): not timed
+        timeline.arm = "warm-up"
+        engine.submit({"kind": "batch", "workflow": "txt2img", "params": {**params, "prompt": PROMPT},
+                       "matrix": {"product": {"seed": list(range(9000, 9000 + args.warm_items))}},
+                       "batch": {"preferred_batch_size": 8, "max_batch_size": 8}})
+        engine.run()
+    timeline.arm = "engine"
+    result["engine_batch"] = measured(engine, samples, batch)
+    checkpoint(result, "cold")
+    if args.float32_decode_too:
+        result["engine_batch_float32_decode"] = float32_decode_batch(engine, args, samples, timeline, batch)
+        checkpoint(result, "cold")
+    result["direct_compiled"] = direct_compiled(engine, args, samples, timeline)
+    result["timeline"] = timeline.summary()
     checkpoint(result, "cold")
     singles = []
     for n in range(args.singles):
@@ -106,17 +193,12 @@ def cold(args, model: Path, samples: GpuSamples) -> dict:
         singles.append(round(time.perf_counter() - started, 3))
         assert (engine.config.outbox / session / "result.json").exists()
     result["single_session_seconds"] = singles
-    result["single_session_median"] = sorted(singles)[len(singles) // 2]
-    batch_folder = next((engine.config.outbox / "batches").iterdir())
-    pairs = []
-    for item in sorted(batch_folder.glob("item-*")):
-        for image in item.glob("*.png"):
-            seed = int(image.stem.split("-")[-1])
-            if (stock_out / f"stock-{seed}.png").exists():
-                pairs.append(psnr(stock_out / f"stock-{seed}.png", image))
-    pairs.sort()
-    result["psnr_compiled_vs_stock_db"] = {"pairs": len(pairs), "min": round(pairs[0], 2) if pairs else None,
-                                           "median": round(pairs[len(pairs) // 2], 2) if pairs else None}
+    result["single_session_median"] = sorted(singles)[len(singles) // 2] if singles else None
+    batches = [row[0] for row in engine.query("SELECT batch_id FROM batches ORDER BY created_at")]
+    batches = batches[1:] if args.warm_items else batches
+    result["psnr_compiled_vs_stock_db"] = batch_psnr(engine.config.outbox / "batches" / batches[0], stock_out)
+    if len(batches) > 1:
+        result["psnr_float32_decode_vs_stock_db"] = batch_psnr(engine.config.outbox / "batches" / batches[1], stock_out)
     result["events"] = engine.query("SELECT type, data FROM event_log WHERE type LIKE 'model.compile%' ORDER BY seq")
     result["call_sizes"] = sorted({d["call_id"]: d["call_images"] for d in (json.loads(r[0])["data"] for r in engine.query(
         "SELECT output FROM steps WHERE step_type = 'inference_generation' AND status = 'completed'"))}.values())
@@ -149,6 +231,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--items", type=int, default=16)
     parser.add_argument("--singles", type=int, default=3)
+    parser.add_argument("--direct-images", type=int, default=16, help="images made by calling the pipeline directly")
+    parser.add_argument("--batch-sizes", default="1,8", help="the compiled call sizes warmed up")
+    parser.add_argument("--warm-items", type=int, default=8, help="an untimed first batch of this many items")
+    parser.add_argument("--float32-decode-too", action="store_true",
+                        help="the batch again with the compiled decoder in float32, for comparison")
     parser.add_argument("--mode", default="reduce-overhead")
     parser.add_argument("--tiny", action="store_true", help="a tiny SDXL instead (to try the script on a CPU)")
     args = parser.parse_args()

@@ -224,21 +224,32 @@ def _take_lease(tx: Tx, claim: Claim) -> None:
 def heartbeat(store: Store, claim: Claim, policy: Policy, progress: float | None = None,
               message: str | None = None) -> tuple[bool, str | None]:
     """Renew the lease (and record live progress). Returns (still owned, session status)."""
+    return heartbeat_all(store, [claim], policy, progress, message)[0]
+
+
+def heartbeat_all(store: Store, claims: list[Claim], policy: Policy, progress: float | None = None,
+                  message: str | None = None) -> list[tuple[bool, str | None]]:
+    """Renew the leases of the claims of one call (and record its live progress on each) in one
+    transaction. Returns (still owned, session status) for each claim."""
     values: dict[str, Any] = {"expires_at": time.time() + policy.lease_seconds}
     if progress is not None:
         values.update(progress=max(0.0, min(1.0, progress)), message=message)
 
-    def renew(tx: Tx) -> tuple[bool, str | None]:
-        owned = tx.conn.execute(RENEW_LEASE.values(**values), _held(claim)).rowcount > 0
-        status = tx.conn.execute(SESSION_STATUS, {"sid": claim.session_id}).scalar()
-        return owned, status
+    def renew(tx: Tx) -> list[tuple[bool, str | None]]:
+        return [(tx.conn.execute(RENEW_LEASE.values(**values), _held(claim)).rowcount > 0,
+                 tx.conn.execute(SESSION_STATUS, {"sid": claim.session_id}).scalar()) for claim in claims]
 
     return store.write(renew)
 
 
 def session_status(store: Store, session_id: str) -> str | None:
+    return session_statuses(store, [session_id])[0]
+
+
+def session_statuses(store: Store, session_ids: list[str]) -> list[str | None]:
+    """Each session's status (None for a session that is gone), in one read."""
     with store.read() as conn:
-        return conn.execute(SESSION_STATUS, {"sid": session_id}).scalar()
+        return [conn.execute(SESSION_STATUS, {"sid": session_id}).scalar() for session_id in session_ids]
 
 
 def complete_in(tx: Tx, claim: Claim, output: dict[str, Any], duration_s: float) -> bool:

@@ -354,13 +354,14 @@ class _Lane:
             now = time.monotonic()
             value = progress.take_if_due(self.progress_every)
             beat = now - last_beat >= self.heartbeat_every
-            for claim, token in zip(claims, tokens):
-                if value is not None or beat:
-                    owned, status = lifecycle.heartbeat(self.store, claim, self.policy, *(value or (None, None)))
-                    if not owned:
-                        token.set("lease lost")
-                else:
-                    status = lifecycle.session_status(self.store, claim.session_id)
+            if value is not None or beat:  # one transaction for every claim of the call
+                states = lifecycle.heartbeat_all(self.store, claims, self.policy, *(value or (None, None)))
+            else:
+                states = [(True, status) for status in
+                          lifecycle.session_statuses(self.store, [claim.session_id for claim in claims])]
+            for token, (owned, status) in zip(tokens, states):
+                if not owned:
+                    token.set("lease lost")
                 if status in (None, "cancelled", "deleted"):
                     token.set("cancelled")
                 elif status == "paused":

@@ -105,3 +105,73 @@ def test_warmup_compiles_ahead_and_refuses_what_is_not_a_size(tmp_path, tiny):
     bad = subprocess.run([sys.executable, "-m", "engine", "warmup", "fast", "--sizes", "big"], env=install.env(),
                          capture_output=True, text=True, timeout=120, cwd=install.folder)
     assert bad.returncode == 2 and "VALIDATION_ERROR" in bad.stderr and "WIDTHxHEIGHT" in bad.stderr
+
+
+def test_images_rounded_on_the_device_are_diffusers_own_pixel_for_pixel():
+    """The compiled path's readback rounds before the images leave the device: the same pixels as
+    diffusers' float32-on-the-CPU rounding, at the rounding boundaries too, for float16 and float32
+    decoder outputs, RGB and one channel; other output types are diffusers' own."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from engine.domains.readback import round_on_device, to_pictures
+
+    generator = torch.Generator().manual_seed(0)
+    boundaries = (torch.arange(256, dtype=torch.float32) + 0.5) / 255  # where rounding changes its mind
+    for dtype in (torch.float32, torch.float16):
+        for channels in (3, 1):
+            images = torch.rand(3, channels, 16, 32, generator=generator).to(dtype)
+            images.view(-1)[:256] = boundaries.to(dtype)
+            expected = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+            got = to_pictures(images)
+            assert [picture.mode for picture in got] == [picture.mode for picture in expected]
+            for mine, theirs in zip(got, expected):
+                assert np.array_equal(np.asarray(mine), np.asarray(theirs)), (dtype, channels)
+    processor = VaeImageProcessor()
+    decoded = torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1  # a decoder's output, in [-1, 1]
+    expected = [np.asarray(p) for p in processor.postprocess(decoded, output_type="pil")]
+    assert round_on_device(processor) is round_on_device(processor), "made once"
+    assert all(np.array_equal(np.asarray(p), e) for p, e in zip(processor.postprocess(decoded), expected))
+    assert torch.equal(processor.postprocess(decoded, output_type="pt"), (decoded / 2 + 0.5).clamp(0, 1))
+    half = processor.postprocess(decoded, output_type="pil", do_denormalize=[True, False])
+    assert np.array_equal(np.asarray(half[0]), expected[0]) and not np.array_equal(np.asarray(half[1]), expected[1])
+
+
+def test_an_upcast_vae_decodes_in_bfloat16_while_the_pipeline_casts_its_vae(tmp_path):
+    """The compiled path's decoder for a VAE diffusers upcasts (float16, force_upcast): run inside
+    the real pipeline, it keeps its bfloat16 weights through the pipeline's float32 upcast and its
+    cast back, hands back the pipeline's dtype, and makes nearly the float32 picture."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from engine.domains.accelerate import decoder_in, upcast_decode_dtype
+    from engine.tinymodels import build_tiny_sdxl
+
+    build_tiny_sdxl(tmp_path / "xl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", torch_dtype=torch.float16)
+    pipe.vae.register_to_config(force_upcast=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert upcast_decode_dtype(pipe, "bfloat16") is None, "on a CPU: decoded as diffusers does"
+    with pytest.raises(ValueError, match="vae_upcast"):
+        upcast_decode_dtype(pipe, "float8")
+
+    def make(**kwargs):
+        return pipe(prompt="a lighthouse", num_inference_steps=2, width=64, height=64, output_type="np",
+                    generator=torch.Generator().manual_seed(3), **kwargs).images[0]
+
+    reference = make()  # diffusers' own: the VAE upcast to float32 around decoding
+    eager = pipe.vae.decoder
+    inner = copy.deepcopy(eager).to(torch.bfloat16)
+    pipe.vae.decoder = decoder_in(inner, torch.bfloat16)
+    seen = []
+    inner.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    fast = make()
+    assert seen == [(torch.bfloat16, torch.bfloat16)], "the decoder ran in bfloat16"
+    assert next(inner.parameters()).dtype == torch.bfloat16, "the pipeline's casts left its weights alone"
+    assert pipe.vae.dtype == torch.float16, "the pipeline cast its VAE back"
+    mse = float(((fast.astype(np.float64) - reference.astype(np.float64)) ** 2).mean())
+    assert 10 * np.log10(1 / max(mse, 1e-20)) > 30, "nearly the float32 picture"
+    pipe.vae.decoder = eager
+    assert np.array_equal(make(), reference), "the eager decoder is untouched"

@@ -57,6 +57,24 @@ def test_a_runner_that_lost_its_lease_cannot_record_its_result(backend_install):
     assert not owned
 
 
+def test_one_heartbeat_renews_each_claim_of_a_call_and_says_which_it_lost(backend_install):
+    install = backend_install
+    policy = Policy.from_config(install.config)
+    for _ in range(3):
+        submit(install, {"workflow": "noop1"})
+    first = [lifecycle.claim(install.store, "runner-a", policy) for _ in range(3)]
+    assert lifecycle.reap_expired(install.store, policy, now=time.time() + 3600) == 3  # every lease lapses
+    time.sleep(0.1)  # the retries' backoff
+    again = {c.session_id: c for c in (lifecycle.claim(install.store, "runner-a", policy) for _ in range(3))}
+    call = [again[first[0].session_id], first[1], again[first[2].session_id]]
+    states = lifecycle.heartbeat_all(install.store, call, policy, 0.4, "denoising 12/30")
+    assert [owned for owned, _ in states] == [True, False, True], "the lapsed first attempt is not renewed"
+    assert [status for _, status in states] == ["running"] * 3
+    assert query(install, "SELECT session_id, progress FROM leases ORDER BY session_id") == sorted(
+        (c.session_id, 0.0 if c.session_id == first[1].session_id else 0.4) for c in again.values()), \
+        "progress recorded on each renewed lease, and on no other"
+
+
 def test_failures_are_retried_with_backoff_then_fail_the_session(backend_install):
     install = backend_install
     flaky = submit(install, {"workflow": "flaky", "params": {"seed": 2}}).target_id

@@ -18,6 +18,7 @@ from engine.domains import memory
 from engine.domains.accelerate import bucket_split, run_call
 from engine.domains.device import generator_device
 from engine.domains.model import component_for, pipeline_for, registry_of
+from engine.domains.readback import round_on_device
 from engine.errors import OutOfMemory, ValidationError
 from engine.handlers import StepContext, StepResult
 from engine.outbox import a1111_parameters, a1111_sampler, save_png
@@ -307,6 +308,8 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
     try:
         pipe = _pipeline_for_mode(ctx, base, mode, device, dtype)
         pipe.set_progress_bar_config(disable=True)
+        if device.kind != "directml":  # the same pixels, rounded before they leave the device
+            round_on_device(getattr(pipe, "image_processor", None))
         inputs = _mode_inputs(ctx, mode, size)
         memory.reset_peak(device)
         budget = memory.call_budget(device)
