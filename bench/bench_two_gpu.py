@@ -98,7 +98,7 @@ def timed_batch(install: Installation, args, devices: list[str]) -> dict:
     finally:
         runner.close()
     claims = [json.loads(row[0]) for row in query(install, "SELECT data FROM events WHERE type = 'step.claimed'")]
-    loads = Counter(row[0].split(":")[-2] for row in query(
+    loads = Counter(row[0].split(":", 1)[1].rsplit(":", 1)[0] for row in query(  # <runner>:<worker>:<model>
         install, "SELECT stream_id FROM events WHERE type = 'model.loaded'"))
     done = query(install, "SELECT count(*) FROM sessions WHERE batch_id IS NOT NULL AND status = 'completed'")[0][0]
     return {"devices": devices, "items": args.items, "items_completed": done, "seconds": round(seconds, 3),
