@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu import in_own_process  # noqa: E402
 
 
 def timed(work, runs: int) -> float:
@@ -87,14 +88,9 @@ def main() -> None:
         build_sdxl(args.folder)
     results = []
     for part in args.parts.split(","):
-        command = [sys.executable, __file__, "--one", part, "--folder", str(args.folder), "--batch", str(args.batch),
-                   "--size", str(args.size)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            results.append({"part": part, **json.loads(lines[-1])} if lines else {"part": part, "error": done.stderr[-800:]})
-        except subprocess.TimeoutExpired:
-            results.append({"part": part, "error": f"over {args.timeout} s"})
+        results.append({"part": part, **in_own_process(__file__, part, ["--folder", str(args.folder), "--batch",
+                                                                        str(args.batch), "--size", str(args.size)],
+                                                       args.timeout)})
         print(json.dumps(results[-1]), flush=True)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "call_parts.json").write_text(json.dumps(results, indent=2))

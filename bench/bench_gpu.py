@@ -87,6 +87,20 @@ def ensure_model(folder: Path, tiny: bool = False) -> Path:
     return model
 
 
+def in_own_process(script: str, one: str, arguments: list[str], timeout: float) -> dict:
+    """`script --one ONE ARGUMENTS` in a process of its own (so no setting of one variant leaks
+    into the next): the last JSON line it printed, or what went wrong."""
+    import subprocess
+
+    try:
+        done = subprocess.run([sys.executable, script, "--one", one, *arguments], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"error": done.stderr[-800:]}
+
+
 def device_name() -> str:
     import torch
 

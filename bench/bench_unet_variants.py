@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu import in_own_process  # noqa: E402
 
 
 def quantize_fp8(unet) -> int:
@@ -129,15 +130,9 @@ def main() -> None:
         build_sdxl(args.folder)
     results = []
     for variant in args.variants.split(","):
-        command = [sys.executable, __file__, "--one", variant, "--folder", str(args.folder), "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--size", str(args.size), "--calls", str(args.calls),
-                   *(["--save", str(args.save)] if args.save else [])]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-            results.append(json.loads(lines[-1]) if lines else {"variant": variant, "error": done.stderr[-800:]})
-        except subprocess.TimeoutExpired:
-            results.append({"variant": variant, "error": f"over {args.timeout} s"})
+        arguments = ["--folder", str(args.folder), "--batch", str(args.batch), "--steps", str(args.steps), "--size",
+                     str(args.size), "--calls", str(args.calls), *(["--save", str(args.save)] if args.save else [])]
+        results.append({"variant": variant, **in_own_process(__file__, variant, arguments, args.timeout)})
         if args.save and "error" not in results[-1] and variant != results[0]["variant"]:
             from bench_compile_gpu import psnr
 

@@ -171,6 +171,7 @@ def _decoder_in_class():
     import torch
 
     class _DecoderIn(torch.nn.Module):
+        """See decoder_in."""
 
         def __init__(self, decoder, dtype) -> None:
             super().__init__()
