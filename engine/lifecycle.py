@@ -242,10 +242,6 @@ def heartbeat_all(store: Store, claims: list[Claim], policy: Policy, progress: f
     return store.write(renew)
 
 
-def session_status(store: Store, session_id: str) -> str | None:
-    return session_statuses(store, [session_id])[0]
-
-
 def session_statuses(store: Store, session_ids: list[str]) -> list[str | None]:
     """Each session's status (None for a session that is gone), in one read."""
     with store.read() as conn:
