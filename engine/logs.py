@@ -36,13 +36,22 @@ def configure(level: str = "INFO", fmt: str = "plain", stream=None) -> None:
         from engine.errors import ValidationError
 
         raise ValidationError(f"[logging] level {level!r}: one of DEBUG, INFO, WARNING, ERROR")
+    engine, everything = logging.getLogger("engine"), logging.getLogger()
+    for logger in (engine, everything):
+        for old in [h for h in logger.handlers if getattr(h, "engine_handler", False)]:
+            logger.removeHandler(old)
+    engine.addHandler(_handler(fmt, stream))
+    engine.setLevel(numeric)
+    engine.propagate = False
+    # The libraries' warnings and errors (watchdog's, diffusers', torch's) in the same format: without
+    # a handler of their own, Python prints them as bare text, which is no JSON line.
+    everything.addHandler(_handler(fmt, stream, logging.WARNING))
+
+
+def _handler(fmt: str, stream, level: int = logging.NOTSET) -> logging.Handler:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonLines() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("engine")
-    for old in [h for h in root.handlers if getattr(h, "engine_handler", False)]:
-        root.removeHandler(old)
+    handler.setLevel(level)
     handler.engine_handler = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(numeric)
-    root.propagate = False
+    return handler

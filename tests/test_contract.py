@@ -162,6 +162,31 @@ def test_a_runner_without_a_terminal_logs_what_happened(install, log_format):
     assert "not taking notes.txt" in text and "not taking the folder later" in text
 
 
+def test_a_library_s_warnings_are_log_lines_in_the_chosen_format_too():
+    """Libraries (watchdog, diffusers, torch) log through their own loggers; without a handler Python
+    prints their warnings as bare text, which broke the JSON lines of a runner's stderr."""
+    import io
+    import logging
+
+    from engine import logs
+
+    stream = io.StringIO()
+    logs.configure("INFO", "json", stream)
+    try:
+        logging.getLogger("watchdog.observers.inotify").error("queue_events() called when the thread is inactive")
+        logging.getLogger("a.library").info("below WARNING: left out")
+        logging.getLogger("engine.runner").info("the engine's own, at its level")
+        logs.configure("INFO", "json", stream)  # configured again: still one line each
+        logging.getLogger("a.library").warning("a warning")
+    finally:
+        for logger in (logging.getLogger(), logging.getLogger("engine")):
+            for handler in [h for h in logger.handlers if getattr(h, "engine_handler", False)]:
+                logger.removeHandler(handler)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(r["logger"], r["level"]) for r in records] == [
+        ("watchdog.observers.inotify", "error"), ("engine.runner", "info"), ("a.library", "warning")]
+
+
 def test_help_shows_flags_as_flags(install):
     """No `<bool>` placeholder on a flag (a typer release rendered one on every flag)."""
     for command in (["run"], ["sessions"], ["submit"], ["models", "add"]):
