@@ -174,17 +174,17 @@ def test_a_library_s_warnings_are_log_lines_in_the_chosen_format_too():
     logs.configure("INFO", "json", stream)
     try:
         logging.getLogger("watchdog.observers.inotify").error("queue_events() called when the thread is inactive")
-        logging.getLogger("a.library").info("below WARNING: left out")
+        logging.getLogger("some_library").info("below WARNING: left out")
         logging.getLogger("engine.runner").info("the engine's own, at its level")
         logs.configure("INFO", "json", stream)  # configured again: still one line each
-        logging.getLogger("a.library").warning("a warning")
+        logging.getLogger("some_library").warning("a warning")
     finally:
         for logger in (logging.getLogger(), logging.getLogger("engine")):
             for handler in [h for h in logger.handlers if getattr(h, "engine_handler", False)]:
                 logger.removeHandler(handler)
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(r["logger"], r["level"]) for r in records] == [
-        ("watchdog.observers.inotify", "error"), ("engine.runner", "info"), ("a.library", "warning")]
+        ("watchdog.observers.inotify", "error"), ("engine.runner", "info"), ("some_library", "warning")]
 
 
 def test_help_shows_flags_as_flags(install):
