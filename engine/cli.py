@@ -16,6 +16,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine.config import Config, load_config
@@ -83,9 +84,9 @@ def command(fn: Callable) -> Callable:
             if kwargs.get("as_json"):
                 _print_json(exc.to_dict())
             else:
-                err.print(f"[bold red]{exc.code}[/]: {exc.message}", highlight=False)
+                err.print(f"[bold red]{exc.code}[/]: {escape(exc.message)}", highlight=False)
                 for detail in exc.details[:10]:
-                    err.print(f"  {detail}", highlight=False)
+                    err.print(f"  {escape(str(detail))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
@@ -108,7 +109,7 @@ def _table(columns: list[str], rows: list, as_json: bool, title: str | None = No
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*["" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)) for v in row])
+        table.add_row(*["" if v is None else (f"{v:.2f}" if isinstance(v, float) else escape(str(v))) for v in row])
     out.print(table)
 
 
@@ -131,12 +132,24 @@ def _query(config: Config, sql: str, **params) -> tuple[list[str], list]:
 @app.command()
 @command
 def init(config: ConfigOption = None) -> None:
-    """Create the folders and the database (Alembic upgrade head)."""
-    from engine.app import init as do_init
+    """Create the folders and the database (Alembic upgrade head), and a commented config.toml
+    of the defaults where there is none."""
+    import os
 
-    cfg = _config(config)
+    from engine.app import init as do_init
+    from engine.config import DEFAULTS_FILE
+
+    chosen = config or _state["config"] or (Path(os.environ["ENGINE_CONFIG"]) if os.environ.get("ENGINE_CONFIG")
+                                            else Path("config.toml"))
+    wrote = not chosen.exists()
+    if wrote:
+        chosen.parent.mkdir(parents=True, exist_ok=True)
+        chosen.write_text(DEFAULTS_FILE.read_text())
+    cfg = _config(chosen)
     do_init(cfg).close()
-    out.print(f"initialised {cfg.database_url} (inbox {cfg.inbox}, outbox {cfg.outbox})")
+    database = cfg.get("database", "url") or cfg.path("database")
+    made = f"; wrote {chosen.resolve()} (the defaults, commented)" if wrote else ""
+    out.print(f"initialised {database} (inbox {cfg.inbox}, outbox {cfg.outbox}){made}", highlight=False)
 
 
 @app.command()
@@ -176,7 +189,7 @@ def run(config: ConfigOption = None,
     logs.configure(cfg.get("logging", "level"), log_format or cfg.get("logging", "format"))
     done = run_with_view(cfg, until_idle=until_idle, console=out, live=not quiet and out.is_terminal,
                          runner_id=runner_id)
-    out.print(f"{done} steps done")
+    out.print(f"{done} step{'' if done == 1 else 's'} done")
 
 
 @app.command()
@@ -202,32 +215,35 @@ def validate(files: Annotated[list[Path], typer.Argument(help="job files")], con
              as_json: JsonOption = False) -> None:
     """Check job files exactly as the inbox would, without submitting them: exit 0 when every one
     is valid, else 2 with the error the inbox would write."""
-    from engine.app import require_installation
+    from engine import commands
+    from engine.app import open_store
+    from engine.ingest import look_at, refusal
     from engine.intake import Intake
     from engine.jobs import parse_job_bytes
 
     cfg = _config(config)
-    require_installation(cfg)
-    intake, reports = Intake(cfg), []
+    store = open_store(cfg)
+    intake, reports = Intake(cfg, store), []
     for path in files:
         try:
-            raw = path.read_bytes()
-            job = parse_job_bytes(raw)
-            if job.kind == "session":
-                intake.session(job)
-            elif job.kind == "batch":
-                intake.batch(job)
+            seen = look_at(path, cfg.get("inbox", "max_file_bytes"))  # read as the inbox reads
+            refused = refusal(seen)
+            if refused is not None:
+                raise refused
+            commands.check(store, intake, parse_job_bytes(seen.raw, intake.limits))
             reports.append({"file": path.name, "ok": True, "error": None})
         except OSError as exc:
-            reports.append({"file": path.name, "ok": False, "error": {"code": "NOT_FOUND", "message": str(exc)}})
+            reports.append({"file": path.name, "ok": False, "error": {
+                "code": "NOT_FOUND", "message": f"{path}: {exc.strerror or exc}", "details": []}})
         except EngineError as exc:
             reports.append({"file": path.name, "ok": False, "error": {**exc.to_dict(), "file": path.name}})
+    store.close()
     if as_json:
         _print_json(reports)
     else:
         for report in reports:
             error = report["error"]
-            out.print(f"{report['file']}: " + ("ok" if report["ok"] else f"[red]{error['code']}[/]: {error['message']}"),
+            out.print(f"{report['file']}: " + ("ok" if report["ok"] else f"[red]{error['code']}[/]: {escape(error['message'])}"),
                       highlight=False)
     if not all(r["ok"] for r in reports):
         raise typer.Exit(2)
@@ -254,7 +270,7 @@ def submit(files: list[Path], config: ConfigOption = None, as_json: JsonOption =
         except OSError as exc:
             raise ValidationError(f"{path}: {exc.strerror}") from exc
         try:
-            job = parse_job_bytes(raw)
+            job = parse_job_bytes(raw, intake.limits)
             done = commands.submit(store, intake, job, commands.Source(path.name, hashlib.sha256(raw).hexdigest()))
             Outbox(cfg.outbox).finish(store, done.events)
             results.append({"file": str(path), "target_type": done.target_type, "target_id": done.target_id})
@@ -266,7 +282,7 @@ def submit(files: list[Path], config: ConfigOption = None, as_json: JsonOption =
     else:
         for r in results:
             if "code" in r:
-                err.print(f"{r['file']}: [red]{r['code']}[/] {r['message']}", highlight=False)
+                err.print(f"{escape(r['file'])}: [red]{r['code']}[/] {escape(r['message'])}", highlight=False)
             else:
                 out.print(f"{r['file']}: {r['target_type']} {r['target_id']}", highlight=False)
     if failed:
@@ -357,14 +373,14 @@ def session(session_id: str, config: ConfigOption = None, as_json: JsonOption = 
 
     out.print(f"[bold]{report['session_id']}[/] (job {report.get('job_id') or '-'}) {report['workflow_id']} "
               f"[bold]{report['status']}[/] step {step_label(report['status'], report['current_step'], report['total_steps'])}"
-              f" ({report['progress']:.0%}) {report['activity'] or ''}", highlight=False)
-    out.print(f"prompt: {prompt_start(report['params'], 100)}", highlight=False)
+              f" ({report['progress']:.0%}) {escape(report['activity'] or '')}", highlight=False)
+    out.print(f"prompt: {escape(prompt_start(report['params'], 100))}", highlight=False)
     shown = {k: v for k, v in report["params"].items() if v not in (None, "", [], {}) and k != "prompt"}
-    out.print("params: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items()), highlight=False)
+    out.print("params: " + escape(", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items())), highlight=False)
     if report["error_code"]:
-        out.print(f"[red]{report['error_code']}[/]: {report['error_message']}", highlight=False)
+        out.print(f"[red]{report['error_code']}[/]: {escape(report['error_message'] or '')}", highlight=False)
     if report.get("waiting"):
-        out.print(f"[yellow]{report['waiting']}[/]", highlight=False)
+        out.print(f"[yellow]{escape(report['waiting'])}[/]", highlight=False)
     _table(list(report["steps"][0]) if report["steps"] else [], [tuple(s.values()) for s in report["steps"]], False)
     out.print(f"outbox: {report['outbox']}", highlight=False)
     for image in report["images"]:
@@ -374,9 +390,16 @@ def session(session_id: str, config: ConfigOption = None, as_json: JsonOption = 
 @app.command()
 @command
 def batches(config: ConfigOption = None, limit: int = 100, as_json: JsonOption = False) -> None:
-    """List batches, newest first."""
-    columns, rows = _query(_config(config), "SELECT * FROM batch_status ORDER BY created_at DESC LIMIT :limit", limit=limit)
-    _table(columns, rows, as_json)
+    """List batches, newest first (--json: every column of batch_status, and the name)."""
+    columns, rows = _query(_config(config), "SELECT s.*, b.name FROM batch_status s JOIN batches b ON "
+                           "b.batch_id = s.batch_id ORDER BY s.created_at DESC LIMIT :limit", limit=limit)
+    if as_json:
+        _table(columns, rows, True)
+        return
+    shown = [dict(zip(columns, row)) for row in rows]
+    _table(["batch_id", "name or job", "status", "done", "failed", "progress", "created_at"],
+           [(b["batch_id"], b["name"] or b["job_id"], b["status"], f"{b['completed_items']}/{b['total_items']}",
+             b["failed_items"], f"{b['progress']:.0%}", b["created_at"][:19]) for b in shown], False)
 
 
 @app.command()
@@ -386,19 +409,36 @@ def batch(batch_id: str, config: ConfigOption = None, as_json: JsonOption = Fals
     from engine.errors import NotFound
 
     cfg = _config(config)
-    columns, rows = _query(cfg, "SELECT * FROM batch_status WHERE batch_id = :id OR job_id = :id", id=batch_id)
+    columns, rows = _query(cfg, "SELECT s.*, b.name FROM batch_status s JOIN batches b ON b.batch_id = s.batch_id "
+                                "WHERE s.batch_id = :id OR s.job_id = :id", id=batch_id)
     if not rows:
         raise NotFound(f"no batch {batch_id!r}")
     report = dict(zip(columns, rows[0]))
-    item_columns, items = _query(cfg, "SELECT i.item_index, i.session_id, i.status, s.current_step, s.total_steps, "
-                                      "s.error_code FROM items i LEFT JOIN sessions s ON s.session_id = i.session_id "
-                                      "WHERE i.batch_id = :id ORDER BY i.item_index", id=report["batch_id"])
+    # An item that has not ended shows its session's status (paused, running), not the item's "pending".
+    item_columns, items = _query(cfg, "SELECT i.item_index, i.session_id, CASE WHEN i.status IN ('pending', 'running') "
+                                      "AND s.status IS NOT NULL THEN s.status ELSE i.status END AS status, "
+                                      "s.current_step, s.total_steps, s.error_code FROM items i LEFT JOIN sessions s "
+                                      "ON s.session_id = i.session_id WHERE i.batch_id = :id ORDER BY i.item_index",
+                                 id=report["batch_id"])
     if as_json:
         _print_json({**report, "items": [dict(zip(item_columns, i)) for i in items]}, default=str)
         return
-    out.print(f"[bold]{report['batch_id']}[/] [bold]{report['status']}[/] {report['completed_items']}/"
-              f"{report['total_items']} completed, {report['failed_items']} failed", highlight=False)
+    name = f" {escape(report['name'])}" if report["name"] else ""
+    out.print(f"[bold]{report['batch_id']}[/]{name} (job {report['job_id'] or '-'}) [bold]{report['status']}[/] "
+              f"{report['completed_items']}/{report['total_items']} completed, {report['failed_items']} failed "
+              f"({report['progress']:.0%})", highlight=False)
+    metrics = {"pipeline calls": f"{report['completed_batches']}/{report['total_batches']}",
+               "images": report["total_images_generated"], "seconds a call": report["average_batch_time"],
+               "images/s": report["images_per_second"], "peak memory": _gib(report["memory_usage_peak"]),
+               "left": f"about {report['estimated_time_remaining']:.0f} s"
+               if report["estimated_time_remaining"] is not None else None}
+    out.print("metrics: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in metrics.items() if v is not None), highlight=False)
     _table(item_columns, items, False)
+
+
+def _gib(value: Any) -> str | None:
+    return None if value is None else f"{value / 2**30:.2f} GiB"
 
 
 @app.command()
@@ -586,6 +626,12 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
         default_id = registry.default_pipeline().id
     except EngineError:
         default_id = None  # none registered, or [models] default names none: a job that names none is refused
+    if not entries and not as_json:
+        err.print(f"no models are registered in {escape(str(cfg.models_dir))}. Register one with `engine models add "
+                  "PATH --id ID` (a diffusers folder or a .safetensors file). To try the engine without one, "
+                  "`engine demo` builds a tiny random-weight model (demo/models/tiny-sdxl) that `engine models add "
+                  "demo/models/tiny-sdxl --id tiny` registers here.", highlight=False)
+        return
     default_compile = "on" if cfg.get("compile", "default") else "off"
     _table(["id", "kind", "default", "format", "family", "context_dim", "compile", "path", "configs_from"],
            [(e.id, e.kind, e.id == default_id, e.format, e.family or "unknown", e.context_dim or None,
@@ -664,11 +710,27 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
 @app.command()
 @command
 def sql(query: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Run one read-only SQL statement (writes, ATTACH and writing pragmas are refused)."""
+    """Run one read-only SQL statement: one SELECT (WITH, VALUES, a reading PRAGMA), within
+    [database] sql_timeout_seconds; on PostgreSQL as the role of [database] readonly_url."""
     from engine.sqlconsole import run_sql
 
     columns, rows = run_sql(_config(config), query)
     _table(columns, rows, as_json)
+
+
+@app.command("sql-role")
+@command
+def sql_role(name: Annotated[str, typer.Argument(help="the role to create or bring up to date")],
+             password: Annotated[Optional[str], typer.Option(help="its password (else none: trust or peer auth)")] = None,
+             config: ConfigOption = None) -> None:
+    """PostgreSQL: make a role that can only read this database, for `engine sql`; prints the URL
+    to put in [database] readonly_url (ENGINE_DATABASE_READONLY_URL)."""
+    from engine.app import require_installation
+    from engine.sqlconsole import create_reader
+
+    cfg = _config(config)
+    require_installation(cfg)
+    print(create_reader(cfg, name, password))
 
 
 def _case_first(argv: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ from engine.intake import Intake, ResolvedSession
 from engine.jobs import BatchJob, ControlJob, SessionJob
 from engine.machines import BATCH, ITEM, SESSION, TERMINAL
 from engine.store import Store, Tx
+from engine.store.projection import DatabaseProjection
 from engine.store.tables import batches, jobs, leases, sessions
 
 
@@ -100,12 +101,38 @@ def _taken_before(tx: Tx, source: Source, job_id: str | None,
         return Submitted("gone", "", already=True)
     if job_id:
         tx.store.dialect.serialize(tx.conn, f"job_id:{job_id}")  # two files with one job_id, two runners
-        row = tx.conn.execute(select(jobs.c.target_type, jobs.c.target_id)
-                              .where(jobs.c.job_id == job_id, jobs.c.status == "accepted")).first()
-        if row is not None:
-            raise DuplicateJob(f"job_id {job_id!r} was already submitted as {row.target_type} {row.target_id}",
-                               existing_type=row.target_type, existing_id=row.target_id)
+        refuse_duplicate(tx.conn, job_id)
     return None
+
+
+def refuse_duplicate(conn, job_id: str | None) -> None:
+    """DUPLICATE_JOB when an accepted job already has this job_id."""
+    if not job_id:
+        return
+    row = conn.execute(select(jobs.c.target_type, jobs.c.target_id)
+                       .where(jobs.c.job_id == job_id, jobs.c.status == "accepted")).first()
+    if row is not None:
+        raise DuplicateJob(f"job_id {job_id!r} was already submitted as {row.target_type} {row.target_id}",
+                           existing_type=row.target_type, existing_id=row.target_id)
+
+
+def check(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob) -> str:
+    """Everything submit checks, reading the store and writing nothing (`engine validate`): the
+    same errors submit would raise. Returns what the job would be: session, batch or control."""
+    if isinstance(job, SessionJob):
+        intake.session(job)
+    elif isinstance(job, BatchJob):
+        intake.batch(job)
+    with store.read() as conn:
+        refuse_duplicate(conn, job.job_id)
+        if isinstance(job, ControlJob):
+            view = DatabaseProjection(conn, store.dialect)
+            target_type, target_id = _lookup(conn, job.target)
+            if target_type == "session":
+                _check_session_control(view.get("sessions", (target_id,)), target_id, job.action)
+            else:
+                _check_batch_control(view, target_id, job.action)
+    return job.kind
 
 
 def _create_session(tx: Tx, session_id: str, job: SessionJob, resolved: ResolvedSession, **extra: Any) -> None:
@@ -118,7 +145,7 @@ def _create_session(tx: Tx, session_id: str, job: SessionJob, resolved: Resolved
 def _create_batch(tx: Tx, batch_id: str, job: BatchJob, resolved: list[ResolvedSession]) -> None:
     item_ids = [new_id("ses") for _ in resolved]
     tx.emit("batch", batch_id, "batch.created", {
-        "batch_id": batch_id, "job_id": job.job_id, "priority": job.priority, "hold": job.hold,
+        "batch_id": batch_id, "job_id": job.job_id, "name": job.name, "priority": job.priority, "hold": job.hold,
         "config": job.batch.model_dump(), "items": item_ids,
     })
     for index, (session_id, item) in enumerate(zip(item_ids, resolved)):
@@ -207,8 +234,8 @@ def apply_control(tx: Tx, target_type: str, target_id: str, action: str) -> None
         control_batch(tx, target_id, action)
 
 
-def control_session(tx: Tx, session_id: str, action: str, from_batch: bool = False) -> None:
-    session = tx.get("sessions", (session_id,))
+def _check_session_control(session: dict | None, session_id: str, action: str, from_batch: bool = False) -> None:
+    """NOT_FOUND or INVALID_TRANSITION unless `action` may be applied to this session now."""
     if session is None:
         raise NotFound(f"no session {session_id!r}")
     if session["batch_id"] and not from_batch and action in ("restart", "delete"):
@@ -216,6 +243,24 @@ def control_session(tx: Tx, session_id: str, action: str, from_batch: bool = Fal
             f"session {session_id} is item {session['item_index']} of batch {session['batch_id']}: "
             f"{action} the batch instead", current_state=session["status"])
     SESSION.dest(action, session["status"], started=session["started_at"] is not None)
+
+
+def _check_batch_control(view, batch_id: str, action: str) -> list[dict | None]:
+    """NOT_FOUND or INVALID_TRANSITION unless `action` may be applied to this batch now; its
+    items' sessions."""
+    batch = view.get("batches", (batch_id,))
+    if batch is None:
+        raise NotFound(f"no batch {batch_id!r}")
+    BATCH.dest(action, batch["status"], started=batch["started_at"] is not None)
+    item_sessions = [view.get("sessions", (item["session_id"],)) for item in view.children("items", batch_id)]
+    if action == "delete" and any(s and s["status"] == "running" for s in item_sessions):
+        raise InvalidTransition(f"batch {batch_id} has running items: cancel it first", current_state=batch["status"])
+    return item_sessions
+
+
+def control_session(tx: Tx, session_id: str, action: str, from_batch: bool = False) -> None:
+    session = tx.get("sessions", (session_id,))
+    _check_session_control(session, session_id, action, from_batch)
     data: dict[str, Any] = {"session_id": session_id, "run": session["run"]}
     if action == "restart":
         data["run"] = session["run"] + 1
@@ -239,14 +284,8 @@ def _complete_if_done(tx: Tx, session_id: str) -> None:
 
 
 def control_batch(tx: Tx, batch_id: str, action: str) -> None:
+    item_sessions = _check_batch_control(tx.projection, batch_id, action)
     batch = tx.get("batches", (batch_id,))
-    if batch is None:
-        raise NotFound(f"no batch {batch_id!r}")
-    BATCH.dest(action, batch["status"], started=batch["started_at"] is not None)
-    items = tx.projection.children("items", batch_id)
-    item_sessions = [tx.get("sessions", (item["session_id"],)) for item in items]
-    if action == "delete" and any(s and s["status"] == "running" for s in item_sessions):
-        raise InvalidTransition(f"batch {batch_id} has running items: cancel it first", current_state=batch["status"])
     data: dict[str, Any] = {"batch_id": batch_id, "run": batch["run"] + (action == "restart")}
     tx.emit("batch", batch_id, BATCH.event(action), data)
     for session in item_sessions:

@@ -59,8 +59,12 @@ class Config:
 
     @property
     def database_url(self) -> str:
+        """The store's SQLAlchemy URL; the SQLite file's path is quoted, so `#` and `?` in it stay
+        part of the path."""
+        from sqlalchemy.engine import URL
+
         url = self.values["database"]["url"]
-        return url or f"sqlite:///{self.path('database')}"
+        return url or URL.create("sqlite", database=str(self.path("database"))).render_as_string(hide_password=False)
 
     @property
     def inbox(self) -> Path:

@@ -50,9 +50,9 @@ def classify(error: BaseException) -> Failure:
     if isinstance(error, OSError):
         if error.errno in PERMANENT_ERRNOS:
             return Failure("STEP_FAILED", f"a file is missing: {error}", False)
-        return Failure("STEP_FAILED", f"I/O error (will retry): {error}", True)
+        return Failure("STEP_FAILED", f"I/O error: {error}", True)
     if isinstance(error, sqlite3.Error) or type(error).__module__.startswith("sqlalchemy"):
-        return Failure("STEP_FAILED", f"database error (will retry): {error}", True)
+        return Failure("STEP_FAILED", f"database error: {error}", True)
     lowered = str(error).lower()
     if any(word in lowered for word in DEVICE_WORDS):
         return Failure("DEVICE_UNAVAILABLE", text, True)

@@ -28,9 +28,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine import commands
-from engine.errors import EngineError, UnsafePath, ValidationError
+from engine.errors import EngineError, ValidationError
 from engine.files import atomic_write_json
-from engine.ingest import SeenFile, display_name, look_at
+from engine.ingest import SeenFile, display_name, look_at, refusal
 from engine.intake import Intake
 from engine.jobs import parse_job_bytes
 from engine.outbox import Outbox
@@ -74,6 +74,15 @@ def unique_destination(folder: Path, name: str, content_hash: str) -> Path:
     while os.path.lexists(folder / f"{stem}-{content_hash[:8]}-{counter}{suffix}"):
         counter += 1
     return folder / f"{stem}-{content_hash[:8]}-{counter}{suffix}"
+
+
+def _holds_job_files(folder: str) -> bool:
+    """Whether a subfolder of the inbox holds files named like jobs (dropped one level too deep)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(is_job_name(entry.name) for entry in entries)
+    except OSError:
+        return False
 
 
 def _unchanged(seen: SeenFile) -> bool:
@@ -139,8 +148,9 @@ class Inbox:
             return
         self._noted.add(name)
         if entry.is_dir(follow_symlinks=False):
-            log.info("not taking the folder %s: job files are taken from the inbox itself, not from subfolders "
-                     "(a subfolder may hold input images)", name)
+            if _holds_job_files(entry.path):  # a folder of input images, as the README suggests, is no news
+                log.info("not taking the folder %s: job files are taken from the inbox itself, not from subfolders "
+                         "(a subfolder may hold input images)", name)
         else:
             log.info("not taking %s: only files ending in .json are jobs", name)
 
@@ -169,11 +179,11 @@ class Inbox:
         if known is not None:  # this very file was taken: before a crash, or by another runner
             self._finish(seen, known)
             return None
-        if seen.problem:
-            error_type = UnsafePath if seen.code == "UNSAFE_PATH" else ValidationError
-            return self._reject(seen, error_type(f"{seen.name}: {seen.problem}"))
+        refused = refusal(seen)
+        if refused is not None:
+            return self._reject(seen, refused)
         try:
-            job = parse_job_bytes(seen.raw)
+            job = parse_job_bytes(seen.raw, self.intake.limits)
         except ValidationError as error:
             if time.time() - seen.stat.st_mtime < self.grace:
                 self.waiting.add(path.name)
@@ -195,8 +205,11 @@ class Inbox:
             return None
         self.outbox.finish(self.store, submitted.events)
         self._move(seen, destination, source.file_key, None)
-        log.info("accepted %s (job %s) as %s %s", seen.name, job.job_id or "without an id", submitted.target_type,
-                 submitted.target_id)
+        if submitted.target_type == "control":
+            log.info("accepted %s: %s %s", seen.name, job.action, submitted.target_id)
+        else:
+            log.info("accepted %s (job %s) as %s %s", seen.name, job.job_id or "without an id", submitted.target_type,
+                     submitted.target_id)
         return Outcome(seen.name, True, submitted.target_type, submitted.target_id)
 
     def _known(self, seen: SeenFile) -> dict | None:

@@ -55,6 +55,16 @@ class SeenFile:
         return (self.path.name, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
 
 
+def refusal(seen: SeenFile):
+    """The error a file is refused with whatever it holds (a symlink, a FIFO, too big), or None."""
+    from engine.errors import UnsafePath, ValidationError
+
+    if not seen.problem:
+        return None
+    error_type = UnsafePath if seen.code == "UNSAFE_PATH" else ValidationError
+    return error_type(f"{seen.name}: {seen.problem}")
+
+
 def look_at(path: Path, max_bytes: int) -> SeenFile:
     """Stat and read a job file. FileNotFoundError when it is gone; anything else is described."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)

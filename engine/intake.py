@@ -7,16 +7,16 @@ size, the seed actually used. Replays and restarts never depend on templates or 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
 from engine.errors import ValidationError
 from engine.grouping import group_key
 from engine.handlers import load_registry
+from engine.inputs import InputImage, digest_key, read_image
 from engine.jobs import MAX_SEED, BatchJob, GenerationParams, SessionJob, check_limits, validate_params
 from engine.paths import resolve_inside
 from engine.registry import ModelEntry, ModelRegistry, describe_family, fits
@@ -105,7 +105,7 @@ class Intake:
             if "seed" not in overrides and base_seed not in (None, -1):
                 merged["seed"] = (int(base_seed) + index) % (MAX_SEED + 1)
             where = f"items[{index}]"
-            params = self.resolve_params(workflow, validate_params(merged, where), where)
+            params = self.resolve_params(workflow, validate_params(merged, where, self.limits), where)
             resolved.append(ResolvedSession(workflow.id, self.steps(workflow, params), params))
         return resolved
 
@@ -116,6 +116,8 @@ class Intake:
             if not data.get(name):
                 raise ValidationError(f"{where}.{name}: the {workflow.id} workflow needs it", [{"loc": f"{where}.{name}"}])
         pipeline = None
+        digests: dict[str, str] = {}  # sha256 of each input image, for the step to know it again
+        inputs: dict[str, InputImage] = {}
         if workflow.generates:
             pipeline = (self.models.get(params.model, "pipeline", f"{where}.model") if params.model
                         else self.models.default_pipeline())
@@ -136,7 +138,7 @@ class Intake:
         if params.controlnet:
             entry = self.models.get(params.controlnet.model, "controlnet", f"{where}.controlnet.model")
             self.check_fits(entry, pipeline, f"{where}.controlnet.model")
-            self.check_image(params.controlnet.image, f"{where}.controlnet.image")
+            self.check_image(params.controlnet.image, f"{where}.controlnet.image", digests)
         for index, op in enumerate(params.postprocess):
             if getattr(op, "model", None):
                 self.models.get(op.model, "upscaler", f"{where}.postprocess[{index}].model")
@@ -144,10 +146,65 @@ class Intake:
                 self.check_preset(op.preset, f"{where}.postprocess[{index}].preset")
         for name in ("init_image", "mask_image"):
             if data.get(name):
-                self.check_image(data[name], f"{where}.{name}")
+                inputs[name] = self.check_image(data[name], f"{where}.{name}", digests)
+        if digests:
+            data["input_digests"] = digests
+        self.check_denoising(workflow, data, where)
+        start = (data["width"], data["height"]) if workflow.generates else (
+            inputs["init_image"].size if "init_image" in inputs else None)
+        if start is not None:
+            self.check_output_pixels(workflow.resolve(data), data, start, where)
         if data["seed"] in (None, -1):
             data["seed"] = secrets.randbelow(MAX_SEED + 1)
         return data
+
+    @staticmethod
+    def check_denoising(workflow: Workflow, data: dict[str, Any], where: str) -> None:
+        """An image-to-image pass denoises int(steps x strength) steps: never zero (diffusers would
+        fail at run time); the hires pass runs exactly hires_steps, on a schedule it must have."""
+        from engine.domains.inference import MAX_SCHEDULE, denoising_steps, hires_schedule
+
+        modes = {step.config.get("mode") for step in workflow.steps}
+        if modes & {"img2img", "inpaint"} and denoising_steps(data["steps"], data["strength"]) < 1:
+            least = math.ceil(1000 / data["steps"]) / 1000
+            more = f" or at least {math.ceil(1 / data['strength'])} steps" if data["strength"] > 0 else ""
+            raise ValidationError(
+                f"{where}.strength: {data['steps']} steps at strength {data['strength']} denoise "
+                f"int({data['steps']} x {data['strength']}) = 0 steps; give strength at least {least:g}{more}",
+                [{"loc": f"{where}.strength"}])
+        if "hires" in modes:
+            steps = data.get("hires_steps") or data["steps"]
+            if hires_schedule(steps, data["hires_strength"]) > MAX_SCHEDULE:
+                raise ValidationError(
+                    f"{where}.hires_strength: {steps} hires steps at strength {data['hires_strength']} need a schedule of "
+                    f"{hires_schedule(steps, data['hires_strength'])} steps, more than the {MAX_SCHEDULE} a scheduler has; "
+                    "raise hires_strength or lower hires_steps", [{"loc": f"{where}.hires_strength"}])
+
+    def check_output_pixels(self, steps: list[dict[str, Any]], data: dict[str, Any], size: tuple[int, int],
+                            where: str) -> None:
+        """Every image the steps would make, through the whole postprocess chain, within
+        limits.max_output_pixels: refused here, not out of memory three times at run time."""
+        from engine.domains.inference import hires_size
+        from engine.domains.postprocessing import check_output_pixels, step_ops, upscaled_size
+
+        limit = self.limits["max_output_pixels"]
+        given = data.get("postprocess") or []
+        for step in steps:
+            if step["config"].get("mode") == "hires":
+                size = hires_size(data)
+            if step["domain"] != "postprocessing":
+                continue
+            for op in step_ops(step["config"], data):
+                if op["op"] != "upscale":
+                    continue
+                size = upscaled_size(size, op.get("scale"))
+                if step["config"].get("ops_from") == "hires":
+                    field = f"{where}.hires_scale"
+                elif op in given:
+                    field = f"{where}.postprocess[{given.index(op)}].scale"
+                else:
+                    field = f"{where}.init_image"
+                check_output_pixels(size, limit, field)
 
     def check_size(self, data: dict[str, Any], pipeline: ModelEntry, where: str) -> None:
         """A size left to the model's native one must still be within the limits."""
@@ -218,17 +275,10 @@ class Intake:
                 f"{pipeline.id!r} is {describe_family(pipeline)}; use a {adapter.kind} made for {pipeline.family or 'it'}",
                 [{"loc": field}])
 
-    def check_image(self, relative: str, field: str) -> Path:
-        """An input image: inside the inbox, really an image, and within the pixel limit."""
+    def check_image(self, relative: str, field: str, digests: dict[str, str]) -> InputImage:
+        """An input image: inside the inbox, within the pixel limit, decoded whole; its digest is
+        recorded in `digests`, for the step to know the very file again."""
         path = resolve_inside(self.inbox, relative, field)
-        limit = self.limits["max_image_pixels"]
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > limit:
-                    raise ValidationError(
-                        f"{field}: {width}x{height} is over the limit of {limit} pixels", [{"loc": field}])
-                image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ValidationError(f"{field}: not a readable image ({exc})", [{"loc": field}]) from exc
-        return path
+        found = read_image(path, field, self.limits["max_image_pixels"])
+        digests[digest_key(field)] = found.digest
+        return found

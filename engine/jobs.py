@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import typing
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -119,6 +120,7 @@ class Matrix(Strict):
 class BatchJob(Strict):
     kind: Literal["batch"]
     job_id: str | None = JOB_ID
+    name: str = Field("", max_length=256, description="a label to show (any text, not an id; the notes' Name)")
     workflow: str = Field("txt2img", min_length=1, max_length=128)
     priority: int = Field(5, ge=0, le=1000)
     hold: bool = False
@@ -130,7 +132,10 @@ class BatchJob(Strict):
     def expanded(self, max_items: int) -> list[dict[str, Any]]:
         """Every item's overrides: `items` (or one empty item) crossed with the matrix's rows."""
         rows: list[dict[str, Any]] = [{}]
+        check_param_keys(self.params, "params")
         if self.matrix is not None:
+            check_param_keys(self.matrix.product, "matrix.product")
+            check_param_keys(self.matrix.zip, "matrix.zip")
             lengths = {len(values) for values in self.matrix.zip.values()}
             if len(lengths) > 1:
                 raise ValidationError(f"matrix.zip: the lists differ in length ({sorted(lengths)}); zip needs equal ones",
@@ -138,6 +143,11 @@ class BatchJob(Strict):
             count = (lengths.pop() if lengths else 1) * max(1, len(self.items))
             for values in self.matrix.product.values():
                 count *= len(values)
+            if count == 0:
+                empty = next(f"matrix.{part}.{key}" for part in ("zip", "product")
+                             for key, values in getattr(self.matrix, part).items() if not values)
+                raise ValidationError(f"{empty}: an empty list expands to no items; a batch needs at least one",
+                                      [{"loc": empty}])
             if count > max_items:
                 raise ValidationError(f"matrix: expands to {count} items, at most {max_items} allowed",
                                       [{"loc": "matrix"}])
@@ -265,30 +275,85 @@ def to_case(value: Any, case: str) -> Any:
 
 def _loc(parts: tuple, prefix: str = "") -> str:
     out = prefix
-    for part in parts:
-        if part in ("job", "session", "batch", "control"):
+    for index, part in enumerate(parts):
+        if part in ("job", "session", "batch", "control") and index < 2:
             continue
+        if part in ("upscale", "enhance", "safety_check") and index and isinstance(parts[index - 1], int):
+            continue  # the op's tag, after its index
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "$"
 
 
-def _known_keys() -> set[str]:
-    models = (GenerationParams, SessionJob, BatchJob, ControlJob, BatchConfig, Matrix, ControlNetParams, LoraParams,
-              UpscaleOp, EnhanceOp)
-    return {name for model in models for name in model.model_fields}
+# A union's member named by its tag in an error's location.
+_TAGS: dict[str, type[BaseModel]] = {"session": SessionJob, "batch": BatchJob, "control": ControlJob,
+                                     "upscale": UpscaleOp, "enhance": EnhanceOp, "safety_check": SafetyCheckOp}
+# Keys people write for another key of the same object: named in the hint, never taken.
+_MEANT = {BatchJob: {"config": "batch", "configuration": "batch", "batch_config": "batch"}}
+# Fields whose bounds config.toml narrows: (the limits key of the lowest value, of the highest).
+LIMITED = {"steps": (None, "max_steps"), "hires_steps": (None, "max_steps"), "num_images": (None, "max_num_images"),
+           "width": ("min_size", "max_size"), "height": ("min_size", "max_size"), "priority": (None, "max_priority")}
 
 
-def _message(error: dict) -> str:
-    """pydantic's message, with "did you mean" for an unknown key close to a known one."""
-    if error["type"] != "extra_forbidden" or not error["loc"] or not isinstance(error["loc"][-1], str):
-        return error["msg"]
-    close = difflib.get_close_matches(error["loc"][-1], sorted(_known_keys()), n=1, cutoff=0.6)
-    return f"unknown key{f'; did you mean {close[0]!r}?' if close else ''} (the README lists every key)"
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The one model a field holds (directly, in a list, or optionally); None for a union of several."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = {m for m in map(_inner_model, typing.get_args(annotation)) if m is not None}
+    return found.pop() if len(found) == 1 else None
 
 
-def pydantic_failure(exc: PydanticValidationError, prefix: str = "") -> ValidationError:
+def _model_at(root: type[BaseModel] | None, parts: tuple) -> type[BaseModel] | None:
+    """The model that holds the last key of an error's location."""
+    model = root
+    for part in parts[:-1]:
+        if isinstance(part, int):
+            continue
+        if part in _TAGS and (model is None or part not in model.model_fields):
+            model = _TAGS[part]
+        elif model is not None and part in model.model_fields:
+            model = _inner_model(model.model_fields[part].annotation)
+        else:
+            return None
+    return model
+
+
+def did_you_mean(key: str, model: type[BaseModel] | None) -> str:
+    """"; did you mean 'x'?" for the key of this model (or any model) nearest an unknown one."""
+    meant = _MEANT.get(model, {}).get(key) if model else None
+    if meant:
+        return f"; did you mean {meant!r}?"
+    models = [model] if model else [GenerationParams, SessionJob, BatchJob, ControlJob]
+    known = sorted({name for m in models for name in m.model_fields} | (set(ALIASES) if GenerationParams in models else set()))
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if not close:  # a misspelt first word: guidence -> guidance_scale
+        close = difflib.get_close_matches(key, [k.split("_")[0] for k in known], n=1, cutoff=0.75)
+        close = [k for k in known if close and k.split("_")[0] == close[0]][:1]
+    if not close:
+        return ""
+    best = ALIASES.get(close[0], close[0])
+    return f"; did you mean {best!r}?"
+
+
+def _message(error: dict, root: type[BaseModel] | None, limits: dict[str, Any] | None) -> str:
+    """pydantic's message; "did you mean" for an unknown key; config.toml's bound where it is narrower."""
+    loc = error["loc"]
+    name = loc[-1] if loc and isinstance(loc[-1], str) else None
+    if error["type"] == "extra_forbidden" and name:
+        return f"unknown key{did_you_mean(name, _model_at(root, loc))} (the README lists every key)"
+    if limits and name in LIMITED and error["type"] in ("less_than_equal", "greater_than_equal", "less_than",
+                                                         "greater_than"):
+        low, high = LIMITED[name]
+        if low:
+            return f"must be between {limits[low]} and {limits[high]} (limits.{low}, limits.{high})"
+        if error["type"].startswith("less"):
+            return f"must be at most {limits[high]} (limits.{high})"
+    return error["msg"]
+
+
+def pydantic_failure(exc: PydanticValidationError, prefix: str = "", root: type[BaseModel] | None = None,
+                     limits: dict[str, Any] | None = None) -> ValidationError:
     details = [
-        {"loc": _loc(e["loc"], prefix), "message": _message(e), "type": e["type"]}
+        {"loc": _loc(e["loc"], prefix), "message": _message(e, root, limits), "type": e["type"]}
         for e in exc.errors(include_url=False, include_input=False)
     ]
     first = details[0]
@@ -296,8 +361,9 @@ def pydantic_failure(exc: PydanticValidationError, prefix: str = "") -> Validati
     return ValidationError(f"{first['loc']}: {first['message']}{more}", details)
 
 
-def parse_job_bytes(raw: bytes) -> SessionJob | BatchJob | ControlJob:
-    """Decode, normalise and validate a job file's bytes; ValidationError says what is wrong."""
+def parse_job_bytes(raw: bytes, limits: dict[str, Any] | None = None) -> SessionJob | BatchJob | ControlJob:
+    """Decode, normalise and validate a job file's bytes; ValidationError says what is wrong
+    (with config.toml's `limits` where they are narrower than the schema's)."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -312,10 +378,10 @@ def parse_job_bytes(raw: bytes) -> SessionJob | BatchJob | ControlJob:
         raise ValidationError("the JSON is nested too deeply") from exc
     except ValueError as exc:  # an integer literal longer than Python converts, and the like
         raise ValidationError(f"not valid JSON: {exc}") from exc
-    return parse_job(data)
+    return parse_job(data, limits)
 
 
-def parse_job(data: Any) -> SessionJob | BatchJob | ControlJob:
+def parse_job(data: Any, limits: dict[str, Any] | None = None) -> SessionJob | BatchJob | ControlJob:
     if not isinstance(data, dict):
         raise ValidationError(f"a job file holds one JSON object, not {type(data).__name__}")
     try:
@@ -325,19 +391,28 @@ def parse_job(data: Any) -> SessionJob | BatchJob | ControlJob:
     try:
         return JobFile.model_validate({"job": data}).job
     except PydanticValidationError as exc:
-        raise pydantic_failure(exc) from exc
+        raise pydantic_failure(exc, root=JobFile, limits=limits) from exc
     except RecursionError as exc:
         raise ValidationError("the JSON is nested too deeply") from exc
 
 
-def validate_params(data: Any, where: str) -> GenerationParams:
+def validate_params(data: Any, where: str, limits: dict[str, Any] | None = None) -> GenerationParams:
     """Params as a client gave them (any case, aliases), checked against the contract."""
     if not isinstance(data, dict):
         raise ValidationError(f"{where}: a JSON object of params, not {type(data).__name__}", [{"loc": where}])
     try:
         return GenerationParams.model_validate(normalise_keys(data, where))
     except PydanticValidationError as exc:
-        raise pydantic_failure(exc, where) from exc
+        raise pydantic_failure(exc, where, GenerationParams, limits) from exc
+
+
+def check_param_keys(keys, where: str) -> None:
+    """Each key names a generation param (the shared params and matrix of a batch, whose typos
+    would otherwise be reported at the first item they reach)."""
+    for key in keys:
+        if key not in GenerationParams.model_fields:
+            raise ValidationError(f"{where}.{key}: unknown key{did_you_mean(key, GenerationParams)} "
+                                  "(the README lists every key)", [{"loc": f"{where}.{key}"}])
 
 
 def check_limits(params: GenerationParams, limits: dict[str, Any], where: str = "params") -> None:
@@ -348,9 +423,11 @@ def check_limits(params: GenerationParams, limits: dict[str, Any], where: str = 
         if value is not None and not limits["min_size"] <= value <= limits["max_size"]:
             problems.append((f"{where}.{name}", f"must be between {limits['min_size']} and {limits['max_size']}"))
     if params.steps > limits["max_steps"]:
-        problems.append((f"{where}.steps", f"must be at most {limits['max_steps']}"))
+        problems.append((f"{where}.steps", f"must be at most {limits['max_steps']} (limits.max_steps)"))
+    if params.hires_steps is not None and params.hires_steps > limits["max_steps"]:
+        problems.append((f"{where}.hires_steps", f"must be at most {limits['max_steps']} (limits.max_steps)"))
     if params.num_images > limits["max_num_images"]:
-        problems.append((f"{where}.num_images", f"must be at most {limits['max_num_images']}"))
+        problems.append((f"{where}.num_images", f"must be at most {limits['max_num_images']} (limits.max_num_images)"))
     if problems:
         loc, message = problems[0]
         raise ValidationError(f"{loc}: {message}", [{"loc": loc, "message": m} for loc, m in problems])

@@ -217,10 +217,11 @@ class ModelRegistry:
         if entry is None or (kind and entry.kind != kind):
             known = sorted(k for k, e in self.entries().items() if kind is None or e.kind == kind)
             wanted = f"{kind} " if kind else ""
-            raise UnknownModel(
-                f"{field}: unknown {wanted}model {model_id!r}; known: {', '.join(known) or 'none (engine models add PATH --id ID)'}",
-                [{"loc": field}],
-            )
+            listed = ", ".join(known) or "none (engine models add PATH --id ID)"
+            if entry is not None:  # registered, but of another kind: say what it is
+                raise UnknownModel(f"{field}: {model_id!r} is a registered {entry.kind}, not a {kind}; {kind}s: {listed}",
+                                   [{"loc": field}])
+            raise UnknownModel(f"{field}: unknown {wanted}model {model_id!r}; known: {listed}", [{"loc": field}])
         if entry.format == "pickle" and not self.allow_pickle:
             raise UnsafeModelFormat(f"{field}: {model_id!r} is a pickle file; allow it with models.allow_pickle")
         return entry

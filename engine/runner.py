@@ -398,7 +398,7 @@ class _Lane:
         discarded; the others are."""
         outputs = [{"images": list(r.images), "files": list(r.files), "data": r.data} for r in results]
         ended: dict[str, tuple] = {}
-        stale: set[int] = set()
+        stale: dict[int, str] = {}  # claim number -> its session's status now ("" when deleted)
 
         def record(tx: Tx) -> list[Claim]:
             ended.clear()  # a retried transaction starts over
@@ -409,17 +409,21 @@ class _Lane:
                         ended[claim.session_id] = (tx.get("sessions", (claim.session_id,)),
                                                    tx.projection.children("steps", claim.session_id))
                 except StaleLease:
-                    stale.add(number)
+                    session = tx.get("sessions", (claim.session_id,))
+                    stale[number] = session["status"] if session else ""
             if self.stop_event.is_set() or not claim_next:
                 return []
             return self.claim(tx)
 
         next_group, events = self.store.write_events(record)
         for number, (claim, output, work_dir) in enumerate(zip(group, outputs, work_dirs)):
+            if number in stale and stale[number] in ("cancelled", ""):  # what the user asked for
+                log.info("session %s was %s while step %d (%s) ran; its result is discarded", claim.session_id,
+                         stale[number] or "deleted", claim.step_index, claim.step_type)
+            elif number in stale:
+                log.warning("step %d (%s) of session %s: its lease was lost meanwhile (the step taken over by another "
+                            "runner); this result is discarded", claim.step_index, claim.step_type, claim.session_id)
             if number in stale:
-                log.warning("step %d (%s) of session %s: its lease was lost meanwhile (its session cancelled, or "
-                            "the step taken over by another runner); this result is discarded", claim.step_index,
-                            claim.step_type, claim.session_id)
                 self.outbox.discard(work_dir)
                 self.on_step(claim, "stale")
                 continue

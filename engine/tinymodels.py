@@ -2,6 +2,7 @@
 
 Nothing here is downloaded. Each builder writes a folder that the real loading code reads back,
 saved with safetensors, so the demo and the tests exercise the same paths as a real model.
+Their pipelines make 64x64 pictures when a job gives no size (the smallest the default limits allow).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32),
         layers_per_block=1,
-        sample_size=8,
+        sample_size=32,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -169,7 +170,7 @@ def build_tiny_sd15(folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
     )

@@ -54,6 +54,9 @@ def parse_request(line: str) -> Request:
     envelope = {snake_case(str(k)): v for k, v in raw.items()}
     request_id = envelope.get("request_id")
     request_id = None if request_id is None else str(request_id)
+    if "data" in envelope and envelope["data"] is not None and not isinstance(envelope["data"], dict):
+        raise ValidationError(f"data: a JSON object of the command's fields, not {type(envelope['data']).__name__}",
+                              [{"loc": "data"}])
     kind = envelope.get("type")
     if isinstance(kind, str) and kind:
         command = kind.rsplit(".", 1)[-1]
@@ -95,9 +98,16 @@ class Worker:
     # the loop ------------------------------------------------------------------------------
 
     def serve(self, source) -> None:
-        """Answer each line of `source` (bytes or text) until EOF, or until the client stops reading."""
+        """Answer each line of `source` (bytes or text) until EOF, or until the client stops reading.
+        A line longer than [worker] max_line_bytes is answered with an error, never held whole."""
+        limit = self.config.get("worker", "max_line_bytes")
         try:
-            for raw in source:
+            for raw in bounded_lines(source, limit):
+                if raw is None:
+                    self.write({"success": False, "request_id": None, "error": {
+                        "code": "VALIDATION_ERROR", "message": f"the line is longer than [worker] max_line_bytes "
+                        f"({limit} bytes); it was read to its end and dropped", "details": []}})
+                    continue
                 if isinstance(raw, bytes):
                     try:
                         raw = raw.decode("utf-8")
@@ -152,13 +162,14 @@ class Worker:
 
     def execute_workflow(self, data: dict) -> dict:
         params = data.get("parameters")
-        if params is None:  # the notes' generate_images sends the params themselves
-            params = {k: v for k, v in data.items() if k not in ("session_id", "workflow_id", "priority", "background",
-                                                                 "step_id", "model_id")}
+        if params is None:  # the notes' generate_images sends the params themselves (checked as params)
+            params = {k: v for k, v in data.items() if k not in WORKFLOW_FIELDS}
             if data.get("model_id"):
                 params["model"] = data["model_id"]
-        job = {"job_id": data.get("session_id"), "workflow": data.get("workflow_id") or "txt2img",
-               "params": params, "hold": False}
+        else:
+            _refuse_unknown(data, WORKFLOW_FIELDS)
+        job = {"job_id": data.get("job_id") or data.get("session_id"), "workflow": data.get("workflow_id") or "txt2img",
+               "params": params, "hold": bool(data.get("hold"))}
         if data.get("priority") is not None:
             job["priority"] = data["priority"]
         submitted = self._submit(job)
@@ -180,29 +191,40 @@ class Worker:
         return self._control(_required(data, "session_id"), "delete")
 
     def execute_batch(self, data: dict) -> dict:
+        _refuse_unknown(data, BATCH_FIELDS)
         config = data.get("configuration") or data.get("batch_config") or {}
-        config = {snake_case(k): v for k, v in config.items()} if isinstance(config, dict) else {}
+        if not isinstance(config, dict):
+            raise ValidationError("configuration: a JSON object", [{"loc": "configuration"}])
+        config = {snake_case(k): v for k, v in config.items()}
+        _refuse_unknown(config, CONFIG_FIELDS, "configuration.")
         items = data.get("items") or data.get("generation_params") or []
         if not isinstance(items, list) or not items:
             raise ValidationError("items: a batch needs a list of items", [{"loc": "items"}])
         overrides = []
-        for item in items:
+        for index, item in enumerate(items):
             item = {snake_case(k): v for k, v in item.items()} if isinstance(item, dict) else item
-            if isinstance(item, dict):
-                item = dict(item.get("parameters") or {k: v for k, v in item.items() if k != "item_id"})
+            if isinstance(item, dict) and "parameters" in item:
+                _refuse_unknown(item, ("item_id", "parameters"), f"items[{index}].")
+                item = item["parameters"]
+            elif isinstance(item, dict):
+                item = {k: v for k, v in item.items() if k != "item_id"}
             overrides.append(item)
         batch = {"preferred_batch_size": config.get("preferred_batch_size", 1),
                  "max_batch_size": config.get("max_batch_size", 8),
                  "dynamic_sizing": config.get("enable_dynamic_sizing", config.get("dynamic_sizing", True)),
                  "memory_threshold": config.get("memory_threshold", 0.8)}
-        job = {"kind": "batch", "job_id": data.get("batch_id") or data.get("name"),
-               "workflow": data.get("workflow_id") or "txt2img", "items": overrides, "batch": batch}
+        for name in ("parallel_processing", "max_parallel_batches"):
+            if name in config:
+                batch[name.replace("_processing", "")] = config[name]
+        job = {"kind": "batch", "job_id": data.get("batch_id") or data.get("job_id"), "name": data.get("name"),
+               "workflow": data.get("workflow_id") or "txt2img", "items": overrides, "batch": batch,
+               "params": data.get("parameters") or {}, "hold": bool(data.get("hold"))}
         if data.get("priority") is not None:
             job["priority"] = data["priority"]
         submitted = self._submit(job)
         status = self._batch(submitted.target_id)
         return {"batch_id": submitted.target_id, "batch_tracking_id": submitted.target_id, "job_id": status["job_id"],
-                "status": status["status"], "total_items": status["total_items"],
+                "name": status["name"], "status": status["status"], "total_items": status["total_items"],
                 "memory_optimization": batch["dynamic_sizing"], "parallel_processing": False,
                 "already_submitted": submitted.already}
 
@@ -261,7 +283,7 @@ class Worker:
     def _submit(self, job: dict) -> commands.Submitted:
         from engine.errors import DuplicateJob
 
-        parsed = parse_job(normalise_keys({k: v for k, v in job.items() if v is not None}))
+        parsed = parse_job(normalise_keys({k: v for k, v in job.items() if v is not None}), self.intake.limits)
         try:
             return commands.submit(self.store, self.intake, parsed,
                                    commands.Source("worker", uuid.uuid4().hex, f"worker:{uuid.uuid4().hex}"))
@@ -297,8 +319,8 @@ class Worker:
         return report
 
     def _batch(self, target: str) -> dict:
-        rows = self._query("SELECT * FROM batch_status WHERE batch_id = :id OR job_id = :id", id=str(target),
-                           mapped=True)
+        rows = self._query("SELECT s.*, b.name FROM batch_status s JOIN batches b ON b.batch_id = s.batch_id "
+                           "WHERE s.batch_id = :id OR s.job_id = :id", id=str(target), mapped=True)
         if not rows:
             raise NotFound(f"no batch {target!r}")
         report = dict(rows[0])
@@ -326,6 +348,45 @@ class Worker:
         with self.store.read() as conn:
             result = conn.execute(text(sql), params)
             return list(result.mappings()) if mapped else [tuple(r) for r in result]
+
+
+# What execute_workflow and execute_batch take beside params (the notes' fields and the envelope's).
+WORKFLOW_FIELDS = ("action", "session_id", "job_id", "workflow_id", "parameters", "priority", "background", "hold", "step_id",
+                   "model_id")
+BATCH_FIELDS = ("action", "batch_id", "job_id", "name", "type", "workflow_id", "items", "generation_params", "parameters",
+                "configuration", "batch_config", "priority", "hold", "callback_config", "total_images")
+CONFIG_FIELDS = ("total_images", "preferred_batch_size", "max_batch_size", "enable_dynamic_sizing", "dynamic_sizing",
+                 "memory_threshold", "parallel_processing", "max_parallel_batches")
+
+
+def _refuse_unknown(data: dict, known, where: str = "") -> None:
+    """An unknown key is refused as in job files, with the nearest known one."""
+    import difflib
+
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+            raise ValidationError(f"{where}{key}: unknown key{hint}", [{"loc": f"{where}{key}"}])
+
+
+def bounded_lines(source, limit: int):
+    """The lines of `source`, each at most `limit` bytes; None in place of a longer one, whose rest
+    is read in pieces of at most `limit` and dropped (memory stays bounded whatever is sent)."""
+    if not hasattr(source, "readline"):  # a list of lines, in tests
+        for line in source:
+            yield None if len(line) > limit else line
+        return
+    while True:
+        line = source.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit or line.endswith(b"\n" if isinstance(line, bytes) else "\n") and len(line) == limit + 1:
+            yield line
+            continue
+        while line and not line.endswith(b"\n" if isinstance(line, bytes) else "\n"):
+            line = source.readline(limit + 1)
+        yield None
 
 
 def _required(data: dict, key: str) -> Any:

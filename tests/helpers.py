@@ -21,7 +21,8 @@ from engine.store.tables import events
 def submit(install, job: dict, name: str | None = None) -> commands.Submitted:
     name = name or f"{job.get('job_id') or uuid.uuid4().hex}.json"
     content_hash = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
-    return commands.submit(install.store, install.intake, parse_job(job), commands.Source(name, content_hash))
+    return commands.submit(install.store, install.intake, parse_job(job, install.intake.limits),
+                           commands.Source(name, content_hash))
 
 
 def engine_process(install, *args: str, env: dict[str, str] | None = None) -> str:

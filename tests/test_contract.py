@@ -148,6 +148,8 @@ def test_a_runner_without_a_terminal_logs_what_happened(install, log_format):
     drop(install, "broken.json", "{nope")
     (install.config.inbox / "notes.txt").write_text("not a job")
     (install.config.inbox / "later").mkdir()
+    (install.config.inbox / "later" / "deeper.json").write_text("{}")  # a job one folder too deep: said
+    (install.config.inbox / "images").mkdir()  # a folder of input images, as the README suggests: not said
     done = engine(install, "run", "--until-idle", "--log-format", log_format)
     assert done.returncode == 0, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -160,6 +162,7 @@ def test_a_runner_without_a_terminal_logs_what_happened(install, log_format):
     assert "fine-job" in text and "started" in text and "completed" in text
     assert "broken.json" in text and "rejected" in text
     assert "not taking notes.txt" in text and "not taking the folder later" in text
+    assert "folder images" not in text
 
 
 def test_a_library_s_warnings_are_log_lines_in_the_chosen_format_too():

@@ -567,3 +567,48 @@ def test_a_job_can_use_a_registered_vae_instead_of_its_models_own(studio, models
     assert "VAE: dim-vae" in images_of(studio, dim)[0].info["parameters"]
     with pytest.raises(EngineError, match="unknown vae model 'nope'"):
         submit(studio, {**job, "params": {**job["params"], "vae": "nope"}})
+
+
+def test_img2img_and_inpaint_that_would_denoise_no_step_are_refused_at_submit_naming_the_minimum(studio):
+    for workflow, extra in (("img2img", {}), ("inpaint", {"mask_image": "images/mask.png"})):
+        with pytest.raises(EngineError) as refused:
+            submit(studio, {"workflow": workflow, "params": {**SIZE, "steps": 5, "strength": 0.1, "prompt": "x",
+                                                             "init_image": "images/start.png", **extra}})
+        assert refused.value.code == "VALIDATION_ERROR" and "params.strength" in refused.value.message
+        assert "strength at least 0.2 or at least 10 steps" in refused.value.message
+    accepted = submit(studio, {"workflow": "img2img", "params": {**SIZE, "steps": 5, "strength": 0.2, "prompt": "x",
+                                                                 "init_image": "images/start.png"}}).target_id
+    run_until_idle(studio)
+    assert status(studio, accepted) == "completed"
+    assert result_of(studio, accepted)["steps"][2]["data"]["denoising_steps"] == 1
+
+
+def test_the_hires_pass_runs_exactly_hires_steps_at_any_strength_as_automatic1111_does(studio):
+    from engine.domains.inference import denoising_steps, hires_schedule
+
+    assert all(denoising_steps(hires_schedule(steps, strength / 100), strength / 100) == steps
+               for steps in range(1, 151) for strength in range(1, 101))
+    session_id = submit(studio, {"workflow": "txt2img-hires", "params": {
+        **SIZE, "prompt": "castle", "seed": 3, "hires_scale": 1.0, "hires_steps": 2, "hires_strength": 0.4}}).target_id
+    run_until_idle(studio)
+    assert status(studio, session_id) == "completed"
+    assert result_of(studio, session_id)["steps"][4]["data"]["denoising_steps"] == 2
+    with pytest.raises(EngineError) as refused:
+        submit(studio, {"workflow": "txt2img-hires", "params": {**SIZE, "hires_steps": 150, "hires_strength": 0.01}})
+    assert "params.hires_strength" in refused.value.message and "schedule of 15000 steps" in refused.value.message
+
+
+def test_an_input_image_swapped_while_its_job_waits_is_refused_at_the_step_not_retried(studio):
+    images = studio.config.inbox / "images"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(images / "held.png")
+    session_id = submit(studio, {"workflow": "img2img", "hold": True, "params": {
+        **SIZE, "prompt": "x", "init_image": "images/held.png", "strength": 0.7}}).target_id
+    Image.new("RGB", (3000, 3000), (9, 9, 9)).save(images / "held.png")  # swapped while held
+    commands.control(studio.store, session_id, "resume")
+    run_until_idle(studio)
+    assert status(studio, session_id) == "failed"
+    step = query(studio, "SELECT attempts, error_code FROM step_status WHERE session_id = :s AND status = 'failed'",
+                 s=session_id)
+    assert step == [(1, "VALIDATION_ERROR")], "refused, not retried"
+    message = query(studio, "SELECT error_message FROM sessions WHERE session_id = :s", s=session_id)[0][0]
+    assert "params.init_image" in message and "changed after the job was submitted" in message

@@ -21,6 +21,7 @@ from engine.domains.model import component_for, pipeline_for, registry_of
 from engine.domains.readback import round_on_device
 from engine.errors import OutOfMemory, ValidationError
 from engine.handlers import StepContext, StepResult
+from engine.inputs import digest_key, read_image
 from engine.outbox import a1111_parameters, a1111_sampler, save_png
 from engine.paths import resolve_inside
 
@@ -67,11 +68,13 @@ def job_vae(ctx: StepContext, device, dtype):
 
 
 def load_image(ctx: StepContext, relative: str, field: str, mode: str, size: tuple[int, int]):
+    """An input image of the job, checked again as at submit (the very file, the pixel limit)."""
     from PIL import Image
 
     path = resolve_inside(ctx.inbox, relative, field)
-    with Image.open(path) as image:
-        return image.convert(mode).resize(size, Image.Resampling.LANCZOS)
+    given = read_image(path, field, ctx.config.get("limits", "max_image_pixels"),
+                       (ctx.params.get("input_digests") or {}).get(digest_key(field)))
+    return given.image.convert(mode).resize(size, Image.Resampling.LANCZOS)
 
 
 def load_controlnet(entry, path):
@@ -86,6 +89,23 @@ def hires_size(params: dict[str, Any]) -> tuple[int, int]:
     """The hires fix's second-pass size: the first times hires_scale, down to multiples of 8."""
     scale = float(params.get("hires_scale") or 2.0)
     return int(params["width"] * scale) // 8 * 8, int(params["height"] * scale) // 8 * 8
+
+
+MAX_SCHEDULE = 1000  # the training timesteps of SD-class schedulers: no schedule is longer
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """The denoising steps diffusers runs for an image-to-image call of `steps` at `strength`."""
+    return min(int(steps * strength), steps)
+
+
+def hires_schedule(hires_steps: int, strength: float) -> int:
+    """The schedule length at which an image-to-image call at `strength` runs exactly `hires_steps`
+    denoising steps, as AUTOMATIC1111 runs its hires pass (it raises the schedule to steps / strength)."""
+    total = max(hires_steps, int(hires_steps / strength))
+    while denoising_steps(total, strength) < hires_steps:
+        total += 1
+    return total
 
 
 def _hires_inits(ctx: StepContext, size: tuple[int, int]) -> list:
@@ -199,6 +219,7 @@ class Image:
     call_id: str = ""
     call_images: int = 0
     init: Any = None  # its own image to start from (the hires fix's second pass)
+    denoised: int = 0  # the denoising steps its call ran (fewer than steps at an img2img strength below 1)
 
 
 def generate(pipe, wanted: list[Image], p: dict[str, Any], inputs: dict[str, Any], device, contexts) -> None:
@@ -228,8 +249,9 @@ def generate(pipe, wanted: list[Image], p: dict[str, Any], inputs: dict[str, Any
                   num_inference_steps=p["steps"], guidance_scale=p["guidance_scale"], num_images_per_prompt=1,
                   generator=generators, callback_on_step_end=on_step_end, output_type="pil", **inputs)
     call_id = uuid.uuid4().hex[:12]
+    denoised = getattr(pipe, "num_timesteps", 0) or 0
     for image, picture in zip(wanted, result.images):
-        image.picture, image.call_id, image.call_images = picture, call_id, len(wanted)
+        image.picture, image.call_id, image.call_images, image.denoised = picture, call_id, len(wanted), denoised
 
 
 def _generate_or_oom(pipe, wanted: list[Image], p, inputs, device, contexts) -> str:
@@ -286,7 +308,8 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
               for owner, c in enumerate(contexts) for i in range(c.params["num_images"])]
     if mode == "hires":  # the second pass: larger, its own steps, each image from its first pass
         size = hires_size(p)
-        p = {**p, "width": size[0], "height": size[1], "steps": p.get("hires_steps") or p["steps"]}
+        p = {**p, "width": size[0], "height": size[1],
+             "steps": hires_schedule(p.get("hires_steps") or p["steps"], p["hires_strength"])}
         for image, init in zip(wanted, _hires_inits(ctx, size)):
             image.init = init
     # 1. The pipeline, warm from the cache when possible.
@@ -385,5 +408,6 @@ def _call_data(mine: list[Image], mode, device, dtype, cached, loaded, scheduler
         "dtype": str(dtype).replace("torch.", ""), "model": cached.entry.id, "model_loaded_here": loaded,
         "scheduler": scheduler_name, "peak_memory_bytes": peak, "out_of_memory_retry": halved,
         "call_id": mine[0].call_id, "call_images": mine[0].call_images, "call_sessions": sessions,
+        "denoising_steps": mine[0].denoised,
         "group_images": images, "group_seconds": round(seconds, 4),
     }

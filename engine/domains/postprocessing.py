@@ -15,6 +15,7 @@ from engine.domains.device import device_of, torch_device
 from engine.domains.model import component_for
 from engine.errors import ValidationError
 from engine.handlers import StepContext, StepResult
+from engine.inputs import read_image
 from engine.outbox import save_png
 from engine.paths import resolve_inside
 
@@ -29,15 +30,31 @@ SAFETY_SKIPPED = "skipped: no safety model is configured (set safety.model in co
 
 
 def ops_for(ctx: StepContext) -> list[dict[str, Any]]:
-    """This step's ops: the params' ops, the template's defaults, or defaults overridden by name."""
-    if ctx.step_config.get("ops_from") == "hires":  # the hires fix's upscale, from its params
-        return [{"op": "upscale", "model": ctx.params.get("hires_upscaler"), "scale": ctx.params.get("hires_scale") or 2.0}]
-    given = ctx.params.get("postprocess") or []
-    defaults = ctx.step_config.get("default_ops") or []
-    if ctx.step_config.get("ops_from") == "by_name":
+    return step_ops(ctx.step_config, ctx.params)
+
+
+def step_ops(step_config: dict[str, Any], params: dict[str, Any]) -> list[dict[str, Any]]:
+    """A step's ops: the params' ops, the template's defaults, or defaults overridden by name."""
+    if step_config.get("ops_from") == "hires":  # the hires fix's upscale, from its params
+        return [{"op": "upscale", "model": params.get("hires_upscaler"), "scale": params.get("hires_scale") or 2.0}]
+    given = params.get("postprocess") or []
+    defaults = step_config.get("default_ops") or []
+    if step_config.get("ops_from") == "by_name":
         by_name = {op["op"]: op for op in given}
         return [by_name.get(op["op"], op) for op in defaults]
     return given or defaults
+
+
+def upscaled_size(size: tuple[int, int], scale: float | None) -> tuple[int, int]:
+    factor = float(scale or 2.0)
+    return round(size[0] * factor), round(size[1] * factor)
+
+
+def check_output_pixels(size: tuple[int, int], limit: int, field: str) -> None:
+    """Refuse an image larger than limits.max_output_pixels before it is made."""
+    if size[0] * size[1] > limit:
+        raise ValidationError(f"{field}: the image would be {size[0]}x{size[1]} ({size[0] * size[1]} pixels), over "
+                              f"limits.max_output_pixels ({limit}); lower the scale or the size", [{"loc": field}])
 
 
 # upscale -----------------------------------------------------------------------------------
@@ -52,8 +69,9 @@ def load_upscaler(entry, path: Path):
 
 
 def upscale(ctx: StepContext, image: Image.Image, op: dict[str, Any]) -> Image.Image:
-    scale = float(op.get("scale") or 2.0)
-    target = (round(image.width * scale), round(image.height * scale))
+    limit = ctx.config.get("limits", "max_output_pixels")
+    target = upscaled_size(image.size, op.get("scale"))
+    check_output_pixels(target, limit, "upscale")
     if not op.get("model"):
         return image.resize(target, Image.Resampling.LANCZOS)
     import numpy as np
@@ -61,6 +79,7 @@ def upscale(ctx: StepContext, image: Image.Image, op: dict[str, Any]) -> Image.I
 
     device = device_of(ctx)
     model = component_for(ctx, op["model"], "upscaler", lambda entry, path: load_upscaler(entry, path).to(torch_device(device)))
+    check_output_pixels(upscaled_size(image.size, model.scale), limit, f"upscale with {op['model']!r} (x{model.scale})")
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     ctx.token.raise_if_set()
     with torch.inference_mode():
@@ -124,8 +143,11 @@ def input_images(ctx: StepContext) -> list[tuple[str, Image.Image, str | None]]:
     """(name stem, image, A1111 parameters) for each image this step works on."""
     found = []
     paths = ctx.previous_images()
-    if not paths and ctx.params.get("init_image"):
-        paths = [resolve_inside(ctx.inbox, ctx.params["init_image"], "params.init_image")]
+    if not paths and ctx.params.get("init_image"):  # the upscale workflow: the job's own picture
+        path = resolve_inside(ctx.inbox, ctx.params["init_image"], "params.init_image")
+        given = read_image(path, "params.init_image", ctx.config.get("limits", "max_image_pixels"),
+                           (ctx.params.get("input_digests") or {}).get("init_image"))
+        found.append((path.stem.split("-s")[0], given.image, given.image.info.get("parameters")))
     for path in paths:
         with Image.open(path) as image:
             image.load()

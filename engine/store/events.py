@@ -42,3 +42,26 @@ class Event:
 
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def storable_text(text: str) -> str:
+    """Text every database can hold: a NUL (PostgreSQL refuses it in text) written as `\\x00`, a
+    lone surrogate (not UTF-8 at all) as `\\udXXX`; any other text is returned as it is."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def storable(value: Any) -> Any:
+    """`value` with every string in it (keys too) made storable_text."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 
 from engine.store import reducer
 from engine.store.dialects import dialect_for
-from engine.store.events import Event, now_iso
+from engine.store.events import Event, now_iso, storable
 from engine.store.projection import INSERT as PROJECTION_INSERTS
 from engine.store.projection import DatabaseProjection, MemoryProjection
 from engine.store.tables import PROJECTIONS, events, leases
@@ -43,6 +43,7 @@ class Tx:
     def emit(self, stream_type: str, stream_id: str, type: str, data: dict[str, Any]) -> Event:
         """Append one event to its stream and fold it into the projections."""
         seq = reducer.stream_version(self.projection, stream_type, stream_id) + 1
+        data = storable(data)  # a NUL or lone surrogate from a client's input never makes an event unstorable
         pending = Event(stream_type, stream_id, seq, type, data, now_iso())
         event_id = self.store.dialect.insert_id(self.conn, INSERT_EVENT, pending.row())
         event = Event(stream_type, stream_id, seq, type, data, pending.created_at, event_id)

@@ -170,7 +170,7 @@ def _batch_created(p: Projection, e: Event) -> None:
         "run": 1, "priority": d.get("priority", 0), "config": dumps(d.get("config", {})),
         "total_items": len(d["items"]), "completed_items": 0, "failed_items": 0, "cancelled_items": 0,
         "created_at": e.created_at, "started_at": None, "updated_at": e.created_at, "finished_at": None,
-        "last_seq": e.seq, **_NO_CALLS,
+        "last_seq": e.seq, "name": d.get("name") or "", **_NO_CALLS,
     })
     for index, session_id in enumerate(d["items"]):
         p.put("items", {"batch_id": e.stream_id, "item_index": index, "session_id": session_id,

@@ -124,6 +124,7 @@ batches = Table(
     Column("call_seconds", Float, nullable=False, server_default="0"),
     Column("memory_peak", BigInteger),
     Column("last_call_id", String(32)),
+    Column("name", Text, nullable=False, server_default=""),  # a client's label; not an id
 )
 Index("ix_batches_job_id", batches.c.job_id)
 
