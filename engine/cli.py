@@ -446,13 +446,17 @@ def _gib(value: Any) -> str | None:
 def runners(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """The runners that registered with this database: host, pid, devices, warm models, last
     heartbeat, version; one whose heartbeat lapsed shows as gone (its steps are taken back)."""
-    from engine.app import require_installation
+    from engine.app import open_store
+    from engine.runners import listing
 
-    cfg = _config(config)
-    require_installation(cfg)
-    columns, rows = _query(cfg, "SELECT runner_id, host, pid, status, devices, warm_models, last_heartbeat, version "
-                                "FROM runner_status ORDER BY status = 'running' DESC, last_heartbeat DESC")
-    _table(columns, rows, as_json)
+    store = open_store(_config(config))
+    try:
+        with store.read() as conn:
+            rows = listing(conn)
+    finally:
+        store.close()
+    columns = ["runner_id", "host", "pid", "status", "devices", "warm_models", "last_heartbeat", "version"]
+    _table(columns, [tuple(r[c] for c in columns) for r in rows], as_json)
 
 
 @app.command()

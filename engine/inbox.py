@@ -185,7 +185,7 @@ class Inbox:
         try:
             job = parse_job_bytes(seen.raw, self.intake.limits)
         except ValidationError as error:
-            if time.time() - seen.stat.st_mtime < self.grace:
+            if 0 <= time.time() - seen.stat.st_mtime < self.grace:  # a time in the future (clock skew) is not recent
                 self.waiting.add(path.name)
                 return None
             return self._reject(seen, error)

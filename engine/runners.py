@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import psutil
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 
 from engine.store import Store, now_iso
 from engine.store.tables import leases, runners
@@ -113,6 +113,23 @@ def worker_names(conn, live_only: bool = True, now: float | None = None) -> list
             continue
         names.extend(json.loads(row.devices or "[]"))
     return names
+
+
+def listing(conn) -> list[dict]:
+    """Every registered runner as runner_status shows it, except that a runner of this host whose
+    process is gone shows as gone at once (as lease_holder_state, and so `engine session`, sees it),
+    not only when its heartbeat lapses."""
+    rows = [dict(r) for r in conn.execute(text(
+        "SELECT s.runner_id, s.host, s.pid, s.status, s.devices, s.warm_models, s.last_heartbeat, s.version, "
+        "r.process_started FROM runner_status s JOIN runners r ON r.runner_id = s.runner_id "
+        "ORDER BY s.status = 'running' DESC, s.last_heartbeat DESC")).mappings()]
+    dead = set(dead_on_this_host([RunnerRow(r["runner_id"], r["host"], r["pid"], r["process_started"], r["status"])
+                                  for r in rows], HOST, process_started, me=""))
+    for row in rows:
+        row.pop("process_started")
+        if row["runner_id"] in dead:
+            row["status"] = "gone"
+    return rows
 
 
 def lease_holder_state(conn, session_id: str, step_index: int, now: float | None = None) -> str | None:

@@ -314,6 +314,8 @@ def test_a_killed_runner_is_noticed_at_once_on_its_host(tmp_path):
     assert report["steps"][1]["status"] == "waiting for a runner", report
     assert "waits for a runner" in engine(install, "session", session_id).stdout
     assert query(install, "SELECT status FROM runner_status WHERE runner_id = 'doomed'") == [("running",)]
+    listed = {r["runner_id"]: r["status"] for r in json.loads(engine(install, "runners", "--json").stdout)}
+    assert listed["doomed"] == "gone", "engine runners says what engine session says"
     started = time.monotonic()
     run_until_idle(install)  # another runner on this host: takes the step back at once, not after 120 s
     assert time.monotonic() - started < 60

@@ -200,3 +200,15 @@ def test_engine_batch_shows_its_metrics_and_the_status_of_paused_items(install):
     listed = subprocess.run([sys.executable, "-m", "engine", "batches"], env={**install.env(), "COLUMNS": "80"},
                             capture_output=True, text=True, timeout=120, cwd=install.folder)
     assert done.target_id in listed.stdout and all(len(line) <= 100 for line in listed.stdout.splitlines())
+
+
+def test_a_file_modified_in_the_future_is_not_still_being_written(install):
+    path = install.config.inbox / "skewed.json"
+    path.write_text("{not json yet")
+    future = __import__("time").time() + 3600  # a copy from a machine whose clock runs an hour ahead
+    os.utime(path, (future, future))
+    outcome = outcomes(install)["skewed.json"]
+    assert not outcome.accepted and outcome.code == "VALIDATION_ERROR"
+    (install.config.inbox / "later.json").write_text(json.dumps({"workflow": "noop1"}))
+    os.utime(install.config.inbox / "later.json", (future, future))
+    assert outcomes(install)["later.json"].accepted
