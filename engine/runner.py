@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from engine import __version__, lifecycle, runners
 from engine.affinity import Offer
@@ -38,7 +38,7 @@ from engine.lifecycle import Claim, Policy
 from engine.outbox import Outbox, OwedWrites
 from engine.recovery import recover, sweep_attempts
 from engine.store import Store, Tx
-from engine.store.tables import leases, sessions
+from engine.store.tables import events, leases, sessions
 
 log = logging.getLogger("engine.runner")
 
@@ -56,6 +56,11 @@ def lane_names(device_ids: list[str]) -> list[str]:
         else:
             names.append(f"{device_id}#{device_ids[: index + 1].count(device_id)}")
     return names
+
+
+# What only a control makes (a user's pause, resume, cancel, restart, delete), logged when seen.
+CONTROL_EVENTS = tuple(f"{stream}.{verb}" for stream in ("session", "batch")
+                       for verb in ("paused", "resumed", "cancelled", "restarted", "deleted"))
 
 
 class Runner:
@@ -87,6 +92,7 @@ class Runner:
         self._owed = OwedWrites(self.outbox)
         self._last_beat = self._last_reap = self._last_sweep = time.monotonic()
         self._housekeeping_lock = threading.Lock()
+        self._last_control_event: int | None = None  # the newest event _log_controls has looked at
         if devices is None:
             from engine.domains.device import discover, worker_devices
 
@@ -161,6 +167,7 @@ class Runner:
                     taken = lifecycle.reap_expired(self.store, self.policy, dead_runners=dead)
                     log.warning("runner(s) %s on this host are gone; took back %d step(s)", ", ".join(dead), taken)
                 self._owed.retry(self.store)
+                self._log_controls()
             if now - self._last_reap > self.policy.lease_seconds / 2:
                 self._last_reap = now
                 lifecycle.reap_expired(self.store, self.policy)
@@ -169,6 +176,20 @@ class Runner:
                 sweep_attempts(self.store, self.outbox)  # what runners that died elsewhere left in the outbox
         finally:
             self._housekeeping_lock.release()
+
+    def _log_controls(self) -> None:
+        """A line for each control made since the last look, wherever it was made (the CLI, the
+        stdio worker, a control file), so the runner's log says why a session ended or stopped."""
+        with self.store.read() as conn:
+            if self._last_control_event is None:
+                self._last_control_event = conn.execute(select(func.max(events.c.event_id))).scalar() or 0
+                return
+            found = conn.execute(select(events.c.event_id, events.c.stream_type, events.c.stream_id, events.c.type)
+                                 .where(events.c.event_id > self._last_control_event,
+                                        events.c.type.in_(CONTROL_EVENTS)).order_by(events.c.event_id).limit(500)).all()
+        for row in found:
+            self._last_control_event = row.event_id
+            log.info("%s %s %s (by request)", row.stream_type, row.stream_id, row.type.split(".", 1)[1])
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -212,3 +212,17 @@ def test_a_file_modified_in_the_future_is_not_still_being_written(install):
     (install.config.inbox / "later.json").write_text(json.dumps({"workflow": "noop1"}))
     os.utime(install.config.inbox / "later.json", (future, future))
     assert outcomes(install)["later.json"].accepted
+
+
+def test_the_runner_logs_a_session_ended_by_a_command_made_elsewhere(install):
+    session_id = submit(install, {"workflow": "sleepy", "params": {"steps": 60}}).target_id  # a 6 s step
+    runner = subprocess.Popen([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet"], env=install.env(),
+                              cwd=install.folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = __import__("time").monotonic() + 60
+    while query(install, "SELECT count(*) FROM leases WHERE session_id = :s AND step_index = 1", s=session_id) != [(1,)]:
+        assert __import__("time").monotonic() < deadline, "the sleep step never started"
+        __import__("time").sleep(0.05)
+    assert engine(install, "cancel", session_id, "--yes").returncode == 0
+    _, logged = runner.communicate(timeout=120)
+    assert runner.returncode == 0
+    assert f"session {session_id} cancelled (by request)" in logged, logged
