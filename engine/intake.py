@@ -62,6 +62,7 @@ class Intake:
         self.handlers = load_registry(config.get("handlers", "modules"))
         self.workflows, self.refused = served_workflows(load_workflows(config.workflows_dir), self.handlers)
         self._devices: list | None = None
+        self._images: dict[str, InputImage] | None = None  # input images read while a batch is resolved
 
     def workflow(self, workflow_id: str) -> Workflow:
         if workflow_id in self.refused:
@@ -96,18 +97,22 @@ class Intake:
         max_items = self.config.get("inbox", "max_batch_items")
         if len(job.items) > max_items:
             raise ValidationError(f"items: {len(job.items)} items, at most {max_items} allowed", [{"loc": "items"}])
+        self._images = {}  # the items of one batch often share an input image: decoded once
+        try:
+            return [self._item(job, workflow, index, overrides) for index, overrides in enumerate(job.expanded(max_items))]
+        finally:
+            self._images = None
+
+    def _item(self, job: BatchJob, workflow: Workflow, index: int, overrides: Any) -> ResolvedSession:
+        if not isinstance(overrides, dict):
+            raise ValidationError(f"items[{index}]: must be an object of params", [{"loc": f"items[{index}]"}])
+        merged = {**job.params, **overrides}
         base_seed = job.params.get("seed")
-        resolved = []
-        for index, overrides in enumerate(job.expanded(max_items)):
-            if not isinstance(overrides, dict):
-                raise ValidationError(f"items[{index}]: must be an object of params", [{"loc": f"items[{index}]"}])
-            merged = {**job.params, **overrides}
-            if "seed" not in overrides and base_seed not in (None, -1):
-                merged["seed"] = (int(base_seed) + index) % (MAX_SEED + 1)
-            where = f"items[{index}]"
-            params = self.resolve_params(workflow, validate_params(merged, where, self.limits), where)
-            resolved.append(ResolvedSession(workflow.id, self.steps(workflow, params), params))
-        return resolved
+        if "seed" not in overrides and base_seed not in (None, -1):
+            merged["seed"] = (int(base_seed) + index) % (MAX_SEED + 1)
+        where = f"items[{index}]"
+        params = self.resolve_params(workflow, validate_params(merged, where, self.limits), where)
+        return ResolvedSession(workflow.id, self.steps(workflow, params), params)
 
     def resolve_params(self, workflow: Workflow, params: GenerationParams, where: str) -> dict[str, Any]:
         check_limits(params, self.limits, where)
@@ -279,6 +284,11 @@ class Intake:
         """An input image: inside the inbox, within the pixel limit, decoded whole; its digest is
         recorded in `digests`, for the step to know the very file again."""
         path = resolve_inside(self.inbox, relative, field)
-        found = read_image(path, field, self.limits["max_image_pixels"])
+        key = str(path)
+        found = self._images.get(key) if self._images is not None else None
+        if found is None:
+            found = read_image(path, field, self.limits["max_image_pixels"])
+            if self._images is not None:
+                self._images[key] = found
         digests[digest_key(field)] = found.digest
         return found
