@@ -277,9 +277,6 @@ def _failed_attempt(tx: Tx, session_id: str, run: int, index: int, attempt: int,
     if retryable and attempt < policy.max_attempts:
         tx.emit("session", session_id, "step.retried", {**base, "not_before": time.time() + policy.backoff(attempt)})
         return False
-    if retryable:  # the last of its attempts: say so, so the message is not read as "it will be tried again"
-        message = f"{message} (failed {attempt} attempts, the most [runner] max_attempts allows)"
-        base["message"] = message[:2000]
     tx.emit("session", session_id, "step.failed", base)
     session = tx.get("sessions", (session_id,))
     if session["status"] in ("running", "pending"):
