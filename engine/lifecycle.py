@@ -57,12 +57,13 @@ class Policy:
     max_attempts: int
     backoff_base: float
     backoff_max: float
+    max_recoveries: int = 20
 
     @classmethod
     def from_config(cls, config) -> "Policy":
         runner = config.values["runner"]
         return cls(runner["lease_seconds"], runner["max_attempts"], runner["backoff_base_seconds"],
-                   runner["backoff_max_seconds"])
+                   runner["backoff_max_seconds"], runner["max_recoveries"])
 
     def backoff(self, attempt: int) -> float:
         return min(self.backoff_base * 2 ** (attempt - 1), self.backoff_max)
@@ -274,15 +275,23 @@ def _failed_attempt(tx: Tx, session_id: str, run: int, index: int, attempt: int,
                     retryable: bool, policy: Policy) -> bool:
     base = {"session_id": session_id, "run": run, "step_index": index, "attempt": attempt, "code": code,
             "message": message[:2000]}
-    if retryable and attempt < policy.max_attempts:
-        tx.emit("session", session_id, "step.retried", {**base, "not_before": time.time() + policy.backoff(attempt)})
+    step = tx.get("steps", (session_id, index))
+    failures = attempt - ((step or {}).get("recoveries") or 0)  # recoveries are attempts, not failures
+    if retryable and failures < policy.max_attempts:
+        tx.emit("session", session_id, "step.retried", {**base, "not_before": time.time() + policy.backoff(failures)})
         return False
+    return _step_failed(tx, base)
+
+
+def _step_failed(tx: Tx, base: dict) -> bool:
+    """step.failed, and its session fails with the step's code and message. True if the session ended."""
+    session_id, index = base["session_id"], base["step_index"]
     tx.emit("session", session_id, "step.failed", base)
     session = tx.get("sessions", (session_id,))
     if session["status"] in ("running", "pending"):
         tx.emit("session", session_id, "session.failed", {
-            "session_id": session_id, "run": run, "code": code,
-            "message": f"step {index} ({json.loads(session['steps'])[index]['type']}): {message}"[:2000],
+            "session_id": session_id, "run": base["run"], "code": base["code"],
+            "message": f"step {index} ({json.loads(session['steps'])[index]['type']}): {base['message']}"[:2000],
         })
         session_ended(tx, session_id, "failed")
         return True
@@ -298,9 +307,24 @@ def release_in(tx: Tx, claim: Claim, reason: str) -> None:
     })
 
 
+def recovered(tx: Tx, session_id: str, step: dict, why: str, policy: Policy) -> None:
+    """A running step whose runner died goes back to pending: a recovery, not a failure, so it keeps
+    its attempts; past `[runner] max_recoveries` (a step that kills its runner every time: out of
+    memory, a crashing extension) the step and its session fail with RUNNER_LOST."""
+    index, recoveries = step["step_index"], step.get("recoveries") or 0
+    base = {"session_id": session_id, "run": step["run"], "step_index": index, "attempt": step["attempts"]}
+    if recoveries < policy.max_recoveries:
+        tx.emit("session", session_id, "step.retried", {**base, "code": "RUNNER_LOST", "message": why,
+                                                        "recovery": True, "not_before": time.time()})
+        return
+    _step_failed(tx, {**base, "code": "RUNNER_LOST", "message": (
+        f"{why}, {recoveries + 1} times in all ([runner] max_recoveries is {policy.max_recoveries}): this step may "
+        "be what kills its runner (out of memory, a crashing extension or driver)")})
+
+
 def reap_expired(store: Store, policy: Policy, now: float | None = None, dead_runners: list[str] = (),
                  orphans: bool = False) -> int:
-    """Running steps whose lease expired go back to pending, the attempt counted.
+    """Running steps whose lease expired go back to pending (a recovery: see `recovered`).
 
     Every running step holds a lease (claims insert one; every way out of `running` removes it), so
     the leases table, indexed by expiry, finds them. `dead_runners`: runners known to be gone (a
@@ -334,7 +358,7 @@ def reap_expired(store: Store, policy: Policy, now: float | None = None, dead_ru
                 return False
             why = ("the runner holding this step is gone" if lease is not None and lease.runner_id in dead_ids
                    else "the runner holding this step stopped (lease expired)")
-            _failed_attempt(tx, session_id, step["run"], index, step["attempts"], "TIMEOUT", why, True, policy)
+            recovered(tx, session_id, step, why, policy)
             return True
         count += store.write(reap)
     return count

@@ -82,7 +82,7 @@ def _fresh_step(session_id: str, index: int, run: int, step: dict) -> Row:
         "session_id": session_id, "step_index": index, "run": run, "step_type": step["type"],
         "domain": step["domain"], "status": "pending", "attempts": 0, "not_before": None,
         "started_at": None, "finished_at": None, "duration_s": None, "error_code": None,
-        "error_message": None, "output": None, "group_key": step.get("group"),
+        "error_message": None, "output": None, "group_key": step.get("group"), "recoveries": 0,
     }
 
 
@@ -150,6 +150,8 @@ def _step_event(p: Projection, e: Event) -> None:
     elif trigger == "retry":
         step.update(not_before=e.data.get("not_before"), error_code=e.data.get("code"),
                     error_message=e.data.get("message"))
+        if e.data.get("recovery"):  # taken back from a runner that died: not the step's failure
+            step["recoveries"] = step.get("recoveries", 0) + 1
     elif trigger == "release":
         step["attempts"] = max(0, step["attempts"] - 1)
     elif trigger == "fail":

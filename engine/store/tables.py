@@ -97,6 +97,8 @@ steps = Table(
     Column("error_message", Text),
     Column("output", Text),
     Column("group_key", String(64)),
+    # Times the step was taken back from a runner that died: attempts, but not failures.
+    Column("recoveries", Integer, nullable=False, server_default="0"),
 )
 Index("ix_steps_group", steps.c.group_key)
 
