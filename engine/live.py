@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import threading
 import time
@@ -28,6 +30,7 @@ RUNNING = text(
     "WHERE s.status IN ('running', 'pending', 'paused') ORDER BY s.status = 'running' DESC, s.priority DESC, "
     "s.created_at LIMIT 15"
 )
+log = logging.getLogger("engine.run")
 COUNTS = text("SELECT status, count(*) FROM session_status GROUP BY status")
 
 
@@ -71,8 +74,8 @@ def run_with_view(config: Config, until_idle: bool, console: Console, live: bool
     inbox = Inbox(config, store)
     inbox.scan()
     inbox.start()
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    stopper = Stopper(runner, config.get("runner", "stop_timeout_seconds"))
+    previous = {number: signal.signal(number, stopper.on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
     done = threading.Event()
     viewer = None
     if live:
@@ -86,16 +89,57 @@ def run_with_view(config: Config, until_idle: bool, console: Console, live: bool
         viewer.start()
     try:
         return runner.run(until_idle=until_idle, before_idle_check=lambda: (inbox.scan(), inbox.idle())[1])
-    except KeyboardInterrupt:
-        runner.stop()
-        return runner.steps_done
     finally:
         done.set()
         if viewer:
             viewer.join(timeout=2)
         inbox.stop()
         runner.close()
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if stopper.signalled:
+            log.info("stopped (%s)", stopper.signalled)
+
+
+class Stopper:
+    """What SIGINT (Ctrl-C) and SIGTERM (systemd, container runtimes) do to `engine run`. The first:
+    say so at once, go on renewing leases, interrupt running steps at their next denoising step and
+    hand them back with their attempts unused (a step that finishes first is recorded), then exit 0.
+    A second signal, or `[runner] stop_timeout_seconds` after the first: take this runner's steps
+    back now (recoveries, not failures) and exit at once, 130 after SIGINT, 143 after SIGTERM."""
+
+    def __init__(self, runner: Runner, timeout: float) -> None:
+        self.runner, self.timeout = runner, timeout
+        self.signalled = ""
+        self._lock = threading.Lock()
+
+    def on_signal(self, number: int, _frame) -> None:
+        name = signal.Signals(number).name
+        if not self.signalled:
+            self.signalled = name
+            log.warning("%s: stopping; running steps are handed back at their next denoising step (their attempts "
+                        "unused), within %g s; %s again stops at once", name, self.timeout,
+                        "Ctrl-C" if number == signal.SIGINT else name)
+            self.runner.interrupt()
+            timer = threading.Timer(self.timeout, self._exit_now, (f"{self.timeout:g} s after {name}", 128 + number))
+            timer.daemon = True
+            timer.start()
+            return
+        # Not in the signal handler itself: the main thread may be inside a transaction.
+        threading.Thread(target=self._exit_now, args=(f"a second {name}", 128 + number), daemon=True).start()
+
+    def _exit_now(self, why: str, code: int) -> None:
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            taken = self.runner.abandon()
+            log.warning("stopping at once (%s): %d running step(s) handed back to the queue", why, taken)
+        except Exception as exc:  # the database is gone too: their leases lapse as after a crash
+            log.warning("stopping at once (%s); could not hand the running steps back (%s): their leases lapse",
+                        why, exc)
+        finally:
+            logging.shutdown()
+            os._exit(code)
 
 
 def follow_session(config: Config, session_id: str, console: Console, report: Callable[[], dict]) -> None:

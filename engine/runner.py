@@ -85,6 +85,9 @@ class Runner:
         # when memory has run out, and the result.json of a step that ran out must still be written.
         self._finisher_caught_up()
         self.stop_event = threading.Event()
+        # Set by a stop that interrupts running steps (Ctrl-C, SIGTERM): each is handed back at its
+        # handler's next check (a denoising step), its attempt not used.
+        self.interrupting = threading.Event()
         self.on_step = on_step or (lambda claim, outcome: None)
         self.steps_done = 0
         self._counting = threading.Lock()
@@ -192,7 +195,21 @@ class Runner:
             log.info("%s %s %s (by request)", row.stream_type, row.stream_id, row.type.split(".", 1)[1])
 
     def stop(self) -> None:
+        """Stop after the steps running now have been recorded."""
         self.stop_event.set()
+
+    def interrupt(self) -> None:
+        """Stop now: running steps are interrupted at their handler's next check and handed back
+        (their attempts not used); one that finishes first is recorded. Leases are renewed until then."""
+        self.interrupting.set()
+        self.stop_event.set()
+
+    def abandon(self) -> int:
+        """The last thing before exiting at once: this runner's running steps are taken back now
+        (as a recovery: they keep their attempts), so no other runner waits for its lease to lapse."""
+        taken = lifecycle.reap_expired(self.store, self.policy, dead_runners=[self.runner_id])
+        runners.stopped(self.store, self.runner_id)
+        return taken
 
     def close(self) -> None:
         for lane in self.lanes:
@@ -327,7 +344,16 @@ class _Lane:
         except Exception as exc:  # the disk's: the attempt failed, the call already started goes on
             self._failed(group, self._failure(group, exc), work_dirs())
             return follow
-        claimed = self._completed(group, results, duration, work_dirs(), claim_next=not follow)
+        # A session paused while the others' images went on: its own are dropped, its step handed
+        # back (its attempt unused) to run again when it is resumed; nothing of it is published.
+        paused = {n for n, context in enumerate(contexts) if context.token.reason == "paused"}
+        for number in sorted(paused):
+            self._interrupted(group[number], contexts[number].token, work_dirs()[number])
+        kept = [n for n in range(len(group)) if n not in paused]
+        if not kept:
+            return follow
+        claimed = self._completed([group[n] for n in kept], [results[n] for n in kept], duration,
+                                  [work_dirs()[n] for n in kept], claim_next=not follow)
         return follow or claimed
 
     def _claim_and_start(self) -> "list[Claim] | _Call":
@@ -387,6 +413,8 @@ class _Lane:
                     token.set("cancelled")
                 elif status == "paused":
                     token.set("paused")
+                elif self.runner.interrupting.is_set() and not token.is_set:
+                    token.set("stopping")
             if value is not None or beat:
                 last_beat = now
             if beat:
@@ -479,10 +507,12 @@ class _Lane:
         return []
 
     def _interrupted(self, claim: Claim, token: CancellationToken, work_dir) -> list[Claim]:
+        """A step stopped before its end: its files discarded; paused, or this runner stopping, it is
+        handed back with its attempt unused (a cancelled one's lease is gone already)."""
         self.outbox.discard(work_dir)
-        if token.reason == "paused":
+        if token.reason in ("paused", "stopping"):
             try:
-                self.store.write(lambda tx: lifecycle.release_in(tx, claim, "paused"))
+                self.store.write(lambda tx: lifecycle.release_in(tx, claim, token.reason))
             except StaleLease:
                 pass
         self.on_step(claim, token.reason or "interrupted")

@@ -128,9 +128,17 @@ def write_group(contexts: list[StepContext]) -> list[StepResult]:
     return results
 
 
+def deaf_sleep(ctx: StepContext) -> StepResult:
+    """Sleeps params.steps / 10 seconds without looking at the token: a call that cannot be
+    interrupted (a long C++ call, a library with no step callback)."""
+    time.sleep(ctx.params.get("steps", 1) / 10)
+    return StepResult(data={"slept": ctx.params.get("steps", 1) / 10})
+
+
 def register(registry: Registry) -> None:
     registry.add("noop", noop)
     registry.add("sleep", sleep)
+    registry.add("deaf_sleep", deaf_sleep)
     registry.add("fail_n_times", fail_n_times)
     registry.add("write_file", write_file)
     registry.add("cap_memory", cap_memory)

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+
+import pytest
 
 from tests.conftest import Installation
-from tests.helpers import query, submit
+from tests.helpers import completions, query, submit
 from tests.test_hardening import run_until_idle, wait_for, watch
 
 
@@ -52,5 +55,89 @@ def test_a_step_that_kills_its_runner_every_time_fails_past_max_recoveries_sayin
         assert "3 times" in message and "max_recoveries" in message and "kills its runner" in message
         result = json.loads((install.config.outbox / session_id / "result.json").read_text())
         assert result["status"] == "failed" and result["error"]["code"] == "RUNNER_LOST"
+    finally:
+        install.store.close()
+
+
+def running_step(install, session_id: str, runner_id: str) -> None:
+    wait_for(lambda: query(install, "SELECT count(*) FROM leases WHERE session_id = :id AND step_index = 1 "
+                                    "AND runner_id = :r", id=session_id, r=runner_id) == [(1,)],
+             seconds=60, what=f"{runner_id} running the long step")
+
+
+def stopped(process, seconds: float = 30) -> tuple[int, str, float]:
+    started = time.monotonic()
+    process.wait(timeout=seconds)
+    logged = process.stderr.read().decode()
+    process.stderr.close()
+    return process.returncode, logged, time.monotonic() - started
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_mid_step_says_so_hands_the_step_back_unused_and_exits_cleanly(tmp_path, signum):
+    install = Installation(tmp_path / "engine", settings={"runner": {"max_attempts": 1, "lease_seconds": 120.0}})
+    try:
+        session_id = submit(install, {"workflow": "sleepy", "params": {"steps": 150}}).target_id  # a 15 s step
+        process = watch(install, "--runner-id", "stopped-one")
+        running_step(install, session_id, "stopped-one")
+        process.send_signal(signum)
+        code, logged, seconds = stopped(process)
+        assert code == 0 and seconds < 15, (code, seconds, logged)
+        assert f"{signal.Signals(signum).name}: stopping" in logged and "handed back" in logged
+        assert "terminate called" not in logged and "Traceback" not in logged
+        assert query(install, "SELECT status, attempts FROM steps WHERE session_id = :id AND step_index = 1",
+                     id=session_id) == [("pending", 0)], "handed back, its attempt unused"
+        released = [e.data["reason"] for e in install.store.stream("session", session_id) if e.type == "step.released"]
+        assert released == ["stopping"]
+        assert query(install, "SELECT count(*) FROM leases") == [(0,)]
+    finally:
+        install.store.close()
+
+
+def test_a_second_signal_or_the_stop_timeout_exits_at_once_and_hands_the_step_back(tmp_path):
+    install = Installation(tmp_path / "engine", settings={"runner": {"lease_seconds": 120.0,
+                                                                     "stop_timeout_seconds": 2.0}})
+    try:
+        session_id = submit(install, {"workflow": "deaf", "params": {"steps": 150}}).target_id  # deaf for 15 s
+        process = watch(install, "--runner-id", "twice")
+        running_step(install, session_id, "twice")
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        code, logged, seconds = stopped(process)
+        assert code == 130 and seconds < 10, (code, seconds, logged)
+        assert "stopping at once (a second SIGINT): 1 running step(s) handed back" in logged
+        assert "terminate called" not in logged and "Traceback" not in logged
+        assert query(install, "SELECT status FROM steps WHERE session_id = :id AND step_index = 1",
+                     id=session_id) == [("pending",)]
+        assert query(install, "SELECT status FROM runner_status WHERE runner_id = 'twice'") == [("stopped",)]
+        process = watch(install, "--runner-id", "timed")
+        running_step(install, session_id, "timed")
+        process.send_signal(signal.SIGTERM)
+        code, logged, seconds = stopped(process)
+        assert code == 143 and 1.5 < seconds < 10, (code, seconds, logged)
+        assert "stopping at once (2 s after SIGTERM)" in logged
+        assert query(install, "SELECT status, recoveries FROM steps WHERE session_id = :id AND step_index = 1",
+                     id=session_id) == [("pending", 2)]
+    finally:
+        install.store.close()
+
+
+def test_sigint_sigkill_sigterm_sigkill_sigint_sigkill_in_one_long_step_end_with_the_job_completed_once(tmp_path):
+    install = Installation(tmp_path / "engine", settings={"runner": {"max_attempts": 1, "lease_seconds": 120.0}})
+    try:
+        session_id = submit(install, {"workflow": "sleepy", "params": {"steps": 100}}).target_id  # a 10 s step
+        for number, signum in enumerate([signal.SIGINT, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL,
+                                         signal.SIGINT, signal.SIGKILL]):
+            process = watch(install, "--runner-id", f"life-{number}")
+            running_step(install, session_id, f"life-{number}")
+            process.send_signal(signum)
+            code, _, _ = stopped(process)
+            assert code == (-9 if signum == signal.SIGKILL else 0)
+        assert query(install, "SELECT status FROM sessions WHERE session_id = :id", id=session_id) == [("running",)]
+        run_until_idle(install)
+        assert query(install, "SELECT status FROM sessions WHERE session_id = :id", id=session_id) == [("completed",)]
+        assert all(count == 1 for count in completions(install).values()) and len(completions(install)) == 3
+        assert install.store.verify() == []
     finally:
         install.store.close()
