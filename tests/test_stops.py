@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from tests.conftest import Installation
 from tests.helpers import completions, query, submit
-from tests.test_hardening import run_until_idle, wait_for, watch
+from tests.test_hardening import engine, run_until_idle, wait_for, watch
 
 
 def kill_mid_step(install, session_id: str, kills: int) -> None:
@@ -139,5 +141,33 @@ def test_sigint_sigkill_sigterm_sigkill_sigint_sigkill_in_one_long_step_end_with
         assert query(install, "SELECT status FROM sessions WHERE session_id = :id", id=session_id) == [("completed",)]
         assert all(count == 1 for count in completions(install).values()) and len(completions(install)) == 3
         assert install.store.verify() == []
+    finally:
+        install.store.close()
+
+
+def test_a_session_paused_inside_a_shared_call_publishes_nothing_and_runs_its_step_again_when_resumed(tmp_path):
+    install = Installation(tmp_path / "engine", settings={"batching": {"max_wait_ms": 3000}})
+    try:
+        ids = [submit(install, {"workflow": "grouped", "params": {"steps": 4}}).target_id for _ in range(3)]
+        process = subprocess.Popen([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet"], cwd=install.folder,
+                                   env={**install.env(), "ENGINE_TEST_WRITE_PAUSE": "4"}, stderr=subprocess.PIPE)
+        wait_for(lambda: query(install, "SELECT count(*) FROM leases WHERE step_index = 1") == [(3,)], seconds=60,
+                 what="the three sessions in one call")
+        paused = ids[1]
+        assert engine(install, "pause", paused).returncode == 0
+        code, _, _ = stopped(process, 60)
+        assert code == 0
+        assert [query(install, "SELECT status FROM sessions WHERE session_id = :id", id=i)[0][0] for i in ids] == [
+            "completed", "paused", "completed"]
+        assert query(install, "SELECT status, attempts FROM steps WHERE session_id = :id AND step_index = 1",
+                     id=paused) == [("pending", 0)]
+        assert not (install.config.outbox / paused / "step-1.txt").exists(), "nothing of it was published"
+        shared = (install.config.outbox / ids[0] / "step-1.txt").read_text()
+        assert shared.endswith("of 3\n"), "the others' call went on with all three"
+        assert engine(install, "resume", paused).returncode == 0
+        run_until_idle(install)
+        again = (install.config.outbox / paused / "step-1.txt").read_text()
+        assert query(install, "SELECT status FROM sessions WHERE session_id = :id", id=paused) == [("completed",)]
+        assert again.endswith("of 1\n") and again.split(" call ")[1] != shared.split(" call ")[1]
     finally:
         install.store.close()
