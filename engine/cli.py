@@ -74,22 +74,36 @@ def _config(path: Path | None) -> Config:
 
 
 def command(fn: Callable) -> Callable:
-    """Turn EngineErrors into a clear message and the contract's exit code."""
+    """Turn EngineErrors into a clear message and the contract's exit code; a database that cannot
+    be reached is one line too (DATABASE_UNAVAILABLE), never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from engine.store import STORE_ERRORS, StoreUnavailable, is_lost_connection
+        from engine.store.eventstore import first_line
+
         try:
             return fn(*args, **kwargs)
         except EngineError as exc:
-            if kwargs.get("as_json"):
-                _print_json(exc.to_dict())
-            else:
-                err.print(f"[bold red]{exc.code}[/]: {escape(exc.message)}", highlight=False)
-                for detail in exc.details[:10]:
-                    err.print(f"  {escape(str(detail))}", highlight=False)
-            raise typer.Exit(exc.exit_code) from None
+            raise _said(exc, kwargs.get("as_json")) from None
+        except STORE_ERRORS as exc:
+            if not is_lost_connection(exc):
+                raise
+            raise _said(StoreUnavailable(f"cannot reach the database: {first_line(exc)}"),
+                        kwargs.get("as_json")) from None
 
     return wrapper
+
+
+def _said(exc: EngineError, as_json: bool) -> typer.Exit:
+    """Say an error as the contract does; returns the exit to raise."""
+    if as_json:
+        _print_json(exc.to_dict())
+    else:
+        err.print(f"[bold red]{exc.code}[/]: {escape(exc.message)}", highlight=False)
+        for detail in exc.details[:10]:
+            err.print(f"  {escape(str(detail))}", highlight=False)
+    return typer.Exit(exc.exit_code)
 
 
 def _confirm(what: str, yes: bool) -> None:

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
 from engine import commands
 from engine.errors import EngineError, ValidationError
@@ -33,8 +31,9 @@ from engine.files import atomic_write_json
 from engine.ingest import SeenFile, display_name, look_at, refusal
 from engine.intake import Intake
 from engine.jobs import parse_job_bytes
+from engine.outage import Outage
 from engine.outbox import Outbox
-from engine.store import Store
+from engine.store import STORE_ERRORS, Store
 from engine.store.tables import jobs
 
 log = logging.getLogger("engine.inbox")
@@ -121,6 +120,8 @@ class Inbox:
         self._stranded: dict[tuple, float] = {}  # stat key -> when to try moving it again
         self._failures: dict[tuple, int] = {}  # stat key -> failed attempts to take it
         self._noted: set[str] = set()  # names of things not taken, said once
+        self._store_trouble = Outage(log, "taking inbox files (the database)")
+        self._scan_trouble = Outage(log, "scanning the inbox")
 
     # taking files ----------------------------------------------------------------------------
 
@@ -158,13 +159,17 @@ class Inbox:
         """Take every complete job file now in the inbox; one file's trouble never stops the rest."""
         outcomes = []
         self.waiting = set()
+        store_failed = False
         for path in self.candidates():
             try:
                 outcome = self.take(path)
             except Exception as exc:  # not the file's content: the database, the disk, a bug
+                store_failed = store_failed or isinstance(exc, STORE_ERRORS)
                 outcome = self._failed(path, exc)
             if outcome is not None:
                 outcomes.append(outcome)
+        if not store_failed:
+            self._store_trouble.ok()
         return outcomes
 
     def take(self, path: Path) -> Outcome | None:
@@ -193,10 +198,10 @@ class Inbox:
         source = commands.Source(seen.name, seen.content_hash, seen.identity, destination.name, seen.stat.st_ino)
         try:
             submitted = commands.submit(self.store, self.intake, job, source, lambda: _unchanged(seen))
+        except STORE_ERRORS:
+            raise  # the database's trouble, not the file's: taken again at the next scan
         except EngineError as error:
             return self._reject(seen, error)
-        except (SQLAlchemyError, sqlite3.Error):
-            raise  # the database's trouble, not the file's: taken again at the next scan
         except Exception as exc:  # something in the file that validation did not foresee
             log.exception("taking %s failed", seen.name)
             return self._reject(seen, ValidationError(f"this job could not be read: {type(exc).__name__}: {exc}"))
@@ -316,8 +321,14 @@ class Inbox:
                 commands.record_stranded(self.store, job_key, seen.name, message)
 
     def _failed(self, path: Path, exc: Exception) -> Outcome | None:
-        """Taking a file raised something that is not a verdict on its content. Logged; after a few
-        tries the file is rejected anyway, so one file can never hold the scan hostage."""
+        """Taking a file raised something that is not a verdict on its content. The database's or
+        the disk's trouble (unreachable, full, read-only) never counts against a file: it waits in
+        the inbox until the store can be written, and the log says so in a few lines. Anything else
+        is logged; after a few tries the file is rejected anyway, so one file can never hold the
+        scan hostage."""
+        if isinstance(exc, STORE_ERRORS):
+            self._store_trouble.failed(exc, traceback=False)
+            return None
         try:
             seen = look_at(path, self.max_bytes)
         except OSError:
@@ -362,8 +373,9 @@ class Inbox:
             self._wake.clear()
             try:
                 self.scan()
-            except Exception:  # keep watching: one bad moment must not stop the inbox
-                log.exception("inbox scan failed")
+                self._scan_trouble.ok()
+            except Exception as exc:  # keep watching: one bad moment must not stop the inbox
+                self._scan_trouble.failed(exc)
             self._wake.wait(min(self.poll_seconds, 0.25) if self.waiting else self.poll_seconds)
 
     def stop(self) -> None:

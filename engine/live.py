@@ -69,7 +69,7 @@ def _view(store) -> Table:
 
 def run_with_view(config: Config, until_idle: bool, console: Console, live: bool, runner_id: str | None = None) -> int:
     require_installation(config)
-    store = init(config)  # an installation made by an older version is brought to the newest schema
+    store = _init_when_reachable(config, until_idle)  # an older installation is brought to the newest schema
     runner = Runner(config, store, registry_for(config), runner_id=runner_id)
     inbox = Inbox(config, store)
     inbox.scan()
@@ -99,6 +99,29 @@ def run_with_view(config: Config, until_idle: bool, console: Console, live: bool
             signal.signal(number, handler)
         if stopper.signalled:
             log.info("stopped (%s)", stopper.signalled)
+
+
+def _init_when_reachable(config: Config, until_idle: bool):
+    """init(config), trying again with backoff while the database cannot be reached (said once, then
+    summed up every half minute); with until_idle, StoreUnavailable after [database] reconnect_seconds."""
+    from engine.outage import Outage
+    from engine.store import STORE_ERRORS, StoreUnavailable, is_lost_connection
+    from engine.store.eventstore import first_line
+
+    outage, started, pause = Outage(log, "reaching the database"), time.monotonic(), 0.5
+    while True:
+        try:
+            store = init(config)
+            outage.ok()
+            return store
+        except STORE_ERRORS as exc:
+            if not (isinstance(exc, StoreUnavailable) or is_lost_connection(exc)):
+                raise
+            if until_idle and time.monotonic() - started >= config.get("database", "reconnect_seconds"):
+                raise StoreUnavailable(f"cannot reach the database: {first_line(exc)}") from None
+            outage.failed(exc, traceback=False)
+            time.sleep(pause)
+            pause = min(pause * 2, 10.0)
 
 
 class Stopper:

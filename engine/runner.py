@@ -21,8 +21,8 @@ import os
 import socket
 import threading
 import time
-import uuid
 import queue
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -36,8 +36,10 @@ from engine.failures import Failure, classify
 from engine.handlers import CancellationToken, Registry, StepContext, StepResult
 from engine.lifecycle import Claim, Policy
 from engine.outbox import Outbox, OwedWrites
+from engine.outage import Outage
 from engine.recovery import recover, sweep_attempts
-from engine.store import Store, Tx
+from engine.store import STORE_ERRORS, Store, StoreUnavailable, Tx, is_lost_connection
+from engine.store.eventstore import first_line
 from engine.store.tables import events, leases, sessions
 
 log = logging.getLogger("engine.runner")
@@ -132,8 +134,8 @@ class Runner:
         Nothing that goes wrong in one turn of a loop (the database, the disk) stops the runner:
         it is logged, the worker waits a moment and goes on; a step it held is taken back when its
         lease expires, as after a crash."""
-        runners.register(self.store, self.runner_id, self.policy.lease_seconds, __version__, self.devices)
-        self.recover()
+        if not self._start_up(until_idle):
+            return self.steps_done
         done = threading.Event()
         others = [threading.Thread(target=lane.loop, args=(done,), name=f"engine-lane-{lane.name}", daemon=True)
                   for lane in self.lanes[1:]]
@@ -151,6 +153,27 @@ class Runner:
             if self._owed.pending():  # a full or read-only outbox: the next start writes them
                 log.warning("some outbox files could not be written; the next start of a runner writes them")
         return self.steps_done
+
+    def _start_up(self, until_idle: bool) -> bool:
+        """Register and recover; while the database cannot be reached, say so once and keep trying
+        with backoff (with until_idle, give up after [database] reconnect_seconds: StoreUnavailable).
+        False when stopped meanwhile."""
+        outage, waited, pause = Outage(log, "reaching the database at start"), time.monotonic(), 0.5
+        while not self.stop_event.is_set():
+            try:
+                runners.register(self.store, self.runner_id, self.policy.lease_seconds, __version__, self.devices)
+                self.recover()
+                outage.ok()
+                return True
+            except STORE_ERRORS as exc:
+                if not is_lost_connection(exc) and not isinstance(exc, StoreUnavailable):
+                    raise
+                if until_idle and time.monotonic() - waited > self.store.reconnect_seconds:
+                    raise StoreUnavailable(f"cannot reach the database: {first_line(exc)}") from None
+                outage.failed(exc, traceback=False)
+                self.stop_event.wait(pause)
+                pause = min(pause * 2, 10.0)
+        return False
 
     def housekeeping(self) -> None:
         """On a timer, between a worker's steps (one worker at a time): renew this runner's
@@ -248,6 +271,7 @@ class _Lane:
         self.heartbeat_every, self.control_every = runner.heartbeat_every, runner.control_every
         self.progress_every, self.on_step = runner.progress_every, runner.on_step
         self.worker = _Worker(name)
+        self.database = Outage(log, f"worker {name}: renewing leases")
 
     def offer(self) -> Offer:
         """What this worker claims: sessions its device may run, preferring its warm models."""
@@ -264,6 +288,7 @@ class _Lane:
         """Claim and run until the runner stops or `done` is set; with until_idle, return once
         nothing is left to do anywhere."""
         group: list[Claim] = []
+        outage = Outage(log, f"worker {self.name}")
         while not self.stop_event.is_set() and not done.is_set():
             try:
                 self.runner.housekeeping()  # on its timer, busy or not: a busy cluster still takes back dead steps
@@ -271,11 +296,13 @@ class _Lane:
                     group = self.claim()
                 if group:
                     group = self.execute(group)
+                    outage.ok()
                     continue
                 if until_idle and (before_idle_check is None or before_idle_check()) and self.runner.nothing_left():
                     return
-            except Exception:
-                log.exception("worker %s hit an error; going on in a moment", self.name)
+                outage.ok()
+            except Exception as exc:  # the database, the disk, a bug: said once, then summed up
+                outage.failed(exc, traceback=not isinstance(exc, STORE_ERRORS))
                 group = []
                 self.stop_event.wait(1.0)
                 continue
@@ -401,11 +428,18 @@ class _Lane:
             now = time.monotonic()
             value = progress.take_if_due(self.progress_every)
             beat = now - last_beat >= self.heartbeat_every
-            if value is not None or beat:  # one transaction for every claim of the call
-                states = lifecycle.heartbeat_all(self.store, claims, self.policy, *(value or (None, None)))
-            else:
-                states = [(True, status) for status in
-                          lifecycle.session_statuses(self.store, [claim.session_id for claim in claims])]
+            try:
+                if value is not None or beat:  # one transaction for every claim of the call
+                    states = lifecycle.heartbeat_all(self.store, claims, self.policy, *(value or (None, None)))
+                else:
+                    states = [(True, status) for status in
+                              lifecycle.session_statuses(self.store, [claim.session_id for claim in claims])]
+                self.database.ok()
+            except STORE_ERRORS as exc:
+                # The database's trouble, not the handler's: it goes on, and the next look tries again
+                # on a new connection (a lease that lapses meanwhile is a recovery, not a failure).
+                self.database.failed(exc, traceback=False)
+                continue
             for token, (owned, status) in zip(tokens, states):
                 if not owned:
                     token.set("lease lost")
@@ -519,7 +553,11 @@ class _Lane:
         return []
 
     def _record_notices(self, notices: list[tuple[str, dict[str, Any]]]) -> None:
-        record_model_notices(self.store, self.runner_id, notices, self.name)
+        """Models loaded or measured on the way; the database's trouble here is no step's failure."""
+        try:
+            record_model_notices(self.store, self.runner_id, notices, self.name)
+        except STORE_ERRORS as exc:
+            log.warning("could not record %d model notice(s): %s", len(notices), first_line(exc))
         notices.clear()
 
 

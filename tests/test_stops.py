@@ -171,3 +171,81 @@ def test_a_session_paused_inside_a_shared_call_publishes_nothing_and_runs_its_st
         assert again.endswith("of 1\n") and again.split(" call ")[1] != shared.split(" call ")[1]
     finally:
         install.store.close()
+
+
+@pytest.mark.postgres
+def test_backends_killed_every_third_of_a_second_leave_every_session_completed_once_and_both_runners_alive(tmp_path):
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import POSTGRES_URL, _drop, _postgres_database
+
+    if not POSTGRES_URL:
+        pytest.skip("ENGINE_TEST_POSTGRES_URL is not set")
+    admin, name, url = _postgres_database()
+    install = Installation(tmp_path / "engine", database_url=url, settings={"runner": {"max_attempts": 1}})
+    killer = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    stop, kills = threading.Event(), []
+
+    def kill_backends() -> None:
+        with killer.connect() as conn:
+            while not stop.wait(0.3):
+                kills.append(conn.execute(text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :d "
+                    "AND pid <> pg_backend_pid()"), {"d": name}).scalar())
+
+    def ended() -> bool:
+        try:
+            return query(install, "SELECT count(*) FROM sessions WHERE status IN ('pending', 'running')") == [(0,)]
+        except Exception:  # our own connection was killed too
+            return False
+
+    processes = []
+    try:
+        ids = [submit(install, {"workflow": "sleepy", "params": {"steps": 20}}).target_id for _ in range(16)]  # 2 s
+        processes = [watch(install, "--runner-id", f"r{n}") for n in range(2)]
+        thread = threading.Thread(target=kill_backends, daemon=True)
+        thread.start()
+        wait_for(ended, seconds=240, what="every session ending while backends are killed")
+        stop.set()
+        thread.join()
+        assert sum(kills) > 20, kills
+        assert all(p.poll() is None for p in processes), "both runners alive"
+        statuses = query(install, "SELECT status, count(*) FROM sessions GROUP BY status")
+        failed = query(install, "SELECT error_message FROM sessions WHERE status = 'failed'")
+        assert statuses == [("completed", len(ids))], (statuses, failed)
+        assert sorted(completions(install).values()) == [1] * (3 * len(ids)), "every step completed once"
+        assert install.store.verify() == []
+    finally:
+        stop.set()
+        logs = []
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+            code, logged, _ = stopped(process, 60)
+            logs.append(logged)
+        install.store.close()
+        killer.dispose()
+        _drop(admin, name)
+    assert all("Traceback" not in logged for logged in logs), logs[0][-3000:]
+    assert all(len(logged.splitlines()) < 200 for logged in logs), "a few lines, not a flood"
+
+
+def test_trouble_that_repeats_is_one_line_when_it_starts_a_summary_every_half_minute_and_one_when_it_ends(caplog):
+    import logging
+
+    from engine.outage import Outage
+
+    now = [0.0]
+    outage = Outage(logging.getLogger("engine.test"), "writing the store", clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, "engine.test"):
+        for tick in range(90_000):  # 90 s of failures, a thousand a second
+            now[0] = tick / 1000
+            outage.failed(OSError("database or disk is full"), traceback=False)
+        now[0] = 91.0
+        outage.ok()
+        outage.ok()  # nothing more to say
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4, lines  # the start, summaries at 30 and 60 s, the end
+    assert "failed: OSError: database or disk is full" in lines[0]
+    assert "90000 failures" in lines[-1] and "works again after 91 s" in lines[-1]

@@ -226,3 +226,35 @@ def test_the_runner_logs_a_session_ended_by_a_command_made_elsewhere(install):
     _, logged = runner.communicate(timeout=120)
     assert runner.returncode == 0
     assert f"session {session_id} cancelled (by request)" in logged, logged
+
+
+def test_a_valid_job_waits_in_the_inbox_while_the_database_disk_is_full_and_is_taken_when_space_returns(
+        tmp_path, caplog):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        install = Installation(folder / "engine")
+        drop(install, "valid.json", {"workflow": "noop1", "job_id": "waits", "params": {"prompt": "x" * 4000}})
+        filler = folder / "filler.bin"
+        with open(filler, "wb", buffering=0) as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 4096)
+            except OSError:
+                pass
+        inbox = Inbox(install.config, install.store)
+        for _ in range(8):  # more than the failures after which a file of its own fault is rejected
+            assert inbox.scan() == []
+        assert (install.config.inbox / "valid.json").exists() and not list((install.config.inbox / "rejected").glob("*"))
+        said = [r for r in caplog.records if "database" in r.getMessage()]
+        assert 1 <= len(said) <= 2, [r.getMessage() for r in said]
+        filler.unlink()
+        outcome = {o.file_name: o for o in inbox.scan()}["valid.json"]
+        assert outcome.accepted
+        assert any("works again" in r.getMessage() for r in caplog.records)
+        install.store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, delete, insert, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from engine.errors import EngineError
 from engine.store import reducer
 from engine.store.dialects import dialect_for
 from engine.store.events import Event, now_iso, storable
@@ -67,6 +68,7 @@ class Store:
         self._lock = threading.Lock()
         self._writer_connections: list[Connection] = []
         self._lock_logged = 0.0
+        self.reconnect_seconds = 30.0  # how long a write waits for a lost database (from_config sets it)
 
     def _engine(self, writer: bool) -> Engine:
         kwargs: dict[str, Any] = {}
@@ -78,7 +80,10 @@ class Store:
 
     @classmethod
     def from_config(cls, config) -> "Store":
-        return cls(config.database_url, config.get("database", "synchronous"), config.get("database", "busy_timeout_ms"))
+        store = cls(config.database_url, config.get("database", "synchronous"),
+                    config.get("database", "busy_timeout_ms"))
+        store.reconnect_seconds = float(config.get("database", "reconnect_seconds"))
+        return store
 
     def close(self) -> None:
         with self._lock:
@@ -113,29 +118,55 @@ class Store:
         conflict with another writer (two runners appending to one stream) is retried at once, a
         bounded number of times, and then reported."""
         waited_since: float | None = None
+        lost_since: float | None = None
         conflicts = 0
         while True:
             tx = None
-            conn = self._writer_connection()
+            committing = False
             try:
+                conn = self._writer_connection()
                 with conn.begin():
                     tx = Tx(conn, self)
                     result = fn(tx)
                     tx.projection.flush()
+                    committing = True
                 if waited_since is not None:
                     log.warning("got the database write lock after %.1f s", time.monotonic() - waited_since)
+                if lost_since is not None:
+                    log.warning("the database is reachable again after %.1f s", time.monotonic() - lost_since)
                 return result, tx.emitted
             except (DBAPIError, sqlite3.Error) as exc:
-                if isinstance(exc, DBAPIError) and conn.invalidated:
+                if isinstance(exc, DBAPIError) and (exc.connection_invalidated or self._local_invalid()):
                     self._local.writer = None
                 kind = conflict_kind(exc)
                 if kind == "locked":
                     waited_since = self._wait_for_lock(waited_since)
                     continue
+                if kind == "lost" and not committing:  # rolled back with its connection: safe to run again
+                    lost_since = self._wait_for_database(lost_since, exc)
+                    continue
+                if kind == "lost":  # the commit's answer was lost: it may have committed, so it is not repeated
+                    raise StoreUnavailable(f"the database connection was lost while committing: {first_line(exc)}") from exc
                 conflicts += 1
                 if kind != "conflict" or conflicts >= 50:
                     raise
                 time.sleep(min(0.005 * conflicts, 0.1))
+
+    def _local_invalid(self) -> bool:
+        conn = getattr(self._local, "writer", None)
+        return conn is not None and conn.invalidated
+
+    def _wait_for_database(self, since: float | None, exc: BaseException) -> float:
+        """One pause while the database cannot be reached (a killed connection, a restarting server);
+        one log line when it starts; StoreUnavailable after `reconnect_seconds`."""
+        now = time.monotonic()
+        if since is None:
+            log.warning("lost the database connection (%s); trying again on a new one", first_line(exc))
+            since = now
+        elif now - since > self.reconnect_seconds:
+            raise StoreUnavailable(f"the database cannot be reached (for {now - since:.0f} s): {first_line(exc)}") from exc
+        time.sleep(min(0.05 * 2 ** min(int(now - since), 5), 1.0) + random.random() * 0.05)
+        return since
 
     def _wait_for_lock(self, since: float | None) -> float:
         """One pause while another program holds the write lock; logs every half minute."""
@@ -230,9 +261,47 @@ class Store:
         return differences
 
 
+class StoreUnavailable(EngineError):
+    """The database cannot be reached (refused, killed connections, a restarting server): the
+    store's trouble, never a step's or a file's."""
+
+    code = "DATABASE_UNAVAILABLE"
+
+
+# What any store call may raise that is the database's trouble, not the caller's.
+STORE_ERRORS = (DBAPIError, sqlite3.Error, StoreUnavailable)
+
+# SQLSTATE classes and codes that mean the connection (not the statement) failed: connection
+# exceptions, admin/crash shutdown, cannot connect now.
+LOST_STATES = ("08", "57P01", "57P02", "57P03")
+
+
+def first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {text[0] if text else ''}"
+
+
+def is_lost_connection(exc: BaseException) -> bool:
+    """Whether a driver error means the connection to the database is gone (a server restart, a
+    killed backend, a refused connection) rather than something wrong with the statement."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None) or exc
+    state = getattr(orig, "sqlstate", None) or ""
+    if state.startswith(LOST_STATES):
+        return True
+    message = str(orig).lower()
+    return any(words in message for words in ("server closed the connection", "connection refused",
+                                              "terminating connection", "connection is closed",
+                                              "could not connect", "connection failed", "consuming input failed"))
+
+
 def conflict_kind(exc: BaseException) -> str | None:
     """'locked': the write lock is held elsewhere (wait); 'conflict': another writer won a race
-    (try again); None: a real error."""
+    (try again); 'lost': the connection is gone (try again on a new one); None: a real error."""
+    if is_lost_connection(exc):
+        return "lost"
     orig = getattr(exc, "orig", None) or exc
     message = str(orig).lower()
     if any(word in message for word in ("database is locked", "database table is locked", "could not obtain lock",
