@@ -331,6 +331,8 @@ class _Lane:
                 self._record_notices(notices)  # models loaded on the way are recorded whatever the outcome
         except Cancelled:
             return self._interrupted(claim, token, _written(context))
+        except STORE_ERRORS:  # the database's, not the step's: its lease lapses and it is recovered
+            raise
         except Exception as exc:  # the handler's error, a library's, the disk's: the attempt failed
             return self._failed([claim], self._failure(group, exc), [_written(context)])
         return self._completed([claim], [result], time.monotonic() - started, [_written(context)])
@@ -362,6 +364,8 @@ class _Lane:
             for claim, context in zip(group, contexts):
                 self._interrupted(claim, context.token, _written(context))
             return []
+        except STORE_ERRORS:  # the database's, not the step's: its lease lapses and it is recovered
+            raise
         except Exception as exc:
             return self._failed(group, self._failure(group, exc), work_dirs())
         duration = time.monotonic() - call.started
@@ -434,6 +438,8 @@ class _Lane:
                 else:
                     states = [(True, status) for status in
                               lifecycle.session_statuses(self.store, [claim.session_id for claim in claims])]
+                if beat:
+                    runners.beat(self.store, self.runner_id, self.policy.lease_seconds)
                 self.database.ok()
             except STORE_ERRORS as exc:
                 # The database's trouble, not the handler's: it goes on, and the next look tries again
@@ -451,8 +457,6 @@ class _Lane:
                     token.set("stopping")
             if value is not None or beat:
                 last_beat = now
-            if beat:
-                runners.beat(self.store, self.runner_id, self.policy.lease_seconds)
 
     def _previous_outputs(self, claim: Claim) -> list[dict[str, Any]]:
         """Earlier steps' outputs with absolute paths: in the outbox, or (another runner is just
