@@ -1,12 +1,15 @@
 """Soak: thousands of sessions through the inbox while runner processes are killed with SIGKILL
 every few seconds, then a check that nothing was lost, nothing ran twice and nothing was left over.
 
-    python bench/soak.py [--sessions 5000] [--every 1-3] [--seconds 600] [--seed N]
+    python bench/soak.py [--sessions 5000] [--kills 100] [--every 0-0.5] [--seconds 900] [--seed N]
 
 Half of the job files are in the inbox before the first runner starts, the rest are dropped while
 runners come and go (ingest is killed mid-way too). Each runner life gets either the same stable
 runner id (its previous life's steps are taken back at start) or a fresh one (they are taken back
 because its process is gone from this host). Every session is three steps that each write a file.
+A runner is killed only once it holds a step (a lease of its own), a random 0-0.5 s later, so each
+kill lands mid-step (the count of those that did is printed); `--kills` such kills are made. Runs
+under the default `max_attempts` (3): a step taken back from a killed runner keeps its attempts.
 """
 
 from __future__ import annotations
@@ -39,14 +42,14 @@ def drop_files(inbox, names: list[str], pause: float, stop: threading.Event) -> 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=5000)
-    parser.add_argument("--every", default="1-3", help="seconds between kills, a range")
-    parser.add_argument("--seconds", type=float, default=600, help="time budget for the killing phase")
+    parser.add_argument("--every", default="0-0.5", help="seconds from a runner's first claim to its kill, a range")
+    parser.add_argument("--kills", type=int, default=100, help="kills that land mid-step")
+    parser.add_argument("--seconds", type=float, default=900, help="time budget for the killing phase")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     low, high = (float(x) for x in args.every.split("-"))
     rng = random.Random(args.seed)
-    install = installation("soak", {"runner": {"lease_seconds": 3.0, "heartbeat_seconds": 0.5,
-                                               "max_attempts": 1000}})
+    install = installation("soak", {"runner": {"lease_seconds": 3.0, "heartbeat_seconds": 0.5}})
     inbox = install.config.inbox
     names = [f"soak-{n:05d}.json" for n in range(args.sessions)]
     first, later = names[: len(names) // 2], names[len(names) // 2:]
@@ -55,18 +58,23 @@ def main() -> int:
     dropper = threading.Thread(target=drop_files, args=(inbox, later, 0.004, stop), daemon=True)
     env = {**install.env(), "ENGINE_TEST_WRITE_PAUSE": "0.002"}
     started = time.monotonic()
-    kills, lives, done = 0, 0, 0
-    print(f"soak: {args.sessions} sessions x 3 steps in {install.folder}, a SIGKILL every {args.every} s")
+    kills, mid_step, lives, done = 0, 0, 0, 0
+    print(f"soak: {args.sessions} sessions x 3 steps in {install.folder}, {args.kills} SIGKILLs mid-step")
     dropper.start()
-    while time.monotonic() - started < args.seconds:
+    while time.monotonic() - started < args.seconds and mid_step < args.kills:
         runner_id = "soak-stable" if rng.random() < 0.5 else f"soak-{lives}"
         process = subprocess.Popen([sys.executable, "-m", "engine", "run", "--quiet", "--runner-id", runner_id],
                                    env=env, cwd=install.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         lives += 1
+        holds = lambda: query(install, "SELECT count(*) FROM leases WHERE runner_id = :r", r=runner_id)[0][0] > 0
+        deadline = time.monotonic() + 60
+        while not holds() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
         time.sleep(rng.uniform(low, high))
         process.send_signal(signal.SIGKILL)
         process.wait()
         kills += 1
+        mid_step += holds()  # its lease outlives it: it died holding a step
         done = query(install, "SELECT count(*) FROM sessions WHERE status = 'completed'")[0][0]
         print(f"  kill {kills:3d} at {time.monotonic() - started:6.1f} s: {done} of {args.sessions} sessions completed",
               flush=True)
@@ -93,7 +101,7 @@ def main() -> int:
           f"({sum(completions(install).values())} step.completed events); every published file is the "
           "committed attempt's; no attempt folders or temporary files left; the log folds to the live tables")
     retried = query(install, "SELECT count(*) FROM event_log WHERE type = 'step.retried'")[0][0]
-    print(f"figures: {kills} SIGKILLs over {lives} runner lives, {elapsed:.0f} s, "
+    print(f"figures: {kills} SIGKILLs over {lives} runner lives, {mid_step} of them mid-step, {elapsed:.0f} s, "
           f"{len(session_ids) / elapsed:.1f} sessions/s overall, {retried} steps taken back from killed runners")
     return 0
 
