@@ -49,7 +49,8 @@ def main() -> int:
     args = parser.parse_args()
     low, high = (float(x) for x in args.every.split("-"))
     rng = random.Random(args.seed)
-    install = installation("soak", {"runner": {"lease_seconds": 3.0, "heartbeat_seconds": 0.5}})
+    lease = 3.0
+    install = installation("soak", {"runner": {"lease_seconds": lease, "heartbeat_seconds": 0.5}})
     inbox = install.config.inbox
     names = [f"soak-{n:05d}.json" for n in range(args.sessions)]
     first, later = names[: len(names) // 2], names[len(names) // 2:]
@@ -66,7 +67,9 @@ def main() -> int:
         process = subprocess.Popen([sys.executable, "-m", "engine", "run", "--quiet", "--runner-id", runner_id],
                                    env=env, cwd=install.folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         lives += 1
-        holds = lambda: query(install, "SELECT count(*) FROM leases WHERE runner_id = :r", r=runner_id)[0][0] > 0
+        born = time.time() + lease  # a lease of this life expires after this (an earlier life's, before)
+        holds = lambda: query(install, "SELECT count(*) FROM leases WHERE runner_id = :r AND expires_at > :t",
+                              r=runner_id, t=born)[0][0] > 0
         deadline = time.monotonic() + 60
         while not holds() and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.01)

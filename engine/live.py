@@ -70,6 +70,8 @@ def _view(store) -> Table:
 def run_with_view(config: Config, until_idle: bool, console: Console, live: bool, runner_id: str | None = None) -> int:
     require_installation(config)
     store = _init_when_reachable(config, until_idle)  # an older installation is brought to the newest schema
+    if store is None:  # stopped while waiting for the database
+        return 0
     runner = Runner(config, store, registry_for(config), runner_id=runner_id)
     inbox = Inbox(config, store)
     inbox.scan()
@@ -109,19 +111,27 @@ def _init_when_reachable(config: Config, until_idle: bool):
     from engine.store.eventstore import first_line
 
     outage, started, pause = Outage(log, "reaching the database"), time.monotonic(), 0.5
-    while True:
-        try:
-            store = init(config)
-            outage.ok()
-            return store
-        except STORE_ERRORS as exc:
-            if not (isinstance(exc, StoreUnavailable) or is_lost_connection(exc)):
-                raise
-            if until_idle and time.monotonic() - started >= config.get("database", "reconnect_seconds"):
-                raise StoreUnavailable(f"cannot reach the database: {first_line(exc)}") from None
-            outage.failed(exc, traceback=False)
-            time.sleep(pause)
-            pause = min(pause * 2, 10.0)
+    stopped = threading.Event()
+    previous = {number: signal.signal(number, lambda *_: stopped.set()) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopped.is_set():
+            try:
+                store = init(config)
+                outage.ok()
+                return store
+            except STORE_ERRORS as exc:
+                if not (isinstance(exc, StoreUnavailable) or is_lost_connection(exc)):
+                    raise
+                if until_idle and time.monotonic() - started >= config.get("database", "reconnect_seconds"):
+                    raise StoreUnavailable(f"cannot reach the database: {first_line(exc)}") from None
+                outage.failed(exc, traceback=False)
+                stopped.wait(pause)
+                pause = min(pause * 2, 10.0)
+        log.info("stopped while waiting for the database")
+        return None
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class Stopper:

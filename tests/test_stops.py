@@ -249,3 +249,21 @@ def test_trouble_that_repeats_is_one_line_when_it_starts_a_summary_every_half_mi
     assert len(lines) == 4, lines  # the start, summaries at 30 and 60 s, the end
     assert "failed: OSError: database or disk is full" in lines[0]
     assert "90000 failures" in lines[-1] and "works again after 91 s" in lines[-1]
+
+
+def test_a_runner_that_cannot_reach_its_database_says_so_in_a_line_and_keeps_trying(tmp_path):
+    install = Installation(tmp_path / "engine")
+    install.store.close()
+    nowhere = {"ENGINE_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:9/nowhere",
+               "ENGINE_DATABASE_RECONNECT_SECONDS": "2"}
+    done = subprocess.run([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet"], cwd=install.folder,
+                          env={**install.env(), **nowhere}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) <= 2 and lines[-1].startswith("DATABASE_UNAVAILABLE: cannot reach the database"), lines
+    keeps = watch(install, env=nowhere)
+    time.sleep(4)
+    assert keeps.poll() is None, "engine run keeps trying"
+    keeps.send_signal(signal.SIGTERM)
+    code, logged, _ = stopped(keeps)
+    assert code == 0 and "Traceback" not in logged and len(logged.strip().splitlines()) <= 4, logged
