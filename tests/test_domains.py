@@ -612,3 +612,29 @@ def test_an_input_image_swapped_while_its_job_waits_is_refused_at_the_step_not_r
     assert step == [(1, "VALIDATION_ERROR")], "refused, not retried"
     message = query(studio, "SELECT error_message FROM sessions WHERE session_id = :s", s=session_id)[0][0]
     assert "params.init_image" in message and "changed after the job was submitted" in message
+
+
+def test_ctrl_c_in_a_real_denoise_stops_at_the_next_denoising_step_and_the_job_completes_later(studio):
+    import signal as signals
+
+    session_id = submit(studio, {"workflow": "txt2img", "params": {
+        "prompt": "a long one", "width": 128, "height": 128, "steps": 100, "seed": 5}}).target_id
+    process = subprocess.Popen([sys.executable, "-m", "engine", "run", "--quiet"], cwd=studio.folder, env=studio.env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not query(studio, "SELECT count(*) FROM leases WHERE session_id = :s AND message LIKE 'denoising%'",
+                    s=session_id)[0][0]:
+        assert time.monotonic() < deadline and process.poll() is None, "the denoise never started"
+        time.sleep(0.05)
+    process.send_signal(signals.SIGINT)
+    started = time.monotonic()
+    _, logged = process.communicate(timeout=60)
+    assert process.returncode == 0 and time.monotonic() - started < 20, logged
+    assert "SIGINT: stopping" in logged and "terminate called" not in logged and "Traceback" not in logged
+    released = [e.data["reason"] for e in studio.store.stream("session", session_id) if e.type == "step.released"]
+    assert released == ["stopping"]
+    assert query(studio, "SELECT status, attempts FROM steps WHERE session_id = :s AND step_index = 2",
+                 s=session_id) == [("pending", 0)]
+    run_until_idle(studio)
+    assert status(studio, session_id) == "completed"
+    assert query(studio, "SELECT attempts FROM steps WHERE session_id = :s AND step_index = 2", s=session_id) == [(1,)]
