@@ -238,13 +238,9 @@ def test_a_valid_job_waits_in_the_inbox_while_the_database_disk_is_full_and_is_t
     try:
         install = Installation(folder / "engine")
         drop(install, "valid.json", {"workflow": "noop1", "job_id": "waits", "params": {"prompt": "x" * 4000}})
-        filler = folder / "filler.bin"
-        with open(filler, "wb", buffering=0) as handle:
-            try:
-                while True:
-                    handle.write(b"\0" * 4096)
-            except OSError:
-                pass
+        from tests.test_hardening import fill
+
+        filler = fill(folder)
         inbox = Inbox(install.config, install.store)
         for _ in range(8):  # more than the failures after which a file of its own fault is rejected
             assert inbox.scan() == []
