@@ -5,6 +5,7 @@ with its own code. Real runner processes, killed with SIGKILL in the middle of a
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -203,7 +204,8 @@ def test_backends_killed_every_third_of_a_second_leave_every_session_completed_o
 
     processes = []
     try:
-        ids = [submit(install, {"workflow": "sleepy", "params": {"steps": 20}}).target_id for _ in range(16)]  # 2 s
+        count = int(os.environ.get("ENGINE_TEST_FAULT_SESSIONS", "16"))  # 48: backends killed for about a minute
+        ids = [submit(install, {"workflow": "sleepy", "params": {"steps": 20}}).target_id for _ in range(count)]  # 2 s
         processes = [watch(install, "--runner-id", f"r{n}") for n in range(2)]
         thread = threading.Thread(target=kill_backends, daemon=True)
         thread.start()
