@@ -230,7 +230,8 @@ def test_backends_killed_every_third_of_a_second_leave_every_session_completed_o
         killer.dispose()
         _drop(admin, name)
     assert all("Traceback" not in logged for logged in logs), logs[0][-3000:]
-    assert all(len(logged.splitlines()) < 200 for logged in logs), "a few lines, not a flood"
+    troubles = [[line for line in logged.splitlines() if " ERROR " in line or " WARNING " in line] for logged in logs]
+    assert all(len(lines) < 30 for lines in troubles), ("a few lines, not a flood", troubles)
 
 
 def test_trouble_that_repeats_is_one_line_when_it_starts_a_summary_every_half_minute_and_one_when_it_ends(caplog):
@@ -244,13 +245,17 @@ def test_trouble_that_repeats_is_one_line_when_it_starts_a_summary_every_half_mi
         for tick in range(90_000):  # 90 s of failures, a thousand a second
             now[0] = tick / 1000
             outage.failed(OSError("database or disk is full"), traceback=False)
+            if tick % 100 == 50:
+                outage.ok()  # works now and then in between: the same outage
         now[0] = 91.0
+        outage.ok()  # too soon to say it ended
+        now[0] = 96.0
         outage.ok()
         outage.ok()  # nothing more to say
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 4, lines  # the start, summaries at 30 and 60 s, the end
     assert "failed: OSError: database or disk is full" in lines[0]
-    assert "90000 failures" in lines[-1] and "works again after 91 s" in lines[-1]
+    assert "works again: 90000 failures over 90 s" in lines[-1]
 
 
 def test_a_runner_that_cannot_reach_its_database_says_so_in_a_line_and_keeps_trying(tmp_path):

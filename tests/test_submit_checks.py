@@ -250,7 +250,6 @@ def test_a_valid_job_waits_in_the_inbox_while_the_database_disk_is_full_and_is_t
         filler.unlink()
         outcome = {o.file_name: o for o in inbox.scan()}["valid.json"]
         assert outcome.accepted
-        assert any("works again" in r.getMessage() for r in caplog.records)
         install.store.close()
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from engine.errors import EngineError
+from engine.outage import Outage
 from engine.store import reducer
 from engine.store.dialects import dialect_for
 from engine.store.events import Event, now_iso, storable
@@ -69,6 +70,7 @@ class Store:
         self._writer_connections: list[Connection] = []
         self._lock_logged = 0.0
         self.reconnect_seconds = 30.0  # how long a write waits for a lost database (from_config sets it)
+        self._lost = Outage(log, "writing to the database (its connection was lost; trying again on a new one)")
 
     def _engine(self, writer: bool) -> Engine:
         kwargs: dict[str, Any] = {}
@@ -132,8 +134,7 @@ class Store:
                     committing = True
                 if waited_since is not None:
                     log.warning("got the database write lock after %.1f s", time.monotonic() - waited_since)
-                if lost_since is not None:
-                    log.warning("the database is reachable again after %.1f s", time.monotonic() - lost_since)
+                self._lost.ok()
                 return result, tx.emitted
             except (DBAPIError, sqlite3.Error) as exc:
                 if isinstance(exc, DBAPIError) and (exc.connection_invalidated or self._local_invalid()):
@@ -160,8 +161,8 @@ class Store:
         """One pause while the database cannot be reached (a killed connection, a restarting server);
         one log line when it starts; StoreUnavailable after `reconnect_seconds`."""
         now = time.monotonic()
+        self._lost.failed(exc, traceback=False)
         if since is None:
-            log.warning("lost the database connection (%s); trying again on a new one", first_line(exc))
             since = now
         elif now - since > self.reconnect_seconds:
             raise StoreUnavailable(f"the database cannot be reached (for {now - since:.0f} s): {first_line(exc)}") from exc
