@@ -234,25 +234,28 @@ def test_backends_killed_every_third_of_a_second_leave_every_session_completed_o
     assert all(len(lines) < 30 for lines in troubles), ("a few lines, not a flood", troubles)
 
 
-def test_trouble_that_repeats_is_one_line_when_it_starts_a_summary_every_half_minute_and_one_when_it_ends(caplog):
+def test_trouble_that_repeats_is_one_line_when_it_starts_a_summary_every_half_minute_and_one_when_it_ends():
     import logging
 
     from engine.outage import Outage
 
-    now = [0.0]
-    outage = Outage(logging.getLogger("engine.test"), "writing the store", clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, "engine.test"):
-        for tick in range(90_000):  # 90 s of failures, a thousand a second
-            now[0] = tick / 1000
-            outage.failed(OSError("database or disk is full"), traceback=False)
-            if tick % 100 == 50:
-                outage.ok()  # works now and then in between: the same outage
-        now[0] = 91.0
-        outage.ok()  # too soon to say it ended
-        now[0] = 96.0
-        outage.ok()
-        outage.ok()  # nothing more to say
-    lines = [r.getMessage() for r in caplog.records]
+    now, said = [0.0], []
+    logger = logging.getLogger("tests.outage")
+    logger.propagate, logger.level = False, logging.WARNING
+    logger.handlers = [logging.Handler()]
+    logger.handlers[0].emit = said.append
+    outage = Outage(logger, "writing the store", clock=lambda: now[0])
+    for tick in range(90_000):  # 90 s of failures, a thousand a second
+        now[0] = tick / 1000
+        outage.failed(OSError("database or disk is full"), traceback=False)
+        if tick % 100 == 50:
+            outage.ok()  # works now and then in between: the same outage
+    now[0] = 91.0
+    outage.ok()  # too soon to say it ended
+    now[0] = 96.0
+    outage.ok()
+    outage.ok()  # nothing more to say
+    lines = [r.getMessage() for r in said]
     assert len(lines) == 4, lines  # the start, summaries at 30 and 60 s, the end
     assert "failed: OSError: database or disk is full" in lines[0]
     assert "works again: 90000 failures over 90 s" in lines[-1]
