@@ -70,9 +70,9 @@ class Engine:
                  cache: Path | None = None) -> None:
         from engine import app
         from engine.config import load_config
-        from engine.intake import Intake
-        from engine.registry import ModelRegistry
-        from engine.runner import Runner
+        from engine.ingest.intake import Intake
+        from engine.domains.catalogue import ModelRegistry
+        from engine.run.runner import Runner
 
         root.mkdir(parents=True, exist_ok=True)
         settings = "[batching]\ncoalesce = true\nmax_batch_size = 8\n[compile]\nbatch_sizes = [1, 8]\n"
@@ -87,7 +87,7 @@ class Engine:
 
     def submit(self, job: dict) -> str:
         from engine import commands
-        from engine.jobs import parse_job
+        from engine.ingest.jobs import parse_job
 
         return commands.submit(self.store, self.intake, parse_job(job), commands.Source("bench.json", "x")).target_id
 

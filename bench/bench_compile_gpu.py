@@ -98,7 +98,7 @@ def float32_decode_batch(engine: Engine, args, samples: GpuSamples, timeline: Ca
     import torch
 
     from engine.domains.model import pipeline_for
-    from engine.warmup import _context, warmup
+    from engine.run.warmup import _context, warmup
 
     cached, _, _ = pipeline_for(_context(engine.config, engine.runner.registry.shared, "sdxl-random", []),
                                 "sdxl-random")
@@ -120,7 +120,7 @@ def direct_compiled(engine: Engine, args, samples: GpuSamples, timeline: CallTim
     import torch
 
     from engine.domains.model import pipeline_for
-    from engine.warmup import _context
+    from engine.run.warmup import _context
 
     cached, _, _ = pipeline_for(_context(engine.config, engine.runner.registry.shared, "sdxl-random", []),
                                 "sdxl-random")
@@ -141,7 +141,7 @@ def direct_compiled(engine: Engine, args, samples: GpuSamples, timeline: CallTim
 def cold(args, model: Path, samples: GpuSamples) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
-    from engine.warmup import warmup
+    from engine.run.warmup import warmup
 
     timeline = CallTimeline()
     if device_name() == "cuda":

@@ -57,7 +57,7 @@ def build_sdxl(folder: Path) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from engine.tinymodels import _write_tokenizer
+    from engine.domains.tinymodels import _write_tokenizer
 
     tokenizer_dir = folder.parent / "tokenizer-src"
     _write_tokenizer(tokenizer_dir)
@@ -79,7 +79,7 @@ def ensure_model(folder: Path, tiny: bool = False) -> Path:
     model = folder / "model"
     if not model.exists():
         if tiny:
-            from engine.tinymodels import build_tiny_sdxl
+            from engine.domains.tinymodels import build_tiny_sdxl
 
             build_tiny_sdxl(model)
         else:
@@ -131,7 +131,7 @@ def direct(pipe, out: Path, prompt: str, seed: int, steps: int, size: int) -> fl
     hand-rolled script does. Returns its wall time."""
     import torch
 
-    from engine.outbox import a1111_parameters, save_png
+    from engine.outbox.folders import a1111_parameters, save_png
 
     started = time.perf_counter()
     generator = torch.Generator(device_name()).manual_seed(seed)
@@ -223,8 +223,8 @@ class EngineRounds:
     def __init__(self, folder: Path, root: Path) -> None:
         from engine import app
         from engine.config import load_config
-        from engine.intake import Intake
-        from engine.registry import ModelRegistry
+        from engine.ingest.intake import Intake
+        from engine.domains.catalogue import ModelRegistry
 
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.toml").write_text('[database]\nsynchronous = "FULL"\n')
@@ -232,7 +232,7 @@ class EngineRounds:
         self.store = app.init(self.config)
         ModelRegistry(self.config.models_dir).add(folder, "sdxl-random")
         self.intake = Intake(self.config)
-        from engine.runner import Runner
+        from engine.run.runner import Runner
 
         # One long-lived runner, as `engine run` is: its worker thread (and the CUDA handles that
         # thread holds) and its warm model cache last across rounds.
@@ -244,7 +244,7 @@ class EngineRounds:
         from sqlalchemy import text
 
         from engine import commands
-        from engine.jobs import parse_job
+        from engine.ingest.jobs import parse_job
 
         job = {"workflow": "txt2img", "params": {"model": "sdxl-random", "prompt": prompt, "width": size,
                                                   "height": size, "steps": steps, "guidance_scale": 7.0, "seed": seed}}
@@ -359,7 +359,7 @@ def main() -> None:
     images.mkdir(parents=True)
     figures: dict = {"gpu": torch.cuda.get_device_name(0) if device_name() == "cuda" else None,
                      "torch": torch.__version__, "steps": args.steps, "size": args.size, "cpus": os.cpu_count()}
-    from engine.tinymodels import build_tiny_sdxl
+    from engine.domains.tinymodels import build_tiny_sdxl
 
     started = time.perf_counter()
     (build_tiny_sdxl if args.tiny else build_sdxl)(model)

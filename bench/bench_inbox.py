@@ -14,7 +14,7 @@ import time
 
 from common import installation, line
 
-from engine.inbox import Inbox
+from engine.ingest.inbox import Inbox
 from tests.helpers import query
 
 

@@ -43,8 +43,8 @@ class Installation:
     def __init__(self, folder: Path, model: Path, devices: list[str], lease_seconds: float = 30.0) -> None:
         from engine import app
         from engine.config import load_config
-        from engine.intake import Intake
-        from engine.registry import ModelRegistry
+        from engine.ingest.intake import Intake
+        from engine.domains.catalogue import ModelRegistry
 
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.config_path = folder, folder / "config.toml"
@@ -80,8 +80,8 @@ def query(install: Installation, sql: str, **params) -> list:
 def timed_batch(install: Installation, args, devices: list[str]) -> dict:
     """A runner with these devices: the model loaded on each (untimed), then the batch, timed."""
     from engine import app, commands
-    from engine.jobs import parse_job
-    from engine.runner import Runner
+    from engine.ingest.jobs import parse_job
+    from engine.run.runner import Runner
 
     runner = Runner(install.config, install.store, app.registry_for(install.config))
     try:
@@ -110,7 +110,7 @@ def timed_batch(install: Installation, args, devices: list[str]) -> dict:
 
 def sigkill_run(install: Installation, args) -> dict:
     """`engine run` in its own process, killed with SIGKILL mid-batch, then run to the end."""
-    from engine.outbox import ATTEMPTS
+    from engine.outbox.folders import ATTEMPTS
 
     job = install.config.inbox / "kill-batch.json"
     job.with_suffix(".tmp").write_text(json.dumps(batch_job(args, range(100, 100 + args.kill_items))))

@@ -1,3 +1,3 @@
-from engine.cli import main
+from engine.doors.cli import main
 
 main()

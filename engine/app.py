@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from engine.config import Config
-from engine.handlers import Registry, load_registry
+from engine.run.handlers import Registry, load_registry
 from engine.store import Store
 from engine.store.migrate import upgrade
 

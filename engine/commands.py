@@ -11,8 +11,8 @@ from typing import Any, Callable
 from sqlalchemy import select
 
 from engine.errors import DuplicateJob, InvalidTransition, NotFound
-from engine.intake import Intake, ResolvedSession
-from engine.jobs import BatchJob, ControlJob, SessionJob
+from engine.ingest.intake import Intake, ResolvedSession
+from engine.ingest.jobs import BatchJob, ControlJob, SessionJob
 from engine.machines import BATCH, ITEM, SESSION, TERMINAL
 from engine.store import Store, Tx
 from engine.store.projection import DatabaseProjection
@@ -33,7 +33,7 @@ class Submitted:
 
 @dataclass(frozen=True)
 class Source:
-    """Where a job came from. `identity` names that very file (see engine.ingest); a job submitted
+    """Where a job came from. `identity` names that very file (see engine.ingest.seen); a job submitted
     without one (the CLI, the tests) gets a fresh one, so every submission is a new job unless its
     job_id was seen before. `stored_as`: the name the inbox will move the file to."""
 

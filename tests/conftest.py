@@ -14,7 +14,7 @@ import pytest
 
 from engine import app
 from engine.config import load_config
-from engine.intake import Intake
+from engine.ingest.intake import Intake
 from engine.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from engine.errors import StepFailed
-from engine.handlers import Registry, StepContext, StepResult
+from engine.run.handlers import Registry, StepContext, StepResult
 
 
 def noop(ctx: StepContext) -> StepResult:

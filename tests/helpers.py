@@ -13,8 +13,8 @@ from collections import Counter
 from sqlalchemy import select, text
 
 from engine import app, commands
-from engine.jobs import parse_job
-from engine.runner import Runner
+from engine.ingest.jobs import parse_job
+from engine.run.runner import Runner
 from engine.store.tables import events
 
 

@@ -15,8 +15,8 @@ from collections import Counter
 
 import pytest
 
-from engine.grouping import call_limit, take_partners
-from engine.outbox import ATTEMPTS, Outbox
+from engine.run.grouping import call_limit, take_partners
+from engine.outbox.folders import ATTEMPTS, Outbox
 from tests.conftest import Installation
 from tests.helpers import completions, query, run_until_idle, submit
 
@@ -160,7 +160,7 @@ def test_sigkill_during_batched_calls_loses_nothing_and_publishes_nothing_twice(
 
 
 def test_a_matrix_expands_params_as_a_product_or_a_zip_with_a_cap(tmp_path):
-    from engine.inbox import Inbox
+    from engine.ingest.inbox import Inbox
 
     install = Installation(tmp_path / "engine", settings={"inbox": {"max_batch_items": 12}})
     inbox = install.config.inbox

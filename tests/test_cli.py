@@ -117,7 +117,7 @@ def test_catalogue_verbs(cli, tmp_path):
 
 
 def test_the_shipped_schema_file_is_not_stale():
-    from engine.jobs import job_schema
+    from engine.ingest.jobs import job_schema
 
     shipped = json.loads((ROOT / "schema" / "job.schema.json").read_text())
     assert shipped == job_schema(), "schema/job.schema.json is stale: engine schema > schema/job.schema.json"
@@ -149,7 +149,7 @@ def test_version_status_names_and_model_ids_are_checked(cli, tmp_path):
     assert cli("--version").strip() == f"engine {__version__}"
     refused = cli("sessions", "--status", "bogus", code=2)
     assert "bogus" in refused and "pending, running, paused, completed, failed, cancelled" in refused
-    from engine.tinymodels import build_tiny_upscaler
+    from engine.domains.tinymodels import build_tiny_upscaler
 
     build_tiny_upscaler(tmp_path / "up.safetensors")
     cli("models", "add", str(tmp_path / "up.safetensors"), "--id", "up")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from engine.domains.accelerate import bucket_split
-from engine.registry import ModelRegistry
+from engine.domains.catalogue import ModelRegistry
 from tests.conftest import Installation
 from tests.helpers import engine_process, query, run_until_idle, submit
 
@@ -22,7 +22,7 @@ SIZE = {"width": 64, "height": 64, "steps": 2}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from engine.tinymodels import build_tiny_sd15
+    from engine.domains.tinymodels import build_tiny_sd15
 
     folder = tmp_path_factory.mktemp("models") / "tiny15"
     build_tiny_sd15(folder)
@@ -147,7 +147,7 @@ def test_an_upcast_vae_decodes_in_bfloat16_while_the_pipeline_casts_its_vae(tmp_
     from diffusers import StableDiffusionXLPipeline
 
     from engine.domains.accelerate import decoder_in, upcast_decode_dtype
-    from engine.tinymodels import build_tiny_sdxl
+    from engine.domains.tinymodels import build_tiny_sdxl
 
     build_tiny_sdxl(tmp_path / "xl")
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", torch_dtype=torch.float16)

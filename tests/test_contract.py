@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from engine.inbox import Inbox
-from engine.registry import ModelRegistry
+from engine.ingest.inbox import Inbox
+from engine.domains.catalogue import ModelRegistry
 from tests.conftest import Installation
 from tests.helpers import engine_process, query
 
@@ -106,7 +106,7 @@ def test_a_template_with_a_step_no_handler_serves_is_refused_when_templates_load
 
 
 def test_the_default_model_is_settable_shown_and_checked_against_the_size_limits(tmp_path):
-    from engine.tinymodels import build_tiny_sd15
+    from engine.domains.tinymodels import build_tiny_sd15
 
     models = tmp_path / "models"
     build_tiny_sd15(models / "tiny15")
@@ -201,7 +201,7 @@ def test_a_safetensors_file_that_is_no_upscaler_is_not_registered_as_one(install
     import torch
     from safetensors.torch import save_file
 
-    from engine.tinymodels import build_tiny_upscaler
+    from engine.domains.tinymodels import build_tiny_upscaler
 
     save_file({"some.weight": torch.zeros(4, 4)}, str(tmp_path / "mystery.safetensors"))
     done = engine(install, "models", "add", str(tmp_path / "mystery.safetensors"), "--id", "mystery")
@@ -240,19 +240,19 @@ def test_rocm_and_intel_xpu_devices_are_found_and_ordered(monkeypatch):
 def test_session_progress_weighs_a_denoise_above_a_device_lookup(backend_install):
     """With the device and model steps done and the inference step half way, the session is
     (1 + 2 + 0.5 x 20) / 23 done, not (2 + 0.5) / 3 (each step counting the same)."""
-    from engine import lifecycle
-    from engine.lifecycle import Policy
+    from engine.run import claims
+    from engine.run.claims import Policy
     from tests.helpers import submit
 
     install = backend_install
     session_id = submit(install, {"workflow": "weighted"}).target_id
     policy = Policy.from_config(install.config)
     for _ in range(2):
-        claim = lifecycle.claim(install.store, "r1", policy)
-        install.store.write(lambda tx: lifecycle.complete_in(tx, claim, {"images": [], "files": [], "data": {}}, 0.0))
-    claim = lifecycle.claim(install.store, "r1", policy)
+        claim = claims.claim(install.store, "r1", policy)
+        install.store.write(lambda tx: claims.complete_in(tx, claim, {"images": [], "files": [], "data": {}}, 0.0))
+    claim = claims.claim(install.store, "r1", policy)
     assert claim.step_index == 2
-    lifecycle.heartbeat(install.store, claim, policy, 0.5, "denoising 15/30")
+    claims.heartbeat(install.store, claim, policy, 0.5, "denoising 15/30")
     (progress,), = query(install, "SELECT progress FROM session_status WHERE session_id = :s", s=session_id)
     assert progress == pytest.approx((1 + 2 + 0.5 * 20) / 23)
 

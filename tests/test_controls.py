@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine import commands, lifecycle
+from engine import commands
+from engine.run import claims
 from engine.errors import InvalidTransition, NotFound
-from engine.lifecycle import Policy
+from engine.run.claims import Policy
 from tests.helpers import query, run_until_idle, status, submit
 
 ALLOWED = {
@@ -25,7 +26,7 @@ def session_in(install, state: str) -> str:
     workflow = "broken" if state == "failed" else "noop3"
     session_id = submit(install, {"workflow": workflow, "hold": state == "paused"}).target_id
     if state == "running":
-        claim = lifecycle.claim(install.store, "runner-a", Policy.from_config(install.config))
+        claim = claims.claim(install.store, "runner-a", Policy.from_config(install.config))
         assert claim.session_id == session_id
     elif state in ("completed", "failed"):
         run_until_idle(install)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from engine import commands
 from engine.errors import EngineError, UnsafeModelFormat
-from engine.registry import ModelRegistry
+from engine.domains.catalogue import ModelRegistry
 from tests.conftest import ROOT, Installation
 from tests.helpers import engine_process, query, run_until_idle, runner, status, submit
 
@@ -29,7 +29,7 @@ SIZE = {"width": 64, "height": 64, "steps": 3, "guidance_scale": 5.0}
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    from engine.tinymodels import (build_tiny_controlnet, build_tiny_lora, build_tiny_safety_checker, build_tiny_sd15,
+    from engine.domains.tinymodels import (build_tiny_controlnet, build_tiny_lora, build_tiny_safety_checker, build_tiny_sd15,
                                    build_tiny_sdxl, build_tiny_upscaler)
 
     folder = tmp_path_factory.mktemp("models")
@@ -471,7 +471,7 @@ def test_a_batch_runs_its_items_in_shared_calls_with_metrics_and_a_labelled_cont
 
 def test_a_lora_or_controlnet_of_another_family_is_refused_at_submit(studio):
     """Refused when the file is taken, naming both families, instead of failing three times at run time."""
-    from engine.inbox import Inbox
+    from engine.ingest.inbox import Inbox
 
     inbox = studio.config.inbox
     jobs = {

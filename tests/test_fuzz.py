@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import EngineError
-from engine.inbox import Inbox, is_job_name
-from engine.jobs import parse_job, parse_job_bytes
+from engine.ingest.inbox import Inbox, is_job_name
+from engine.ingest.jobs import parse_job, parse_job_bytes
 from tests.conftest import Installation
 
 CONTRACT_CODES = {"VALIDATION_ERROR", "UNKNOWN_WORKFLOW", "UNKNOWN_MODEL", "NOT_FOUND", "INVALID_TRANSITION",

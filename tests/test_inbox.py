@@ -249,9 +249,9 @@ def test_sigkill_during_the_ingest_of_500_files_takes_each_exactly_once(tmp_path
 def test_a_file_committed_but_not_moved_is_only_moved_on_restart(install):
     """The crash window between the commit and the move, taken on purpose: the file's identity,
     recorded with its ingest, tells it apart from a new drop."""
-    from engine.inbox import Inbox
-    from engine.ingest import look_at
-    from engine.jobs import parse_job_bytes
+    from engine.ingest.inbox import Inbox
+    from engine.ingest.seen import look_at
+    from engine.ingest.jobs import parse_job_bytes
 
     content = job(params={"prompt": "once"})
     path = install.config.inbox / "once.json"
@@ -268,7 +268,7 @@ def test_a_file_committed_but_not_moved_is_only_moved_on_restart(install):
 
 def test_a_crash_between_link_and_unlink_leaves_one_accepted_copy(install):
     """The move out of the inbox is a hard link then an unlink; a crash in between is finished."""
-    from engine.inbox import Inbox
+    from engine.ingest.inbox import Inbox
 
     content = job(params={"prompt": "linked"})
     path = install.config.inbox / "linked.json"

@@ -206,8 +206,8 @@ def _wait(what, timeout: float, every: float = 0.2, state=lambda: ""):
 def test_three_hosts_share_the_work_survive_a_kill_and_a_cut_link_and_do_everything_once(cluster):
     from sqlalchemy import text
 
-    from engine.registry import ModelRegistry
-    from engine.tinymodels import build_tiny_sdxl
+    from engine.domains.catalogue import ModelRegistry
+    from engine.domains.tinymodels import build_tiny_sdxl
 
     hosts, url, shared = cluster
     config, store = _store(url, shared)

@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from engine.sqlconsole import run_sql
+from engine.store.console import run_sql
 from tests.conftest import ROOT
 from tests.helpers import run_until_idle, submit
 

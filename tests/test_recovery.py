@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from engine.outbox import ATTEMPTS
+from engine.outbox.folders import ATTEMPTS
 from tests.conftest import Installation
 from tests.helpers import completions, query, submit
 
@@ -89,9 +89,9 @@ def test_a_kill_between_commit_and_publish_is_finished_at_start(tmp_path):
         "import os, signal\n"
         "from engine.config import load_config\n"
         "from engine import app\n"
-        "from engine.outbox import Outbox\n"
+        "from engine.outbox.folders import Outbox\n"
         "Outbox.publish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "from engine.runner import Runner\n"
+        "from engine.run.runner import Runner\n"
         "cfg = load_config()\n"
         "Runner(cfg, app.init(cfg), app.registry_for(cfg), runner_id='r1').run(until_idle=True)\n"
     )

@@ -6,8 +6,8 @@ import errno
 import sqlite3
 
 from engine.errors import StepFailed, UnsafePath, WillNotFit
-from engine.failures import classify, is_oom
-from engine.runners import RunnerRow, dead_on_this_host
+from engine.run.failures import classify, is_oom
+from engine.run.fleet import RunnerRow, dead_on_this_host
 
 
 def test_failures_that_will_repeat_are_not_retried_and_transient_ones_are():
@@ -37,8 +37,8 @@ def test_a_contact_sheet_uses_the_tiles_of_saved_images_and_never_a_replaced_fil
     a rename), and a file replaced since is read again."""
     from PIL import Image
 
-    from engine.outbox import save_png
-    from engine.sheets import contact_sheet, tiles
+    from engine.outbox.folders import save_png
+    from engine.outbox.sheets import contact_sheet, tiles
 
     saved = tmp_path / "a.png"
     save_png(Image.new("RGB", (256, 256), (250, 0, 0)), saved, "red")

@@ -22,12 +22,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import app
-from engine.affinity import Candidate, Offer, choose, offers, pin_of, waiting_reason
+from engine.run.affinity import Candidate, Offer, choose, offers, pin_of, waiting_reason
 from engine.domains.device import DeviceInfo, worker_devices
 from engine.errors import DeviceUnavailable, ValidationError
-from engine.outbox import ATTEMPTS, Outbox
-from engine.registry import ModelRegistry
-from engine.runner import Runner, lane_names
+from engine.outbox.folders import ATTEMPTS, Outbox
+from engine.domains.catalogue import ModelRegistry
+from engine.run.runner import Runner, lane_names
 from tests.conftest import Installation
 from tests.helpers import completions, query, run_until_idle, status, submit
 from tests.test_worker import Pipe
@@ -196,7 +196,7 @@ def test_a_pinned_session_whose_device_no_live_runner_offers_waits_and_says_why(
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
-    from engine.tinymodels import build_tiny_sd15, build_tiny_sdxl
+    from engine.domains.tinymodels import build_tiny_sd15, build_tiny_sdxl
 
     folder = tmp_path_factory.mktemp("models")
     build_tiny_sdxl(folder / "tiny")

@@ -106,7 +106,7 @@ def test_engine_sql_on_postgres_refuses_a_superuser_and_reads_through_a_role_tha
 
 
 def test_the_sqlite_file_is_opened_read_only_by_its_quoted_uri(tmp_path):
-    from engine.sqlconsole import sqlite_path
+    from engine.store.console import sqlite_path
 
     path = tmp_path / "a#b?c" / "engine.db"
     from engine.config import load_config

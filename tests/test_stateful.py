@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine import commands, lifecycle
+from engine import commands
+from engine.run import claims
 from engine.errors import InvalidTransition, NotFound, StaleLease
-from engine.lifecycle import Policy
+from engine.run.claims import Policy
 from tests.conftest import Installation
 from tests.helpers import submit
 
@@ -32,7 +33,7 @@ class EngineMachine(RuleBasedStateMachine):
         # clock, or hypothesis sees a different rule sequence when it replays an example.
         self.policy = dataclasses.replace(Policy.from_config(self.install.config), backoff_base=0.0)
         self.targets: list[str] = []
-        self.claims: list[lifecycle.Claim] = []
+        self.claims: list[claims.Claim] = []
 
     def teardown(self) -> None:
         self.install.store.close()
@@ -58,7 +59,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(runner=st.sampled_from(["runner-a", "runner-b"]))
     def claim(self, runner):
-        found = lifecycle.claim(self.install.store, runner, self.policy)
+        found = claims.claim(self.install.store, runner, self.policy)
         if found is not None:
             self.claims.append(found)
 
@@ -69,17 +70,17 @@ class EngineMachine(RuleBasedStateMachine):
         store = self.install.store
         try:
             if outcome == "complete":
-                store.write(lambda tx: lifecycle.complete_in(tx, claim, {"data": {"n": index}}, 0.01))
+                store.write(lambda tx: claims.complete_in(tx, claim, {"data": {"n": index}}, 0.01))
             elif outcome == "release":
-                store.write(lambda tx: lifecycle.release_in(tx, claim, "paused"))
+                store.write(lambda tx: claims.release_in(tx, claim, "paused"))
             else:
-                store.write(lambda tx: lifecycle.fail_in(tx, claim, "STEP_FAILED", "boom", outcome == "fail", self.policy))
+                store.write(lambda tx: claims.fail_in(tx, claim, "STEP_FAILED", "boom", outcome == "fail", self.policy))
         except StaleLease:
             pass
 
     @rule()
     def leases_expire(self):
-        lifecycle.reap_expired(self.install.store, self.policy, now=time.time() + 3600)
+        claims.reap_expired(self.install.store, self.policy, now=time.time() + 3600)
 
     @invariant()
     def rebuilt_state_equals_live_state(self):

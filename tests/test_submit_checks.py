@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import ValidationError
-from engine.inbox import Inbox
+from engine.ingest.inbox import Inbox
 from tests.conftest import Installation
 from tests.helpers import query, submit
 
@@ -151,9 +151,9 @@ def test_messages_point_at_the_key_meant_and_at_the_configured_limit(install):
     assert shared.message.startswith("params.promt")
     config = refused(install, {"kind": "batch", "workflow": "noop1", "config": {"max_batch_size": 2}, "items": [{}]})
     assert "did you mean 'batch'" in config.message
-    from engine.tinymodels import build_tiny_upscaler
+    from engine.domains.tinymodels import build_tiny_upscaler
 
-    from engine.registry import ModelRegistry
+    from engine.domains.catalogue import ModelRegistry
 
     build_tiny_upscaler(install.folder / "up.safetensors")
     ModelRegistry(install.config.models_dir).add(install.folder / "up.safetensors", "up")
@@ -177,8 +177,8 @@ def test_a_new_installation_writes_its_config_and_says_how_to_get_a_model(tmp_pa
 
 
 def test_the_tiny_model_makes_pictures_within_the_default_limits_when_a_job_gives_no_size(tmp_path):
-    from engine.registry import ModelRegistry
-    from engine.tinymodels import build_tiny_sd15
+    from engine.domains.catalogue import ModelRegistry
+    from engine.domains.tinymodels import build_tiny_sd15
 
     install = Installation(tmp_path / "engine")
     try:

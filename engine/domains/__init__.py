@@ -4,7 +4,7 @@ They know nothing of the event store; they register with the handler registry th
 `register(registry)` mechanism as any other handler module named in config.toml.
 """
 
-from engine.handlers import Registry
+from engine.run.handlers import Registry
 
 
 def register(registry: Registry) -> None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from engine.errors import DeviceUnavailable
-from engine.handlers import StepContext, StepResult
+from engine.run.handlers import StepContext, StepResult
 
 PREFERENCE = ("directml", "cuda", "rocm", "xpu", "mps", "cpu")
 CUDA_API = ("cuda", "rocm")  # devices torch reaches as "cuda:N"

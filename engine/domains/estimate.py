@@ -7,7 +7,7 @@ from typing import Any
 from engine.domains import memory
 from engine.domains.device import CUDA_API, select
 from engine.errors import EngineError
-from engine.registry import ModelRegistry
+from engine.domains.catalogue import ModelRegistry
 
 # Seconds per denoising step of one 1024x1024 SDXL-class image, by device kind (order of magnitude).
 SECONDS_PER_MEGAPIXEL_STEP = {"cuda": 0.06, "directml": 0.25, "mps": 0.5, "cpu": 12.0}

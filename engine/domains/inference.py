@@ -20,9 +20,9 @@ from engine.domains.device import generator_device
 from engine.domains.model import component_for, pipeline_for, registry_of
 from engine.domains.readback import round_on_device
 from engine.errors import OutOfMemory, ValidationError
-from engine.handlers import StepContext, StepResult
-from engine.inputs import digest_key, read_image
-from engine.outbox import a1111_parameters, a1111_sampler, save_png
+from engine.run.handlers import StepContext, StepResult
+from engine.ingest.inputs import digest_key, read_image
+from engine.outbox.folders import a1111_parameters, a1111_sampler, save_png
 from engine.paths import resolve_inside
 
 # name -> (scheduler class, extra config)

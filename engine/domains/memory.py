@@ -6,7 +6,7 @@ import gc
 
 from engine.domains.device import CUDA_API, DeviceInfo, system_memory
 from engine.errors import WillNotFit
-from engine.failures import is_oom  # noqa: F401  (the domains' name for it)
+from engine.run.failures import is_oom  # noqa: F401  (the domains' name for it)
 
 # Rough bytes of activations per latent pixel per image in a UNet pass with classifier-free
 # guidance, at 2 bytes per value; measured order of magnitude for SDXL at 1024x1024.

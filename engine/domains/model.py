@@ -18,8 +18,8 @@ from typing import Any, Callable
 from engine.domains import accelerate, memory
 from engine.domains.device import DeviceInfo, device_of, dtype_for, torch_device
 from engine.errors import EngineError, ModelLoadFailed
-from engine.handlers import StepContext, StepResult
-from engine.registry import ModelEntry, ModelRegistry, file_sha256, folder_fingerprint
+from engine.run.handlers import StepContext, StepResult
+from engine.domains.catalogue import ModelEntry, ModelRegistry, file_sha256, folder_fingerprint
 
 Notify = Callable[[str, dict[str, Any]], None]
 log = logging.getLogger("engine.model")

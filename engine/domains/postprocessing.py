@@ -14,9 +14,9 @@ from PIL import Image, ImageEnhance, ImageOps
 from engine.domains.device import device_of, torch_device
 from engine.domains.model import component_for
 from engine.errors import ValidationError
-from engine.handlers import StepContext, StepResult
-from engine.inputs import read_image
-from engine.outbox import save_png
+from engine.run.handlers import StepContext, StepResult
+from engine.ingest.inputs import read_image
+from engine.outbox.folders import save_png
 from engine.paths import resolve_inside
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# The repository's top-level migrations/, installed as the package engine.migrations (pyproject's package-dir).
+MIGRATIONS_DIR = Path(str(files("engine.migrations")))
 
 
 def alembic_config(url: str) -> AlembicConfig:

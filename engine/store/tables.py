@@ -65,11 +65,11 @@ sessions = Table(
     # The claim queue (see reducer._set_ready): 1 when the current step may be claimed from ready_at on.
     Column("ready", Integer, nullable=False, server_default="0"),
     Column("ready_at", Float),
-    # The current step's compatibility key while it is ready (see engine.grouping): partners of a
+    # The current step's compatibility key while it is ready (see engine.run.grouping): partners of a
     # group claim are found by it.
     Column("group_key", String(64)),
     # The device the session is pinned to ("" for any) and its model ("" for none): a worker claims
-    # only what its device may run, and prefers the models it has warm (see engine.affinity).
+    # only what its device may run, and prefers the models it has warm (see engine.run.affinity).
     Column("device", String(32), nullable=False, server_default=""),
     Column("model", String(256), nullable=False, server_default=""),
 )
@@ -155,7 +155,7 @@ jobs = Table(
     Column("created_at", String(32), nullable=False),
     Column("updated_at", String(32), nullable=False),
     Column("last_seq", Integer, nullable=False),
-    # What identifies the very file taken (see engine.ingest); where it was moved; why it could not be.
+    # What identifies the very file taken (see engine.ingest.seen); where it was moved; why it could not be.
     Column("file_identity", String(64)),
     Column("stored_as", Text),
     Column("move_error", Text),
@@ -208,7 +208,7 @@ leases = Table(
 )
 Index("ix_leases_expiry", leases.c.expires_at)
 
-# Operational, like leases: each runner process registers and heartbeats (see engine.runners).
+# Operational, like leases: each runner process registers and heartbeats (see engine.run.fleet).
 runners = Table(
     "runners",
     metadata,

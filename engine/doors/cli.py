@@ -63,7 +63,7 @@ def _main(config: ConfigOption = None,
 
 
 def _print_json(value: Any, **options) -> None:
-    from engine.jobs import to_case
+    from engine.ingest.jobs import to_case
 
     case = _state.get("case", Case.snake).value
     print(json.dumps(to_case(json.loads(json.dumps(value, default=str)), case), **options))
@@ -170,7 +170,7 @@ def init(config: ConfigOption = None) -> None:
 @command
 def schema(config: ConfigOption = None) -> None:
     """Print the JSON Schema of job files."""
-    from engine.jobs import job_schema
+    from engine.ingest.jobs import job_schema
 
     print(json.dumps(job_schema(), indent=2, sort_keys=True))  # the contract's own names
 
@@ -179,7 +179,7 @@ def schema(config: ConfigOption = None) -> None:
 @command
 def demo(config: ConfigOption = None, folder: Annotated[Path, typer.Option(help="where the demo installation goes")] = Path("demo")) -> None:
     """Build a tiny model, drop sample jobs, run them, show the results (random weights: noise)."""
-    from engine.demo import run_demo
+    from engine.doors.demo import run_demo
 
     run_demo(folder, out)
 
@@ -197,7 +197,7 @@ def run(config: ConfigOption = None,
             "--log-format", help="log lines on stderr: plain or json (else [logging] format)")] = None) -> None:
     """Take the inbox and run steps (a live view shows running sessions; log lines go to stderr)."""
     from engine import logs
-    from engine.live import run_with_view
+    from engine.doors.live import run_with_view
 
     cfg = _config(config)
     logs.configure(cfg.get("logging", "level"), log_format or cfg.get("logging", "format"))
@@ -214,7 +214,7 @@ def worker(stdio: Annotated[bool, typer.Option("--stdio", help="JSON lines on st
     """The design notes' PROCESSING worker: one JSON request a line on stdin, one response a line
     on stdout, logs on stderr (see the README's transcript)."""
     from engine import logs
-    from engine.worker import run_stdio
+    from engine.doors.stdio import run_stdio
 
     if not stdio:
         raise ValidationError("engine worker needs --stdio (JSON lines on stdin and stdout)")
@@ -231,9 +231,9 @@ def validate(files: Annotated[list[Path], typer.Argument(help="job files")], con
     is valid, else 2 with the error the inbox would write."""
     from engine import commands
     from engine.app import open_store
-    from engine.ingest import look_at, refusal
-    from engine.intake import Intake
-    from engine.jobs import parse_job_bytes
+    from engine.ingest.seen import look_at, refusal
+    from engine.ingest.intake import Intake
+    from engine.ingest.jobs import parse_job_bytes
 
     cfg = _config(config)
     store = open_store(cfg)
@@ -271,9 +271,9 @@ def submit(files: list[Path], config: ConfigOption = None, as_json: JsonOption =
 
     from engine import commands
     from engine.app import open_store
-    from engine.intake import Intake
-    from engine.jobs import parse_job_bytes
-    from engine.outbox import Outbox
+    from engine.ingest.intake import Intake
+    from engine.ingest.jobs import parse_job_bytes
+    from engine.outbox.folders import Outbox
 
     cfg = _config(config)
     store = open_store(cfg)
@@ -325,7 +325,7 @@ def sessions(config: ConfigOption = None, status: Annotated[Optional[str], typer
 
 def _why_waiting(cfg: Config, report: dict) -> str | None:
     from engine.app import open_store
-    from engine.runners import why_waiting
+    from engine.run.fleet import why_waiting
 
     store = open_store(cfg)
     try:
@@ -337,7 +337,7 @@ def _why_waiting(cfg: Config, report: dict) -> str | None:
 
 def _session_report(cfg: Config, session_id: str) -> dict:
     from engine.errors import NotFound
-    from engine.outbox import Outbox
+    from engine.outbox.folders import Outbox
 
     columns, rows = _query(cfg, "SELECT * FROM session_status WHERE session_id = :id OR job_id = :id", id=session_id)
     if not rows:
@@ -376,14 +376,14 @@ def session(session_id: str, config: ConfigOption = None, as_json: JsonOption = 
     """Show one session (by id or job_id): status, steps, params, outbox folder."""
     cfg = _config(config)
     if follow:
-        from engine.live import follow_session
+        from engine.doors.live import follow_session
 
         follow_session(cfg, session_id, out, lambda: _session_report(cfg, session_id))
     report = _session_report(cfg, session_id)
     if as_json:
         _print_json(report, default=str)
         return
-    from engine.live import prompt_start, step_label
+    from engine.doors.live import prompt_start, step_label
 
     out.print(f"[bold]{report['session_id']}[/] (job {report.get('job_id') or '-'}) {report['workflow_id']} "
               f"[bold]{report['status']}[/] step {step_label(report['status'], report['current_step'], report['total_steps'])}"
@@ -461,7 +461,7 @@ def runners(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """The runners that registered with this database: host, pid, devices, warm models, last
     heartbeat, version; one whose heartbeat lapsed shows as gone (its steps are taken back)."""
     from engine.app import open_store
-    from engine.runners import listing
+    from engine.run.fleet import listing
 
     store = open_store(_config(config))
     try:
@@ -497,7 +497,7 @@ def events(target: str, config: ConfigOption = None, as_json: JsonOption = False
 def _control(action: str, target: str, config: Path | None, as_json: bool) -> None:
     from engine import commands
     from engine.app import open_store
-    from engine.outbox import Outbox
+    from engine.outbox.folders import Outbox
 
     cfg = _config(config)
     store = open_store(cfg)
@@ -594,7 +594,7 @@ def workflows(workflow_id: Annotated[Optional[str], typer.Argument()] = None, co
         _table(["id", "steps", "description"], rows, as_json)
         return
     from engine.domains.estimate import estimate
-    from engine.jobs import validate_params
+    from engine.ingest.jobs import validate_params
 
     workflow = get_workflow(found, workflow_id)
     try:
@@ -635,7 +635,7 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
     if ctx.invoked_subcommand:
         _state["models_config"] = config
         return
-    from engine.registry import ModelRegistry
+    from engine.domains.catalogue import ModelRegistry
 
     cfg = _config(config)
     registry = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle"), cfg.get("models", "default"))
@@ -669,7 +669,7 @@ def models_add(path: Path, model_id: Annotated[str, typer.Option("--id", help="t
                    "--compile", help="the compiled fast path for this pipeline: on or off (else [compile] default)")] = None,
                config: ConfigOption = None) -> None:
     """Register a diffusers folder or a .safetensors file under an id."""
-    from engine.registry import ModelRegistry
+    from engine.domains.catalogue import ModelRegistry
 
     from engine.app import require_installation
 
@@ -697,7 +697,7 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
 
     from engine import app as engine_app
     from engine.app import require_installation
-    from engine.warmup import parse_size, warmup as warm
+    from engine.run.warmup import parse_size, warmup as warm
 
     cfg = _config(config)
     require_installation(cfg)
@@ -730,7 +730,7 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
 def sql(query: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Run one read-only SQL statement: one SELECT (WITH, VALUES, a reading PRAGMA), within
     [database] sql_timeout_seconds; on PostgreSQL as the role of [database] readonly_url."""
-    from engine.sqlconsole import run_sql
+    from engine.store.console import run_sql
 
     columns, rows = run_sql(_config(config), query)
     _table(columns, rows, as_json)
@@ -744,7 +744,7 @@ def sql_role(name: Annotated[str, typer.Argument(help="the role to create or bri
     """PostgreSQL: make a role that can only read this database, for `engine sql`; prints the URL
     to put in [database] readonly_url (ENGINE_DATABASE_READONLY_URL)."""
     from engine.app import require_installation
-    from engine.sqlconsole import create_reader
+    from engine.store.console import create_reader
 
     cfg = _config(config)
     require_installation(cfg)

@@ -117,7 +117,7 @@ class Registry:
     def add(self, step_type: str, handler: Handler, compatibility: Callable | None = None) -> None:
         """Register a handler. With `compatibility(step_config, params)`, the handler serves a group:
         it takes a list of StepContexts and returns one StepResult each, and steps whose
-        compatibility values are equal may be handed to it together (see engine.grouping)."""
+        compatibility values are equal may be handed to it together (see engine.run.grouping)."""
         self._handlers[step_type] = handler
         if compatibility is not None:
             self._compatibility[step_type] = compatibility

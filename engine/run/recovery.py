@@ -17,8 +17,8 @@ import re
 from sqlalchemy import select
 
 from engine.files import leftovers
-from engine.lifecycle import Policy, reap_expired
-from engine.outbox import ATTEMPTS, Outbox
+from engine.run.claims import Policy, reap_expired
+from engine.outbox.folders import ATTEMPTS, Outbox
 from engine.store import Store
 from engine.store.tables import batches, leases, sessions, steps
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from rich.console import Console
 
-from engine.sheets import contact_sheet, seed_label
+from engine.outbox.sheets import contact_sheet, seed_label
 from engine.app import init, quiet_libraries
 from engine.config import DEFAULTS_FILE, load_config
-from engine.registry import ModelRegistry
-from engine.sqlconsole import run_sql
+from engine.domains.catalogue import ModelRegistry
+from engine.store.console import run_sql
 
 SIZE = 64
 COMMON = {"model": "tiny-sdxl", "width": SIZE, "height": SIZE, "steps": 6, "guidance_scale": 5.0}
@@ -63,7 +63,7 @@ def _sample_images(folder: Path) -> None:
 
 
 def _build_models(config, console: Console) -> None:
-    from engine.tinymodels import build_tiny_sdxl, build_tiny_upscaler
+    from engine.domains.tinymodels import build_tiny_sdxl, build_tiny_upscaler
 
     registry = ModelRegistry(config.models_dir)
     if "tiny-sdxl" not in registry.entries():
@@ -100,7 +100,7 @@ def run_demo(folder: Path, console: Console) -> None:
         tmp.rename(config.inbox / name)  # write, then rename: what every client should do
     console.print(f"dropped {len(sample_jobs())} job files into {config.inbox}")
 
-    from engine.live import run_with_view
+    from engine.doors.live import run_with_view
 
     done = run_with_view(config, until_idle=True, console=console, live=console.is_terminal)
     console.print(f"{done} steps done in {time.perf_counter() - started:.1f}s")

@@ -17,9 +17,9 @@ from sqlalchemy import text
 
 from engine.app import init, registry_for, require_installation
 from engine.config import Config
-from engine.inbox import Inbox
-from engine.runner import Runner
-from engine.runners import lease_holder_state
+from engine.ingest.inbox import Inbox
+from engine.run.runner import Runner
+from engine.run.fleet import lease_holder_state
 
 RUNNING = text(
     "SELECT s.session_id, s.job_id, s.workflow_id, s.status, s.current_step, s.total_steps, s.progress, st.step_type, "

@@ -25,9 +25,9 @@ from sqlalchemy import select, text
 
 from engine import commands
 from engine.errors import EngineError, NotFound, ValidationError
-from engine.jobs import ACTIONS, CASES, SCHEDULERS, normalise_keys, parse_job, snake_case, to_case
-from engine.lifecycle import waited_ms
-from engine.runners import why_waiting
+from engine.ingest.jobs import ACTIONS, CASES, SCHEDULERS, normalise_keys, parse_job, snake_case, to_case
+from engine.run.claims import waited_ms
+from engine.run.fleet import why_waiting
 from engine.store.tables import sessions
 
 # The notes' INFERENCE names for what PROCESSING does here.
@@ -153,7 +153,7 @@ class Worker:
 
     def get_workflow(self, data: dict) -> dict:
         from engine.domains.estimate import estimate
-        from engine.jobs import validate_params
+        from engine.ingest.jobs import validate_params
 
         workflow = self.intake.workflow(_required(data, "workflow_id"))
         params = validate_params(data.get("parameters") or {}, "parameters")
@@ -291,7 +291,7 @@ class Worker:
             return commands.Submitted(exc.extra["existing_type"], exc.extra["existing_id"], already=True)
 
     def _control(self, target: str, action: str) -> dict:
-        from engine.outbox import Outbox
+        from engine.outbox.folders import Outbox
 
         target_type, target_id, appended = commands.control(self.store, str(target), action)
         Outbox(self.config.outbox).finish(self.store, appended)
@@ -410,8 +410,8 @@ def run_stdio(config, case: str = "snake", with_runner: bool = True, source=None
     """Serve stdin until EOF, with a runner in this process unless told not to. At EOF the runner
     stops after its current step's record; anything unfinished is left to the next runner."""
     from engine.app import init, registry_for, require_installation
-    from engine.intake import Intake
-    from engine.runner import Runner
+    from engine.ingest.intake import Intake
+    from engine.run.runner import Runner
 
     require_installation(config)
     store = init(config)

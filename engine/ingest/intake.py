@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ValidationError
-from engine.grouping import group_key
-from engine.handlers import load_registry
-from engine.inputs import InputImage, digest_key, read_image
-from engine.jobs import MAX_SEED, BatchJob, GenerationParams, SessionJob, check_limits, validate_params
+from engine.run.grouping import group_key
+from engine.run.handlers import load_registry
+from engine.ingest.inputs import InputImage, digest_key, read_image
+from engine.ingest.jobs import MAX_SEED, BatchJob, GenerationParams, SessionJob, check_limits, validate_params
 from engine.paths import resolve_inside
-from engine.registry import ModelEntry, ModelRegistry, describe_family, fits
+from engine.domains.catalogue import ModelEntry, ModelRegistry, describe_family, fits
 from engine.workflows import Workflow, get_workflow, load_workflows
 
 log = logging.getLogger("engine.intake")
@@ -236,7 +236,7 @@ class Intake:
         """A device named in a job must exist on this machine or be offered by a runner registered
         with the store (it may be down now: the session then waits, saying why); else the job
         could never run."""
-        from engine.affinity import offers, pin_of
+        from engine.run.affinity import offers, pin_of
         from engine.domains.device import discover, select
         from engine.errors import DeviceUnavailable
 
@@ -258,7 +258,7 @@ class Intake:
     def _registered_workers(self) -> list[str]:
         if self.store is None:
             return []
-        from engine.runners import worker_names
+        from engine.run.fleet import worker_names
 
         with self.store.read() as conn:
             return worker_names(conn, live_only=False)

@@ -10,8 +10,8 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from engine.errors import ValidationError
-from engine.handlers import CancellationToken, StepContext
-from engine.runner import record_model_notices
+from engine.run.handlers import CancellationToken, StepContext
+from engine.run.runner import record_model_notices
 from engine.store import Store
 
 

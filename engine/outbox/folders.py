@@ -20,9 +20,9 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 from sqlalchemy import select
 
-from engine import sheets
+from engine.outbox import sheets
 from engine.files import atomic_write_bytes, atomic_write_json
-from engine.sheets import contact_sheet, seed_label
+from engine.outbox.sheets import contact_sheet, seed_label
 from engine.store import Store
 from engine.store.tables import batches, items, sessions, steps
 
@@ -126,7 +126,7 @@ class Outbox:
                 except FileNotFoundError:
                     if source.exists():
                         raise
-                    # another runner's sweep (engine.recovery) published it meanwhile
+                    # another runner's sweep (engine.run.recovery) published it meanwhile
         self.discard(attempt_dir)
 
     def discard(self, attempt_dir: Path | None) -> None:

@@ -4,7 +4,7 @@ A watchdog observer (or a polling observer, for network shares) wakes a scan; a 
 start and on a timer, so nothing dropped while the engine was down or missed by the OS is lost.
 The events creating a session are committed first, then the file is moved to `accepted/`; a crash
 in between leaves the file in the inbox, and on restart it is recognised by its identity
-(engine.ingest) and only moved. Several runners may watch one folder: the one whose transaction
+(engine.ingest.seen) and only moved. Several runners may watch one folder: the one whose transaction
 records a file's identity first takes it; the others see it taken and only help move it.
 
 Whatever goes wrong with one file is that file's problem: it is rejected (moved to `rejected/`
@@ -28,11 +28,11 @@ from sqlalchemy import select
 from engine import commands
 from engine.errors import EngineError, ValidationError
 from engine.files import atomic_write_json
-from engine.ingest import SeenFile, display_name, look_at, refusal
-from engine.intake import Intake
-from engine.jobs import parse_job_bytes
+from engine.ingest.seen import SeenFile, display_name, look_at, refusal
+from engine.ingest.intake import Intake
+from engine.ingest.jobs import parse_job_bytes
 from engine.outage import Outage
-from engine.outbox import Outbox
+from engine.outbox.folders import Outbox
 from engine.store import STORE_ERRORS, Store
 from engine.store.tables import jobs
 

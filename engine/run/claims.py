@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, insert, select, update
 
-from engine.affinity import Candidate, Offer, choose
+from engine.run.affinity import Candidate, Offer, choose
 from engine.commands import session_ended
 from engine.errors import StaleLease
-from engine.grouping import call_limit, images_of, take_partners
+from engine.run.grouping import call_limit, images_of, take_partners
 from engine.machines import ITEM
 from engine.store import Store, Tx
 from engine.store.tables import leases, sessions, steps
@@ -41,7 +41,7 @@ class Claim:
     batch_id: str | None
     item_index: int | None
     previous: tuple = ()  # (step_index, attempt, output) of the run's earlier steps
-    group_key: str | None = None  # set when the step's handler serves groups (engine.grouping)
+    group_key: str | None = None  # set when the step's handler serves groups (engine.run.grouping)
     job_id: str | None = None
 
     @property
@@ -80,7 +80,7 @@ def claim_in(tx: Tx, runner_id: str, policy: Policy, offer: Offer = ANYWHERE) ->
 
 
 def _best_ready(tx: Tx, now: float, offer: Offer) -> dict | None:
-    """The ready session this worker takes next (see engine.affinity): the queue's head, unless its
+    """The ready session this worker takes next (see engine.run.affinity): the queue's head, unless its
     model is not warm here and another of the head's priority within `lookahead` places suits better.
     Only then are more rows than the head read (and, on PostgreSQL, locked)."""
     dialect = tx.store.dialect

@@ -1,10 +1,10 @@
 """The runner: one worker per device; each claims steps under a lease, runs their handler on its
 device in its own thread, and records the result.
 
-A runner process registers itself (engine.runners), takes back the steps of runners that died and
+A runner process registers itself (engine.run.fleet), takes back the steps of runners that died and
 runs one `_Lane` per device of `[runner] devices`: a claim loop with a handler thread, its own warm
 model cache and its own claims (only sessions its device may run, preferring the models it has
-warm: engine.affinity). While a handler runs, its lane renews the lease, watches for pause and
+warm: engine.run.affinity). While a handler runs, its lane renews the lease, watches for pause and
 cancel (setting the handler's cancellation token), and writes throttled progress. A step's
 completion and the claim of the next step commit in one transaction; the step's files are renamed
 into the outbox right after that commit. When a handler returns with files still being written (an
@@ -29,15 +29,16 @@ from typing import Any, Callable
 
 from sqlalchemy import func, select
 
-from engine import __version__, lifecycle, runners
-from engine.affinity import Offer
+from engine import __version__
+from engine.run import claims, fleet
+from engine.run.affinity import Offer
 from engine.errors import Cancelled, EngineError, StaleLease
-from engine.failures import Failure, classify
-from engine.handlers import CancellationToken, Registry, StepContext, StepResult
-from engine.lifecycle import Claim, Policy
-from engine.outbox import Outbox, OwedWrites
+from engine.run.failures import Failure, classify
+from engine.run.handlers import CancellationToken, Registry, StepContext, StepResult
+from engine.run.claims import Claim, Policy
+from engine.outbox.folders import Outbox, OwedWrites
 from engine.outage import Outage
-from engine.recovery import recover, sweep_attempts
+from engine.run.recovery import recover, sweep_attempts
 from engine.store import STORE_ERRORS, Store, StoreUnavailable, Tx, is_lost_connection
 from engine.store.eventstore import first_line
 from engine.store.tables import events, leases, sessions
@@ -123,8 +124,8 @@ class Runner:
     # the loop ------------------------------------------------------------------------------
 
     def recover(self) -> dict[str, int]:
-        dead = runners.find_dead_here(self.store, self.runner_id)
-        runners.mark_gone(self.store, dead)
+        dead = fleet.find_dead_here(self.store, self.runner_id)
+        fleet.mark_gone(self.store, dead)
         return recover(self.store, self.outbox, self.policy, [self.runner_id, *dead])
 
     def run(self, until_idle: bool = False, before_idle_check: Callable[[], bool] | None = None) -> int:
@@ -161,7 +162,7 @@ class Runner:
         outage, waited, pause = Outage(log, "reaching the database at start"), time.monotonic(), 0.5
         while not self.stop_event.is_set():
             try:
-                runners.register(self.store, self.runner_id, self.policy.lease_seconds, __version__, self.devices)
+                fleet.register(self.store, self.runner_id, self.policy.lease_seconds, __version__, self.devices)
                 self.recover()
                 outage.ok()
                 return True
@@ -186,17 +187,17 @@ class Runner:
             now = time.monotonic()
             if now - self._last_beat >= self.heartbeat_every:
                 self._last_beat = now
-                runners.beat(self.store, self.runner_id, self.policy.lease_seconds, self.warm_models())
-                dead = runners.find_dead_here(self.store, self.runner_id)
+                fleet.beat(self.store, self.runner_id, self.policy.lease_seconds, self.warm_models())
+                dead = fleet.find_dead_here(self.store, self.runner_id)
                 if dead:
-                    runners.mark_gone(self.store, dead)
-                    taken = lifecycle.reap_expired(self.store, self.policy, dead_runners=dead)
+                    fleet.mark_gone(self.store, dead)
+                    taken = claims.reap_expired(self.store, self.policy, dead_runners=dead)
                     log.warning("runner(s) %s on this host are gone; took back %d step(s)", ", ".join(dead), taken)
                 self._owed.retry(self.store)
                 self._log_controls()
             if now - self._last_reap > self.policy.lease_seconds / 2:
                 self._last_reap = now
-                lifecycle.reap_expired(self.store, self.policy)
+                claims.reap_expired(self.store, self.policy)
             if now - self._last_sweep > max(4 * self.policy.lease_seconds, 5.0):
                 self._last_sweep = now
                 sweep_attempts(self.store, self.outbox)  # what runners that died elsewhere left in the outbox
@@ -230,8 +231,8 @@ class Runner:
     def abandon(self) -> int:
         """The last thing before exiting at once: this runner's running steps are taken back now
         (as a recovery: they keep their attempts), so no other runner waits for its lease to lapse."""
-        taken = lifecycle.reap_expired(self.store, self.policy, dead_runners=[self.runner_id])
-        runners.stopped(self.store, self.runner_id)
+        taken = claims.reap_expired(self.store, self.policy, dead_runners=[self.runner_id])
+        fleet.stopped(self.store, self.runner_id)
         return taken
 
     def close(self) -> None:
@@ -239,7 +240,7 @@ class Runner:
             lane.worker.close()
         self.finisher.shutdown(wait=True)
         try:
-            runners.stopped(self.store, self.runner_id)
+            fleet.stopped(self.store, self.runner_id)
         except Exception:
             log.exception("could not record that runner %s stopped", self.runner_id)
 
@@ -280,8 +281,8 @@ class _Lane:
 
     def claim(self, tx: Tx | None = None) -> list[Claim]:
         if tx is not None:
-            return lifecycle.claim_group_in(tx, self.runner_id, self.policy, self.batching, self.offer())
-        return lifecycle.claim_group(self.store, self.runner_id, self.policy, self.batching, self.offer())
+            return claims.claim_group_in(tx, self.runner_id, self.policy, self.batching, self.offer())
+        return claims.claim_group(self.store, self.runner_id, self.policy, self.batching, self.offer())
 
     def loop(self, done: threading.Event, until_idle: bool = False,
              before_idle_check: Callable[[], bool] | None = None) -> None:
@@ -421,7 +422,7 @@ class _Lane:
                         failure.message, exc_info=log.isEnabledFor(logging.DEBUG))
         return failure
 
-    def _wait(self, ticket: int, claims: list[Claim], tokens: list[CancellationToken], progress: "_Progress"):
+    def _wait(self, ticket: int, held: list[Claim], tokens: list[CancellationToken], progress: "_Progress"):
         """Wait for the handler, renewing the leases and passing pause and cancel on to it."""
         last_beat = time.monotonic()
         while True:
@@ -434,12 +435,12 @@ class _Lane:
             beat = now - last_beat >= self.heartbeat_every
             try:
                 if value is not None or beat:  # one transaction for every claim of the call
-                    states = lifecycle.heartbeat_all(self.store, claims, self.policy, *(value or (None, None)))
+                    states = claims.heartbeat_all(self.store, held, self.policy, *(value or (None, None)))
                 else:
                     states = [(True, status) for status in
-                              lifecycle.session_statuses(self.store, [claim.session_id for claim in claims])]
+                              claims.session_statuses(self.store, [claim.session_id for claim in held])]
                 if beat:
-                    runners.beat(self.store, self.runner_id, self.policy.lease_seconds)
+                    fleet.beat(self.store, self.runner_id, self.policy.lease_seconds)
                 self.database.ok()
             except STORE_ERRORS as exc:
                 # The database's trouble, not the handler's: it goes on, and the next look tries again
@@ -492,7 +493,7 @@ class _Lane:
             stale.clear()
             for number, (claim, output) in enumerate(zip(group, outputs)):
                 try:
-                    if lifecycle.complete_in(tx, claim, output, duration):
+                    if claims.complete_in(tx, claim, output, duration):
                         ended[claim.session_id] = (tx.get("sessions", (claim.session_id,)),
                                                    tx.projection.children("steps", claim.session_id))
                 except StaleLease:
@@ -529,7 +530,7 @@ class _Lane:
             stale.clear()
             for number, claim in enumerate(group):
                 try:
-                    lifecycle.fail_in(tx, claim, failure.code, failure.message, failure.retryable, self.policy)
+                    claims.fail_in(tx, claim, failure.code, failure.message, failure.retryable, self.policy)
                 except StaleLease:
                     stale.add(number)
 
@@ -550,7 +551,7 @@ class _Lane:
         self.outbox.discard(work_dir)
         if token.reason in ("paused", "stopping"):
             try:
-                self.store.write(lambda tx: lifecycle.release_in(tx, claim, token.reason))
+                self.store.write(lambda tx: claims.release_in(tx, claim, token.reason))
             except StaleLease:
                 pass
         self.on_step(claim, token.reason or "interrupted")

@@ -156,7 +156,7 @@ def why_waiting(conn, session_id: str, status: str, current_step: int, params: d
     """Why a pending or running session makes no progress, when it is stuck rather than queued: the
     runner holding its step is gone (the step waits for a live runner to take it back), no runner
     is running, or none offers the device the session is pinned to. None otherwise."""
-    from engine.affinity import pin_of, waiting_reason
+    from engine.run.affinity import pin_of, waiting_reason
 
     if status not in ("pending", "running"):
         return None

@@ -1,0 +1,1 @@
+"""The engine's Alembic migrations: shipped inside the wheel as `engine.migrations`."""
