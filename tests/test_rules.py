@@ -8,6 +8,7 @@ import sqlite3
 from engine.errors import StepFailed, UnsafePath, WillNotFit
 from engine.run.failures import classify, is_oom
 from engine.run.fleet import RunnerRow, dead_on_this_host
+from engine.store.errors import translate
 
 
 def test_failures_that_will_repeat_are_not_retried_and_transient_ones_are():
@@ -15,7 +16,7 @@ def test_failures_that_will_repeat_are_not_retried_and_transient_ones_are():
                  FileNotFoundError(errno.ENOENT, "gone"),
                  RuntimeError("Error(s) in loading state_dict: size mismatch for lora_A.weight")]
     transient = [StepFailed("planned"), OSError(errno.ENOSPC, "No space left on device"),
-                 sqlite3.OperationalError("database is locked"), RuntimeError("CUDA out of memory. Tried to allocate"),
+                 translate(sqlite3.OperationalError("database is locked")), RuntimeError("CUDA out of memory. Tried to allocate"),
                  MemoryError(), RuntimeError("CUDA error: device lost"), RuntimeError("something nobody foresaw")]
     assert [classify(e).retryable for e in permanent] == [False] * len(permanent)
     assert [classify(e).retryable for e in transient] == [True] * len(transient)

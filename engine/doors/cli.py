@@ -75,22 +75,14 @@ def _config(path: Path | None) -> Config:
 
 def command(fn: Callable) -> Callable:
     """Turn EngineErrors into a clear message and the contract's exit code; a database that cannot
-    be reached is one line too (DATABASE_UNAVAILABLE), never a traceback."""
+    be reached is one line too (the store's DATABASE_UNAVAILABLE), never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from engine.store import STORE_ERRORS, StoreUnavailable, is_lost_connection
-        from engine.store.eventstore import first_line
-
         try:
             return fn(*args, **kwargs)
         except EngineError as exc:
             raise _said(exc, kwargs.get("as_json")) from None
-        except STORE_ERRORS as exc:
-            if not is_lost_connection(exc):
-                raise
-            raise _said(StoreUnavailable(f"cannot reach the database: {first_line(exc)}"),
-                        kwargs.get("as_json")) from None
 
     return wrapper
 

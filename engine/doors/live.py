@@ -107,8 +107,7 @@ def _init_when_reachable(config: Config, until_idle: bool):
     """init(config), trying again with backoff while the database cannot be reached (said once, then
     summed up every half minute); with until_idle, StoreUnavailable after [database] reconnect_seconds."""
     from engine.outage import Outage
-    from engine.store import STORE_ERRORS, StoreUnavailable, is_lost_connection
-    from engine.store.eventstore import first_line
+    from engine.store import STORE_ERRORS, StoreUnavailable, first_line, is_lost_connection
 
     outage, started, pause = Outage(log, "reaching the database"), time.monotonic(), 0.5
     stopped = threading.Event()

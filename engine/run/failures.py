@@ -8,10 +8,10 @@ memory, a lost device) are retried with backoff. An error nobody foresaw is retr
 from __future__ import annotations
 
 import errno
-import sqlite3
 from dataclasses import dataclass
 
 from engine.errors import EngineError
+from engine.store.errors import StoreError
 
 # Words in a library's error that mean the inputs do not fit together (a LoRA or ControlNet of
 # another model family, a tensor of the wrong shape): trying again cannot help.
@@ -43,6 +43,8 @@ class Failure:
 def classify(error: BaseException) -> Failure:
     """The contract code, a one-line message, and whether another attempt may succeed."""
     text = f"{type(error).__name__}: {error}"
+    if isinstance(error, StoreError):  # the database's trouble (translated by the store), not the step's
+        return Failure("STEP_FAILED", f"database error: {error.message}", True)
     if isinstance(error, EngineError):
         return Failure(error.code, error.message, error.retryable)
     if is_oom(error):
@@ -51,8 +53,6 @@ def classify(error: BaseException) -> Failure:
         if error.errno in PERMANENT_ERRNOS:
             return Failure("STEP_FAILED", f"a file is missing: {error}", False)
         return Failure("STEP_FAILED", f"I/O error: {error}", True)
-    if isinstance(error, sqlite3.Error) or type(error).__module__.startswith("sqlalchemy"):
-        return Failure("STEP_FAILED", f"database error: {error}", True)
     lowered = str(error).lower()
     if any(word in lowered for word in DEVICE_WORDS):
         return Failure("DEVICE_UNAVAILABLE", text, True)

@@ -39,8 +39,7 @@ from engine.run.claims import Claim, Policy
 from engine.outbox.folders import Outbox, OwedWrites
 from engine.outage import Outage
 from engine.run.recovery import recover, sweep_attempts
-from engine.store import STORE_ERRORS, Store, StoreUnavailable, Tx, is_lost_connection
-from engine.store.eventstore import first_line
+from engine.store import STORE_ERRORS, Store, StoreUnavailable, Tx, first_line, is_lost_connection
 from engine.store.tables import events, leases, sessions
 
 log = logging.getLogger("engine.runner")

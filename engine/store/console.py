@@ -23,6 +23,7 @@ from typing import Any
 
 from engine.config import Config
 from engine.errors import EngineError, Timeout, ValidationError
+from engine.store.errors import translate
 
 log = logging.getLogger("engine.sql")
 
@@ -127,7 +128,7 @@ def _run_postgres(url: str, query: str, timeout: float) -> tuple[list[str], list
                     cursor.execute("ROLLBACK")
             return columns, rows
     except DBAPIError as exc:
-        raise EngineError(f"could not reach the database: {exc.orig}") from exc
+        raise translate(exc) from exc
     finally:
         engine.dispose()
 

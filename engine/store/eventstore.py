@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -19,10 +18,11 @@ from sqlalchemy import create_engine, delete, insert, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from engine.errors import EngineError
 from engine.outage import Outage
 from engine.store import reducer
 from engine.store.dialects import dialect_for
+from engine.store.errors import (DRIVER_ERRORS, StoreBusy, StoreConflict, StoreError, StoreUnavailable, first_line,
+                                 translate)
 from engine.store.events import Event, now_iso, storable
 from engine.store.projection import INSERT as PROJECTION_INSERTS
 from engine.store.projection import DatabaseProjection, MemoryProjection
@@ -136,21 +136,22 @@ class Store:
                     log.warning("got the database write lock after %.1f s", time.monotonic() - waited_since)
                 self._lost.ok()
                 return result, tx.emitted
-            except (DBAPIError, sqlite3.Error) as exc:
+            except (*DRIVER_ERRORS, StoreError) as exc:
                 if isinstance(exc, DBAPIError) and (exc.connection_invalidated or self._local_invalid()):
                     self._local.writer = None
-                kind = conflict_kind(exc)
-                if kind == "locked":
+                error = translate(exc)
+                if isinstance(error, StoreBusy):
                     waited_since = self._wait_for_lock(waited_since)
                     continue
-                if kind == "lost" and not committing:  # rolled back with its connection: safe to run again
+                if isinstance(error, StoreUnavailable) and not committing:  # rolled back with its connection: run again
                     lost_since = self._wait_for_database(lost_since, exc)
                     continue
-                if kind == "lost":  # the commit's answer was lost: it may have committed, so it is not repeated
-                    raise StoreUnavailable(f"the database connection was lost while committing: {first_line(exc)}") from exc
+                if isinstance(error, StoreUnavailable):  # the commit's answer was lost: it may have committed
+                    raise StoreUnavailable(f"the database connection was lost while committing: {first_line(exc)}",
+                                           exc) from exc
                 conflicts += 1
-                if kind != "conflict" or conflicts >= 50:
-                    raise
+                if not isinstance(error, StoreConflict) or conflicts >= 50:
+                    raise error from exc
                 time.sleep(min(0.005 * conflicts, 0.1))
 
     def _local_invalid(self) -> bool:
@@ -165,7 +166,8 @@ class Store:
         if since is None:
             since = now
         elif now - since > self.reconnect_seconds:
-            raise StoreUnavailable(f"the database cannot be reached (for {now - since:.0f} s): {first_line(exc)}") from exc
+            raise StoreUnavailable(f"the database cannot be reached (for {now - since:.0f} s): {first_line(exc)}",
+                                   exc) from exc
         time.sleep(min(0.05 * 2 ** min(int(now - since), 5), 1.0) + random.random() * 0.05)
         return since
 
@@ -185,8 +187,12 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.reader.connect() as conn:
-            yield conn
+        """A reading connection; a driver's error inside the block comes out as a StoreError."""
+        try:
+            with self.reader.connect() as conn:
+                yield conn
+        except DRIVER_ERRORS as exc:
+            raise translate(exc) from exc
 
     def stream(self, stream_type: str, stream_id: str) -> list[Event]:
         with self.read() as conn:
@@ -262,52 +268,10 @@ class Store:
         return differences
 
 
-class StoreUnavailable(EngineError):
-    """The database cannot be reached (refused, killed connections, a restarting server): the
-    store's trouble, never a step's or a file's."""
-
-    code = "DATABASE_UNAVAILABLE"
-
-
 # What any store call may raise that is the database's trouble, not the caller's.
-STORE_ERRORS = (DBAPIError, sqlite3.Error, StoreUnavailable)
-
-# SQLSTATE classes and codes that mean the connection (not the statement) failed: connection
-# exceptions, admin/crash shutdown, cannot connect now.
-LOST_STATES = ("08", "57P01", "57P02", "57P03")
-
-
-def first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {text[0] if text else ''}"
+STORE_ERRORS = (StoreError,)
 
 
 def is_lost_connection(exc: BaseException) -> bool:
-    """Whether a driver error means the connection to the database is gone (a server restart, a
-    killed backend, a refused connection) rather than something wrong with the statement."""
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    orig = getattr(exc, "orig", None) or exc
-    state = getattr(orig, "sqlstate", None) or ""
-    if state.startswith(LOST_STATES):
-        return True
-    message = str(orig).lower()
-    return any(words in message for words in ("server closed the connection", "connection refused",
-                                              "terminating connection", "connection is closed",
-                                              "could not connect", "connection failed", "consuming input failed"))
-
-
-def conflict_kind(exc: BaseException) -> str | None:
-    """'locked': the write lock is held elsewhere (wait); 'conflict': another writer won a race
-    (try again); 'lost': the connection is gone (try again on a new one); None: a real error."""
-    if is_lost_connection(exc):
-        return "lost"
-    orig = getattr(exc, "orig", None) or exc
-    message = str(orig).lower()
-    if any(word in message for word in ("database is locked", "database table is locked", "could not obtain lock",
-                                        "lock timeout", "database is busy")):
-        return "locked"
-    if any(word in message for word in ("deadlock", "could not serialize", "duplicate key", "unique constraint")):
-        return "conflict"
-    return None
+    """Whether an error means the database cannot be reached (rather than a wrong statement)."""
+    return isinstance(exc, StoreUnavailable)

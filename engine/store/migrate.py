@@ -21,7 +21,12 @@ def alembic_config(url: str) -> AlembicConfig:
 
 def upgrade(store) -> None:
     """Bring the database to the newest schema, using the store's writer connection."""
+    from engine.store.errors import DRIVER_ERRORS, translate
+
     config = alembic_config(store.url)
-    with store.reader.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
+    try:
+        with store.reader.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+    except DRIVER_ERRORS as exc:
+        raise translate(exc) from exc

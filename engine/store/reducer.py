@@ -42,10 +42,9 @@ def apply(projection: Projection, event: Event) -> None:
     handler = _HANDLERS.get(event.type)
     if handler is None:
         raise ReplayError(f"unknown event type {event.type}")
-    if event.type.split(".")[0] in ("session", "step", "batch", "item", "job", "model"):
-        expected = stream_version(projection, event.stream_type, event.stream_id) + 1
-        if event.seq != expected:
-            raise ReplayError(f"{event.stream_type} {event.stream_id}: seq {event.seq}, expected {expected}")
+    expected = stream_version(projection, event.stream_type, event.stream_id) + 1
+    if event.seq != expected:
+        raise ReplayError(f"{event.stream_type} {event.stream_id}: seq {event.seq}, expected {expected}")
     handler(projection, event)
 
 
