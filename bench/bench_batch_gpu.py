@@ -70,9 +70,7 @@ class Engine:
                  cache: Path | None = None) -> None:
         from engine import app
         from engine.config import load_config
-        from engine.ingest.intake import Intake
         from engine.domains.catalogue import ModelRegistry
-        from engine.run.runner import Runner
 
         root.mkdir(parents=True, exist_ok=True)
         settings = "[batching]\ncoalesce = true\nmax_batch_size = 8\n[compile]\nbatch_sizes = [1, 8]\n"
@@ -80,10 +78,11 @@ class Engine:
         settings += f'cache = "{cache}"\n' if cache else ""
         (root / "config.toml").write_text(settings)
         self.config = load_config(root / "config.toml")
-        self.store = app.init(self.config)
+        self.engine = app.Engine.create(self.config)
+        self.store = self.engine.store
         ModelRegistry(self.config.models_dir).add(folder, "sdxl-random", compile_setting=compile_setting)
-        self.intake = Intake(self.config)
-        self.runner = Runner(self.config, self.store, app.registry_for(self.config))
+        self.intake = self.engine.intake
+        self.runner = self.engine.runner()
 
     def submit(self, job: dict) -> str:
         from engine import commands

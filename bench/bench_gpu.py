@@ -223,20 +223,19 @@ class EngineRounds:
     def __init__(self, folder: Path, root: Path) -> None:
         from engine import app
         from engine.config import load_config
-        from engine.ingest.intake import Intake
         from engine.domains.catalogue import ModelRegistry
 
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.toml").write_text('[database]\nsynchronous = "FULL"\n')
         self.config = load_config(root / "config.toml")
-        self.store = app.init(self.config)
+        self.engine = app.Engine.create(self.config)
+        self.store = self.engine.store
         ModelRegistry(self.config.models_dir).add(folder, "sdxl-random")
-        self.intake = Intake(self.config)
-        from engine.run.runner import Runner
+        self.intake = self.engine.intake
 
         # One long-lived runner, as `engine run` is: its worker thread (and the CUDA handles that
         # thread holds) and its warm model cache last across rounds.
-        self.runner = Runner(self.config, self.store, app.registry_for(self.config))
+        self.runner = self.engine.runner()
         self.submitted = 0
 
     def session(self, prompt: str, seed: int, steps: int, size: int) -> dict:

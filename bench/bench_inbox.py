@@ -14,7 +14,6 @@ import time
 
 from common import installation, line
 
-from engine.ingest.inbox import Inbox
 from tests.helpers import query
 
 
@@ -33,7 +32,7 @@ def wait_for_sessions(install, count: int, timeout: float = 120) -> float:
 
 def burst(files: int, synchronous: str) -> float:
     install = installation(f"burst-{synchronous}", {"database": {"synchronous": synchronous}})
-    inbox = Inbox(install.config, install.store)
+    inbox = install.engine.inbox()
     inbox.start()
     time.sleep(0.3)
     staging = install.folder / "staging"
@@ -51,7 +50,7 @@ def burst(files: int, synchronous: str) -> float:
 
 def singles(count: int) -> list[float]:
     install = installation("single")
-    inbox = Inbox(install.config, install.store)
+    inbox = install.engine.inbox()
     inbox.start()
     time.sleep(0.3)
     latencies = []

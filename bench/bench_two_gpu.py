@@ -43,7 +43,6 @@ class Installation:
     def __init__(self, folder: Path, model: Path, devices: list[str], lease_seconds: float = 30.0) -> None:
         from engine import app
         from engine.config import load_config
-        from engine.ingest.intake import Intake
         from engine.domains.catalogue import ModelRegistry
 
         folder.mkdir(parents=True, exist_ok=True)
@@ -52,8 +51,9 @@ class Installation:
             '[handlers]\nmodules = ["engine.domains"]\n[batching]\ncoalesce = true\nmax_batch_size = 8\n'
             f"[runner]\ndevices = {json.dumps(devices)}\nlease_seconds = {lease_seconds}\n")
         self.config = load_config(self.config_path)
-        self.store = app.init(self.config)
-        self.intake = Intake(self.config, self.store)
+        self.engine = app.Engine.create(self.config)
+        self.store = self.engine.store
+        self.intake = self.engine.intake
         ModelRegistry(self.config.models_dir).add(model, "sdxl-random")
 
     def env(self) -> dict[str, str]:
@@ -79,11 +79,10 @@ def query(install: Installation, sql: str, **params) -> list:
 
 def timed_batch(install: Installation, args, devices: list[str]) -> dict:
     """A runner with these devices: the model loaded on each (untimed), then the batch, timed."""
-    from engine import app, commands
+    from engine import commands
     from engine.ingest.jobs import parse_job
-    from engine.run.runner import Runner
 
-    runner = Runner(install.config, install.store, app.registry_for(install.config))
+    runner = install.engine.runner()
     try:
         for n in range(len(devices)):  # one single image per worker first: loads and first calls not timed
             job = {"workflow": "txt2img", "params": {**batch_job(args, range(1))["params"], "seed": 9000 + n,

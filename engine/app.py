@@ -1,45 +1,116 @@
-"""Putting an installation together from its config: folders, schema, store, handlers, runner."""
+"""The one root: `Engine` puts an installation together from its config, once. It owns the
+config, the store, the handler registry, the model catalogue, the intake and the outbox (with the
+hook that writes result.json and summary.json after every commit that ends something), and builds
+the runner and the inbox. Every door (CLI, stdio worker, live view), the tests and the benches get
+what they need from it.
+"""
 
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 
 from engine.config import Config
-from engine.run.handlers import Registry, load_registry
+from engine.errors import NotFound
 from engine.store import Store
-from engine.store.migrate import upgrade
 
 
-def init(config: Config) -> Store:
-    """Create the folders and bring the database to the newest schema (idempotent)."""
+def create_folders(config: Config) -> None:
     for folder in (config.inbox, config.inbox / "accepted", config.inbox / "rejected", config.outbox,
                    config.models_dir):
         folder.mkdir(parents=True, exist_ok=True)
     if not config.get("database", "url"):
         config.path("database").parent.mkdir(parents=True, exist_ok=True)
-    store = Store.from_config(config)
-    upgrade(store)
-    return store
 
 
 def require_installation(config: Config) -> None:
     """Refuse, creating nothing, where no installation is: a SQLite database that does not exist."""
-    from engine.errors import NotFound
-
     if not config.get("database", "url") and not config.path("database").is_file():
         where = f"with {config.source}" if config.source else f"in {config.base_dir} (no config.toml here)"
         raise NotFound(f"no engine installation {where}: {config.path('database')} does not exist; "
                        "run `engine init` first, or pass --config PATH to an installation's config.toml")
 
 
-def open_store(config: Config) -> Store:
-    """The store of an existing installation (see require_installation)."""
-    require_installation(config)
-    return Store.from_config(config)
+class Engine:
+    """One installation: what every door, test and bench works through."""
 
+    def __init__(self, config: Config, store: Store) -> None:
+        from engine.outbox.folders import Outbox
+        from engine.outbox.results import Results
 
-def registry_for(config: Config) -> Registry:
-    return load_registry(config.get("handlers", "modules"))
+        self.config = config
+        self.store = store
+        self.outbox = Outbox(config.outbox)
+        self.results = Results(self.outbox, store)
+        store.after_commit.append(self.results.after_commit)
+
+    @classmethod
+    def create(cls, config: Config) -> "Engine":
+        """Create the folders and bring the database to the newest schema (idempotent): `engine
+        init`, and every runner's start (an older installation is upgraded)."""
+        from engine.store.migrate import upgrade
+
+        create_folders(config)
+        store = Store.from_config(config)
+        try:
+            upgrade(store)
+        except BaseException:
+            store.close()
+            raise
+        return cls(config, store)
+
+    @classmethod
+    def open(cls, config: Config) -> "Engine":
+        """An existing installation, as it is (see require_installation)."""
+        require_installation(config)
+        return cls(config, Store.from_config(config))
+
+    @cached_property
+    def handlers(self):
+        """The handler registry of `[handlers] modules` (the first worker's; see Registry.for_another_worker)."""
+        from engine.run.handlers import load_registry
+
+        return load_registry(self.config.get("handlers", "modules"))
+
+    @cached_property
+    def models(self):
+        """The model catalogue of `[paths] models`."""
+        from engine.domains.catalogue import ModelRegistry
+
+        return ModelRegistry(self.config.models_dir, self.config.get("models", "allow_pickle"),
+                             self.config.get("models", "default"))
+
+    @cached_property
+    def intake(self):
+        """What a job is checked and resolved against: limits, workflows, models, devices."""
+        from engine.ingest.intake import Intake
+
+        return Intake(self.config, self.store, self.handlers, self.models)
+
+    def runner(self, runner_id: str | None = None, **options):
+        from engine.run.runner import Runner
+
+        return Runner(self, runner_id=runner_id, **options)
+
+    def inbox(self):
+        from engine.ingest.inbox import Inbox
+
+        return Inbox(self)
+
+    def close(self) -> None:
+        """Write what is owed to the outbox, then close the store."""
+        try:
+            self.results.close()
+        finally:
+            if self.results.after_commit in self.store.after_commit:
+                self.store.after_commit.remove(self.results.after_commit)
+            self.store.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
 
 def quiet_libraries() -> None:
@@ -56,4 +127,3 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
     for name in ("diffusers", "transformers", "alembic", "watchdog"):
         logging.getLogger(name).setLevel(logging.ERROR)
-

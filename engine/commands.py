@@ -10,13 +10,15 @@ from typing import Any, Callable
 
 from sqlalchemy import select
 
+from engine import ending
 from engine.errors import DuplicateJob, InvalidTransition, NotFound
 from engine.ingest.intake import Intake, ResolvedSession
 from engine.ingest.jobs import BatchJob, ControlJob, SessionJob
-from engine.machines import BATCH, ITEM, SESSION, TERMINAL
+from engine.machines import BATCH, SESSION
+from engine.queries import find_target
 from engine.store import Store, Tx
 from engine.store.projection import DatabaseProjection
-from engine.store.tables import batches, jobs, leases, sessions
+from engine.store.tables import jobs, leases
 
 
 def new_id(prefix: str) -> str:
@@ -55,11 +57,23 @@ class Source:
 # submitting ----------------------------------------------------------------------------------
 
 def submit(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob, source: Source,
-           still_there: Callable[[], bool] | None = None) -> Submitted:
+           still_there: Callable[[], bool] | None = None, resent_is_same: bool = False) -> Submitted:
     """Validate and record a job: session.created or batch.created, then job.received.
 
     `still_there`: asked inside the transaction; False (the file was taken by another runner and
-    moved meanwhile) records nothing."""
+    moved meanwhile) records nothing. A job_id accepted before is DUPLICATE_JOB, pointing at what
+    it made; `resent_is_same` (a protocol whose client-chosen id names one session) answers with
+    that instead (`already`)."""
+    try:
+        return _submit(store, intake, job, source, still_there)
+    except DuplicateJob as exc:
+        if not resent_is_same:
+            raise
+        return Submitted(exc.extra["existing_type"], exc.extra["existing_id"], already=True)
+
+
+def _submit(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob, source: Source,
+            still_there: Callable[[], bool] | None) -> Submitted:
     if isinstance(job, ControlJob):
         return _submit_control(store, job, source, still_there)
     resolved = intake.session(job) if isinstance(job, SessionJob) else intake.batch(job)
@@ -127,7 +141,7 @@ def check(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob)
         refuse_duplicate(conn, job.job_id)
         if isinstance(job, ControlJob):
             view = DatabaseProjection(conn, store.dialect)
-            target_type, target_id = _lookup(conn, job.target)
+            target_type, target_id = find_target(conn, job.target)
             if target_type == "session":
                 _check_session_control(view.get("sessions", (target_id,)), target_id, job.action)
             else:
@@ -180,7 +194,7 @@ def _submit_control(store: Store, job: ControlJob, source: Source,
         earlier = _taken_before(tx, source, job.job_id, still_there)
         if earlier is not None:
             return earlier
-        target_type, target_id = _lookup(tx.conn, job.target)
+        target_type, target_id = find_target(tx.conn, job.target)
         apply_control(tx, target_type, target_id, job.action)
         tx.emit("job", source.file_key, "job.received", {
             **source.fields(), "job_id": job.job_id, "target_type": target_type, "target_id": target_id,
@@ -200,31 +214,12 @@ def control(store: Store, target: str, action: str) -> tuple[str, str, list]:
     Returns the target's type and id, and the events appended."""
 
     def record(tx: Tx) -> tuple[str, str]:
-        target_type, target_id = _lookup(tx.conn, target)
+        target_type, target_id = find_target(tx.conn, target)
         apply_control(tx, target_type, target_id, action)
         return target_type, target_id
 
     (target_type, target_id), events = store.write_events(record)
     return target_type, target_id, events
-
-
-def find_target(store: Store, target: str) -> tuple[str, str]:
-    with store.read() as conn:
-        return _lookup(conn, target)
-
-
-def _lookup(conn, target: str) -> tuple[str, str]:
-    """(session | batch, id) of a session id, batch id or accepted job_id."""
-    if conn.execute(select(sessions.c.session_id).where(sessions.c.session_id == target)).first():
-        return "session", target
-    if conn.execute(select(batches.c.batch_id).where(batches.c.batch_id == target)).first():
-        return "batch", target
-    row = conn.execute(select(jobs.c.target_type, jobs.c.target_id)
-                       .where(jobs.c.job_id == target, jobs.c.status == "accepted",
-                              jobs.c.target_type.in_(("session", "batch")))).first()
-    if row:
-        return row.target_type, row.target_id
-    raise NotFound(f"no session, batch or job_id {target!r}")
 
 
 def apply_control(tx: Tx, target_type: str, target_id: str, action: str) -> None:
@@ -270,17 +265,9 @@ def control_session(tx: Tx, session_id: str, action: str, from_batch: bool = Fal
     if action in ("cancel", "delete"):
         tx.conn.execute(leases.delete().where(leases.c.session_id == session_id))
     if action == "cancel":
-        session_ended(tx, session_id, "cancelled")
-    if action == "resume":
-        _complete_if_done(tx, session_id)
-
-
-def _complete_if_done(tx: Tx, session_id: str) -> None:
-    """A session paused while its last step finished completes when resumed."""
-    session = tx.get("sessions", (session_id,))
-    if session["status"] == "running" and session["current_step"] >= session["total_steps"]:
-        tx.emit("session", session_id, "session.completed", {"session_id": session_id, "run": session["run"]})
-        session_ended(tx, session_id, "completed")
+        ending.item_ended(tx, session_id, "cancelled")
+    if action == "resume":  # paused while its last step finished: it completes now
+        ending.complete_if_done(tx, session_id)
 
 
 def control_batch(tx: Tx, batch_id: str, action: str) -> None:
@@ -291,23 +278,3 @@ def control_batch(tx: Tx, batch_id: str, action: str) -> None:
     for session in item_sessions:
         if session and SESSION.allowed(action, session["status"]):
             control_session(tx, session["session_id"], action, from_batch=True)
-
-
-def session_ended(tx: Tx, session_id: str, status: str) -> None:
-    """Tell a session's batch (if any) that its item ended; the batch completes with its last item."""
-    session = tx.get("sessions", (session_id,))
-    if session is None or not session["batch_id"]:
-        return
-    batch_id, index = session["batch_id"], session["item_index"]
-    item = tx.get("items", (batch_id, index))
-    trigger = {"completed": "complete", "failed": "fail", "cancelled": "cancel"}[status]
-    if item and ITEM.allowed(trigger, item["status"]):
-        tx.emit("batch", batch_id, ITEM.event(trigger), {"batch_id": batch_id, "item_index": index,
-                                                         "session_id": session_id})
-    batch = tx.get("batches", (batch_id,))
-    ended = batch["completed_items"] + batch["failed_items"] + batch["cancelled_items"]
-    if batch["status"] not in TERMINAL and ended == batch["total_items"]:
-        tx.emit("batch", batch_id, "batch.completed", {
-            "batch_id": batch_id, "completed_items": batch["completed_items"], "failed_items": batch["failed_items"],
-            "cancelled_items": batch["cancelled_items"],
-        })

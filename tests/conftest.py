@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import app
+from engine.app import Engine
 from engine.config import load_config
-from engine.ingest.intake import Intake
 from engine.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +55,15 @@ def write_config(folder: Path, database_url: str = "", settings: dict | None = N
 
 
 class Installation:
-    """A config, its store and intake: what a test needs to drive the engine."""
+    """A config and its engine (store, intake, outbox): what a test needs to drive the engine."""
 
     def __init__(self, folder: Path, database_url: str = "", settings: dict | None = None):
         self.folder = folder
         self.config_path = write_config(folder, database_url, settings)
         self.config = load_config(self.config_path)
-        self.store: Store = app.init(self.config)
-        self.intake = Intake(self.config, self.store)
+        self.engine = Engine.create(self.config)
+        self.store: Store = self.engine.store
+        self.intake = self.engine.intake
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)

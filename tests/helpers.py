@@ -12,7 +12,7 @@ from collections import Counter
 
 from sqlalchemy import select, text
 
-from engine import app, commands
+from engine import commands
 from engine.ingest.jobs import parse_job
 from engine.run.runner import Runner
 from engine.store.tables import events
@@ -34,7 +34,7 @@ def engine_process(install, *args: str, env: dict[str, str] | None = None) -> st
 
 
 def runner(install, **kwargs) -> Runner:
-    return Runner(install.config, install.store, app.registry_for(install.config), **kwargs)
+    return install.engine.runner(**kwargs)
 
 
 def run_until_idle(install, **kwargs) -> int:
@@ -66,3 +66,11 @@ def completions(install) -> Counter:
 
 def event_types(install, stream_id: str) -> list[str]:
     return [e.type for e in install.store.stream("session", stream_id)]
+
+
+def claim_one(store, runner_id: str, policy):
+    """The next runnable step, claimed alone (as a runner's worker claims it when nothing joins it)."""
+    from engine.run import claims
+
+    found = claims.claim_group(store, runner_id, policy, {"coalesce": False})
+    return found[0] if found else None

@@ -160,7 +160,6 @@ def test_sigkill_during_batched_calls_loses_nothing_and_publishes_nothing_twice(
 
 
 def test_a_matrix_expands_params_as_a_product_or_a_zip_with_a_cap(tmp_path):
-    from engine.ingest.inbox import Inbox
 
     install = Installation(tmp_path / "engine", settings={"inbox": {"max_batch_items": 12}})
     inbox = install.config.inbox
@@ -176,7 +175,7 @@ def test_a_matrix_expands_params_as_a_product_or_a_zip_with_a_cap(tmp_path):
     for name, job in jobs.items():
         (inbox / name).write_text(json.dumps(job))
         os.utime(inbox / name, (0, 0))
-    outcomes = {o.file_name: o for o in Inbox(install.config, install.store, install.intake).scan()}
+    outcomes = {o.file_name: o for o in install.engine.inbox().scan()}
     assert outcomes["product.json"].accepted and outcomes["zip.json"].accepted
     assert outcomes["uneven.json"].code == "VALIDATION_ERROR" and "equal" in outcomes["uneven.json"].message
     assert outcomes["too-many.json"].code == "VALIDATION_ERROR" and "16 items, at most 12" in outcomes["too-many.json"].message

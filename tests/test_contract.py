@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from engine.ingest.inbox import Inbox
 from engine.domains.catalogue import ModelRegistry
 from tests.conftest import Installation
-from tests.helpers import engine_process, query
+from tests.helpers import claim_one, engine_process, query
 
 
 def engine(install, *args: str) -> subprocess.CompletedProcess:
@@ -29,7 +28,7 @@ def drop(install, name: str, job) -> None:
 
 
 def outcomes(install) -> dict:
-    return {o.file_name: o for o in Inbox(install.config, install.store).scan()}
+    return {o.file_name: o for o in install.engine.inbox().scan()}
 
 
 def test_csharp_and_automatic1111_keys_are_aliases_of_the_contracts(install):
@@ -248,11 +247,11 @@ def test_session_progress_weighs_a_denoise_above_a_device_lookup(backend_install
     session_id = submit(install, {"workflow": "weighted"}).target_id
     policy = Policy.from_config(install.config)
     for _ in range(2):
-        claim = claims.claim(install.store, "r1", policy)
+        claim = claim_one(install.store, "r1", policy)
         install.store.write(lambda tx: claims.complete_in(tx, claim, {"images": [], "files": [], "data": {}}, 0.0))
-    claim = claims.claim(install.store, "r1", policy)
+    claim = claim_one(install.store, "r1", policy)
     assert claim.step_index == 2
-    claims.heartbeat(install.store, claim, policy, 0.5, "denoising 15/30")
+    claims.heartbeat_all(install.store, [claim], policy, 0.5, "denoising 15/30")
     (progress,), = query(install, "SELECT progress FROM session_status WHERE session_id = :s", s=session_id)
     assert progress == pytest.approx((1 + 2 + 0.5 * 20) / 23)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from engine import commands
-from engine.run import claims
 from engine.errors import InvalidTransition, NotFound
 from engine.run.claims import Policy
-from tests.helpers import query, run_until_idle, status, submit
+from tests.helpers import claim_one, query, run_until_idle, status, submit
 
 ALLOWED = {
     "pending": {"pause", "cancel", "delete"},
@@ -26,7 +25,7 @@ def session_in(install, state: str) -> str:
     workflow = "broken" if state == "failed" else "noop3"
     session_id = submit(install, {"workflow": workflow, "hold": state == "paused"}).target_id
     if state == "running":
-        claim = claims.claim(install.store, "runner-a", Policy.from_config(install.config))
+        claim = claim_one(install.store, "runner-a", Policy.from_config(install.config))
         assert claim.session_id == session_id
     elif state in ("completed", "failed"):
         run_until_idle(install)

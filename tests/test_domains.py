@@ -471,7 +471,6 @@ def test_a_batch_runs_its_items_in_shared_calls_with_metrics_and_a_labelled_cont
 
 def test_a_lora_or_controlnet_of_another_family_is_refused_at_submit(studio):
     """Refused when the file is taken, naming both families, instead of failing three times at run time."""
-    from engine.ingest.inbox import Inbox
 
     inbox = studio.config.inbox
     jobs = {
@@ -483,7 +482,7 @@ def test_a_lora_or_controlnet_of_another_family_is_refused_at_submit(studio):
     for name, job in jobs.items():
         (inbox / name).write_text(json.dumps(job))
         os.utime(inbox / name, (0, 0))
-    outcomes = {o.file_name: o for o in Inbox(studio.config, studio.store).scan()}
+    outcomes = {o.file_name: o for o in studio.engine.inbox().scan()}
     assert outcomes["fits.json"].accepted
     lora, controlnet = outcomes["lora.json"], outcomes["controlnet.json"]
     assert lora.code == controlnet.code == "VALIDATION_ERROR"

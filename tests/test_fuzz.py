@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import EngineError
-from engine.ingest.inbox import Inbox, is_job_name
+from engine.ingest.inbox import is_job_name
 from engine.ingest.jobs import parse_job, parse_job_bytes
 from tests.conftest import Installation
 
@@ -62,7 +62,7 @@ def test_the_inbox_takes_any_file_under_any_name_and_keeps_its_bytes(tmp_path_fa
         path = install.config.inbox / name
         path.write_bytes(content)
         os.utime(path, (0, 0))  # finished long ago: no partial-file grace
-        outcomes = Inbox(install.config, install.store, install.intake).scan()
+        outcomes = install.engine.inbox().scan()
         if not is_job_name(name):  # a dotfile, an editor's temporary: left alone
             assert outcomes == [] and path.read_bytes() == content
             return

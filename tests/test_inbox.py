@@ -249,7 +249,6 @@ def test_sigkill_during_the_ingest_of_500_files_takes_each_exactly_once(tmp_path
 def test_a_file_committed_but_not_moved_is_only_moved_on_restart(install):
     """The crash window between the commit and the move, taken on purpose: the file's identity,
     recorded with its ingest, tells it apart from a new drop."""
-    from engine.ingest.inbox import Inbox
     from engine.ingest.seen import look_at
     from engine.ingest.jobs import parse_job_bytes
 
@@ -259,7 +258,7 @@ def test_a_file_committed_but_not_moved_is_only_moved_on_restart(install):
     seen = look_at(path, 1 << 20)
     source = commands.Source(seen.name, seen.content_hash, seen.identity, "once.json")
     first = commands.submit(install.store, install.intake, parse_job_bytes(content), source)
-    assert Inbox(install.config, install.store).scan() == []
+    assert install.engine.inbox().scan() == []
     assert query(install, "SELECT count(*) FROM sessions") == [(1,)]
     assert query(install, "SELECT target_id FROM jobs") == [(first.target_id,)]
     assert (install.config.inbox / "accepted" / "once.json").read_bytes() == content
@@ -268,17 +267,16 @@ def test_a_file_committed_but_not_moved_is_only_moved_on_restart(install):
 
 def test_a_crash_between_link_and_unlink_leaves_one_accepted_copy(install):
     """The move out of the inbox is a hard link then an unlink; a crash in between is finished."""
-    from engine.ingest.inbox import Inbox
 
     content = job(params={"prompt": "linked"})
     path = install.config.inbox / "linked.json"
     path.write_bytes(content)
-    Inbox(install.config, install.store).scan()
+    install.engine.inbox().scan()
     accepted = install.config.inbox / "accepted" / "linked.json"
     import os as _os
 
     _os.link(accepted, path)  # as if the unlink never happened
-    Inbox(install.config, install.store).scan()
+    install.engine.inbox().scan()
     assert not path.exists()
     assert sorted(p.name for p in (install.config.inbox / "accepted").iterdir()) == ["linked.json"]
     assert query(install, "SELECT count(*) FROM sessions") == [(1,)]

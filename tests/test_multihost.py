@@ -190,7 +190,7 @@ def _store(url: str, shared: Path):
     config = load_config(write_config(shared.parent / "observer", url, {
         "paths": {"inbox": str(shared / "inbox"), "outbox": str(shared / "outbox"), "models": str(shared / "models"),
                   "workflows": str(TEST_WORKFLOWS)}}))
-    return config, app.init(config)
+    return config, app.Engine.create(config).store
 
 
 def _wait(what, timeout: float, every: float = 0.2, state=lambda: ""):

@@ -91,9 +91,8 @@ def test_a_kill_between_commit_and_publish_is_finished_at_start(tmp_path):
         "from engine import app\n"
         "from engine.outbox.folders import Outbox\n"
         "Outbox.publish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "from engine.run.runner import Runner\n"
         "cfg = load_config()\n"
-        "Runner(cfg, app.init(cfg), app.registry_for(cfg), runner_id='r1').run(until_idle=True)\n"
+        "app.Engine.create(cfg).runner(runner_id='r1').run(until_idle=True)\n"
     )
     crashed = subprocess.run([sys.executable, "-c", code], env=env, cwd=install.folder, capture_output=True)
     assert crashed.returncode == -signal.SIGKILL

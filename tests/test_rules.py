@@ -53,3 +53,21 @@ def test_a_contact_sheet_uses_the_tiles_of_saved_images_and_never_a_replaced_fil
     assert tiles.get(moved) is None
     sheet = contact_sheet([(moved, "#0")], tmp_path / "sheet.png")
     assert Image.open(sheet).convert("RGB").getpixel((10, 10)) == (0, 0, 250)
+
+
+def test_every_device_kind_discovery_knows_has_an_estimate(install):
+    """`engine workflows ID` on a ROCm or XPU machine: an estimate, not a KeyError."""
+    from engine.domains.device import PREFERENCE, DeviceInfo
+    from engine.domains.estimate import estimate
+    from engine.ingest.jobs import validate_params
+    from engine.workflows import load_workflows
+
+    workflow = load_workflows(install.config.workflows_dir)["txt2img"]
+    params = validate_params({"width": 512, "height": 512, "steps": 10}, "params")
+    seconds = {}
+    for kind in PREFERENCE:
+        device = DeviceInfo(f"{kind}:0" if kind != "cpu" else "cpu", kind, 0, kind, 8 * 2**30, 8 * 2**30, True, True)
+        guess = estimate(install.config, workflow, params, devices=[device])
+        assert guess["device"] == device.id and guess["memory_bytes"] > 0, guess
+        seconds[kind] = guess["seconds"]
+    assert seconds["cuda"] < seconds["cpu"] and seconds["rocm"] < seconds["cpu"] and seconds["xpu"] < seconds["cpu"]

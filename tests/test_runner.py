@@ -12,7 +12,7 @@ from engine import commands
 from engine.run import claims
 from engine.errors import StaleLease
 from engine.run.claims import Policy
-from tests.helpers import completions, event_types, query, run_until_idle, runner, status, submit
+from tests.helpers import claim_one, completions, event_types, query, run_until_idle, runner, status, submit
 
 
 def test_sessions_run_to_completion_and_the_log_rebuilds_the_same_tables(backend_install):
@@ -44,17 +44,17 @@ def test_a_runner_that_lost_its_lease_cannot_record_its_result(backend_install):
     install = backend_install
     policy = Policy.from_config(install.config)
     session_id = submit(install, {"workflow": "noop1"}).target_id
-    stale = claims.claim(install.store, "runner-a", policy)
+    stale = claim_one(install.store, "runner-a", policy)
     assert claims.reap_expired(install.store, policy, now=time.time() + 3600) == 1
     time.sleep(0.1)  # the retry's backoff
-    fresh = claims.claim(install.store, "runner-b", policy)
+    fresh = claim_one(install.store, "runner-b", policy)
     assert (fresh.session_id, fresh.attempt) == (session_id, 2)
     with pytest.raises(StaleLease):
         install.store.write(lambda tx: claims.complete_in(tx, stale, {}, 0.1))
     install.store.write(lambda tx: claims.complete_in(tx, fresh, {}, 0.1))
     assert status(install, session_id) == "completed"
     assert list(completions(install).values()) == [1]
-    owned, _ = claims.heartbeat(install.store, stale, policy)
+    owned, _ = claims.heartbeat_all(install.store, [stale], policy)[0]
     assert not owned
 
 
@@ -63,10 +63,10 @@ def test_one_heartbeat_renews_each_claim_of_a_call_and_says_which_it_lost(backen
     policy = Policy.from_config(install.config)
     for _ in range(3):
         submit(install, {"workflow": "noop1"})
-    first = [claims.claim(install.store, "runner-a", policy) for _ in range(3)]
+    first = [claim_one(install.store, "runner-a", policy) for _ in range(3)]
     assert claims.reap_expired(install.store, policy, now=time.time() + 3600) == 3  # every lease lapses
     time.sleep(0.1)  # the retries' backoff
-    again = {c.session_id: c for c in (claims.claim(install.store, "runner-a", policy) for _ in range(3))}
+    again = {c.session_id: c for c in (claim_one(install.store, "runner-a", policy) for _ in range(3))}
     call = [again[first[0].session_id], first[1], again[first[2].session_id]]
     states = claims.heartbeat_all(install.store, call, policy, 0.4, "denoising 12/30")
     assert [owned for owned, _ in states] == [True, False, True], "the lapsed first attempt is not renewed"

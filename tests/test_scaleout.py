@@ -21,13 +21,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import app
 from engine.run.affinity import Candidate, Offer, choose, offers, pin_of, waiting_reason
 from engine.domains.device import DeviceInfo, worker_devices
 from engine.errors import DeviceUnavailable, ValidationError
 from engine.outbox.folders import ATTEMPTS, Outbox
 from engine.domains.catalogue import ModelRegistry
-from engine.run.runner import Runner, lane_names
+from engine.run.runner import lane_names
 from tests.conftest import Installation
 from tests.helpers import completions, query, run_until_idle, status, submit
 from tests.test_worker import Pipe
@@ -118,7 +117,7 @@ def claims(install) -> list[dict]:
 
 def test_two_workers_in_one_runner_share_the_queue_and_run_each_step_once(backend_install):
     sessions = [submit(backend_install, {"workflow": "sleepy", "params": {"steps": 2}}).target_id for _ in range(8)]
-    runner = Runner(backend_install.config, backend_install.store, app.registry_for(backend_install.config), devices=[device("cpu")] * 2)
+    runner = backend_install.engine.runner(devices=[device("cpu")] * 2)
     try:
         runner.run(until_idle=True)
     finally:
@@ -134,8 +133,7 @@ def test_two_workers_in_one_runner_share_the_queue_and_run_each_step_once(backen
 
 
 def test_a_pinned_job_runs_only_on_a_worker_of_its_device(backend_install):
-    runner = Runner(backend_install.config, backend_install.store, app.registry_for(backend_install.config),
-                    devices=[device("cuda:0"), device("cuda:1")])
+    runner = backend_install.engine.runner(devices=[device("cuda:0"), device("cuda:1")])
     try:
         runner.run(until_idle=True)  # registers it: its devices are known to the intake
         pinned = [submit(backend_install, {"workflow": "sleepy", "params": {"steps": 1, "device": "cuda:1"}}).target_id
@@ -158,7 +156,7 @@ def test_a_job_pinned_to_a_device_no_runner_offers_is_refused_at_submit(install)
 
 
 def test_a_pinned_session_whose_device_no_live_runner_offers_waits_and_says_why(install):
-    gpu_runner = Runner(install.config, install.store, app.registry_for(install.config), devices=[device("cuda:1")])
+    gpu_runner = install.engine.runner(devices=[device("cuda:1")])
     gpu_runner.run(until_idle=True)
     gpu_runner.close()  # the host with the GPU goes away
     session_id = submit(install, {"workflow": "noop1", "params": {"device": "cuda:1"}}).target_id
@@ -170,7 +168,7 @@ def test_a_pinned_session_whose_device_no_live_runner_offers_waits_and_says_why(
         return json.loads(done.stdout)
 
     assert "no runner is running" in report()["waiting"]
-    cpu_runner = Runner(install.config, install.store, app.registry_for(install.config), devices=[device("cpu")])
+    cpu_runner = install.engine.runner(devices=[device("cpu")])
     thread = threading.Thread(target=cpu_runner.run)
     thread.start()
     try:
@@ -301,7 +299,7 @@ def test_a_live_runner_sweeps_away_the_attempt_folder_a_killed_runner_left(tmp_p
     install = Installation(tmp_path / "engine", settings={"runner": {"lease_seconds": 1.0, "heartbeat_seconds": 0.2}})
     session_id = submit(install, {"workflow": "write1", "params": {"device": "cpu"}}).target_id
     attempts = install.config.outbox / ATTEMPTS
-    live = Runner(install.config, install.store, app.registry_for(install.config), devices=[device("cuda:1")])
+    live = install.engine.runner(devices=[device("cuda:1")])
     thread = threading.Thread(target=live.run)
     thread.start()
     try:

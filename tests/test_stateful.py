@@ -18,7 +18,7 @@ from engine.run import claims
 from engine.errors import InvalidTransition, NotFound, StaleLease
 from engine.run.claims import Policy
 from tests.conftest import Installation
-from tests.helpers import submit
+from tests.helpers import claim_one, submit
 
 WORKFLOWS = st.sampled_from(["noop1", "noop3", "broken", "flaky"])
 ACTIONS = st.sampled_from(["pause", "resume", "cancel", "restart", "delete"])
@@ -59,7 +59,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(runner=st.sampled_from(["runner-a", "runner-b"]))
     def claim(self, runner):
-        found = claims.claim(self.install.store, runner, self.policy)
+        found = claim_one(self.install.store, runner, self.policy)
         if found is not None:
             self.claims.append(found)
 

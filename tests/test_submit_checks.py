@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from engine.errors import ValidationError
-from engine.ingest.inbox import Inbox
 from tests.conftest import Installation
 from tests.helpers import query, submit
 
@@ -27,7 +26,7 @@ def drop(install, name: str, job) -> None:
 
 
 def outcomes(install) -> dict:
-    return {o.file_name: o for o in Inbox(install.config, install.store).scan()}
+    return {o.file_name: o for o in install.engine.inbox().scan()}
 
 
 def engine(install, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -246,7 +245,7 @@ def test_a_valid_job_waits_in_the_inbox_while_the_database_disk_is_full_and_is_t
         handler = logging.Handler(logging.INFO)
         handler.emit = said.append
         logging.getLogger("engine.inbox").addHandler(handler)  # whatever an earlier test did to logging
-        inbox = Inbox(install.config, install.store)
+        inbox = install.engine.inbox()
         for _ in range(8):  # more than the failures after which a file of its own fault is rejected
             assert inbox.scan() == []
         assert (install.config.inbox / "valid.json").exists() and not list((install.config.inbox / "rejected").glob("*"))

@@ -120,13 +120,21 @@ def torch_device(device: DeviceInfo):
     return torch.device(device.id)
 
 
+HALF_PRECISION = (*CUDA_API, "xpu")  # kinds that run in float16 by default
+
+
 def dtype_for(device: DeviceInfo, configured: str = "auto"):
     import torch
 
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if configured != "auto":
         return names[configured]
-    return torch.float16 if device.kind in (*CUDA_API, "xpu") else torch.float32
+    return torch.float16 if device.kind in HALF_PRECISION else torch.float32
+
+
+def torch_dtype_bytes(device: DeviceInfo) -> int:
+    """Bytes per value at the default precision of this device (see dtype_for)."""
+    return 2 if device.kind in HALF_PRECISION else 4
 
 
 def generator_device(device: DeviceInfo) -> str:

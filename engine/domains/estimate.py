@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from engine.domains import memory
-from engine.domains.device import CUDA_API, select
+from engine.domains.device import select, torch_dtype_bytes
 from engine.errors import EngineError
 from engine.domains.catalogue import ModelRegistry
 
-# Seconds per denoising step of one 1024x1024 SDXL-class image, by device kind (order of magnitude).
-SECONDS_PER_MEGAPIXEL_STEP = {"cuda": 0.06, "directml": 0.25, "mps": 0.5, "cpu": 12.0}
+# Seconds per denoising step of one 1024x1024 SDXL-class image, by device kind (order of magnitude);
+# every kind discovery knows (device.PREFERENCE) has one.
+SECONDS_PER_MEGAPIXEL_STEP = {"cuda": 0.06, "rocm": 0.09, "xpu": 0.2, "directml": 0.25, "mps": 0.5, "cpu": 12.0}
 
 
-def estimate(config, workflow, params) -> dict[str, Any]:
-    device = select(params.device or config.get("device", "preferred"))
+def estimate(config, workflow, params, devices: list | None = None) -> dict[str, Any]:
+    """`devices`: what to choose the device from (by default, what discovery finds here)."""
+    device = select(params.device or config.get("device", "preferred"), devices)
     registry = ModelRegistry(config.models_dir, config.get("models", "allow_pickle"))
     weights, model_id, size = 0, None, 1024
     if workflow.generates:
@@ -25,7 +27,7 @@ def estimate(config, workflow, params) -> dict[str, Any]:
         except EngineError:
             pass
     width, height = params.width or size, params.height or size
-    dtype_bytes = 2 if device.kind in CUDA_API else 4
+    dtype_bytes = torch_dtype_bytes(device)
     activations = memory.activation_bytes(width, height, params.num_images, dtype_bytes) if workflow.generates else 0
     megapixels = width * height / 2**20
     seconds = (SECONDS_PER_MEGAPIXEL_STEP[device.kind] * megapixels * params.steps * params.num_images

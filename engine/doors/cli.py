@@ -10,9 +10,10 @@ import functools
 import json
 import sys
 import time
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -119,18 +120,13 @@ def _table(columns: list[str], rows: list, as_json: bool, title: str | None = No
     out.print(table)
 
 
-def _query(config: Config, sql: str, **params) -> tuple[list[str], list]:
-    from sqlalchemy import text
+@contextmanager
+def _opened(path: Path | None) -> Iterator[Any]:
+    """The installation of this config (engine.app.Engine), closed afterwards."""
+    from engine.app import Engine
 
-    from engine.app import open_store
-
-    store = open_store(config)
-    try:
-        with store.read() as conn:
-            result = conn.execute(text(sql), params)
-            return list(result.keys()), [tuple(r) for r in result]
-    finally:
-        store.close()
+    with Engine.open(_config(path)) as engine:
+        yield engine
 
 
 # setting up --------------------------------------------------------------------------------
@@ -142,7 +138,7 @@ def init(config: ConfigOption = None) -> None:
     of the defaults where there is none."""
     import os
 
-    from engine.app import init as do_init
+    from engine.app import Engine
     from engine.config import DEFAULTS_FILE
 
     chosen = config or _state["config"] or (Path(os.environ["ENGINE_CONFIG"]) if os.environ.get("ENGINE_CONFIG")
@@ -152,7 +148,7 @@ def init(config: ConfigOption = None) -> None:
         chosen.parent.mkdir(parents=True, exist_ok=True)
         chosen.write_text(DEFAULTS_FILE.read_text())
     cfg = _config(chosen)
-    do_init(cfg).close()
+    Engine.create(cfg).close()
     database = cfg.get("database", "url") or cfg.path("database")
     made = f"; wrote {chosen.resolve()} (the defaults, commented)" if wrote else ""
     out.print(f"initialised {database} (inbox {cfg.inbox}, outbox {cfg.outbox}){made}", highlight=False)
@@ -222,28 +218,24 @@ def validate(files: Annotated[list[Path], typer.Argument(help="job files")], con
     """Check job files exactly as the inbox would, without submitting them: exit 0 when every one
     is valid, else 2 with the error the inbox would write."""
     from engine import commands
-    from engine.app import open_store
-    from engine.ingest.seen import look_at, refusal
-    from engine.ingest.intake import Intake
     from engine.ingest.jobs import parse_job_bytes
+    from engine.ingest.seen import look_at, refusal
 
-    cfg = _config(config)
-    store = open_store(cfg)
-    intake, reports = Intake(cfg, store), []
-    for path in files:
-        try:
-            seen = look_at(path, cfg.get("inbox", "max_file_bytes"))  # read as the inbox reads
-            refused = refusal(seen)
-            if refused is not None:
-                raise refused
-            commands.check(store, intake, parse_job_bytes(seen.raw, intake.limits))
-            reports.append({"file": path.name, "ok": True, "error": None})
-        except OSError as exc:
-            reports.append({"file": path.name, "ok": False, "error": {
-                "code": "NOT_FOUND", "message": f"{path}: {exc.strerror or exc}", "details": []}})
-        except EngineError as exc:
-            reports.append({"file": path.name, "ok": False, "error": {**exc.to_dict(), "file": path.name}})
-    store.close()
+    reports = []
+    with _opened(config) as engine:
+        for path in files:
+            try:
+                seen = look_at(path, engine.config.get("inbox", "max_file_bytes"))  # read as the inbox reads
+                refused = refusal(seen)
+                if refused is not None:
+                    raise refused
+                commands.check(engine.store, engine.intake, parse_job_bytes(seen.raw, engine.intake.limits))
+                reports.append({"file": path.name, "ok": True, "error": None})
+            except OSError as exc:
+                reports.append({"file": path.name, "ok": False, "error": {
+                    "code": "NOT_FOUND", "message": f"{path}: {exc.strerror or exc}", "details": []}})
+            except EngineError as exc:
+                reports.append({"file": path.name, "ok": False, "error": {**exc.to_dict(), "file": path.name}})
     if as_json:
         _print_json(reports)
     else:
@@ -262,27 +254,23 @@ def submit(files: list[Path], config: ConfigOption = None, as_json: JsonOption =
     import hashlib
 
     from engine import commands
-    from engine.app import open_store
-    from engine.ingest.intake import Intake
     from engine.ingest.jobs import parse_job_bytes
-    from engine.outbox.folders import Outbox
 
-    cfg = _config(config)
-    store = open_store(cfg)
-    intake, results, failed = Intake(cfg, store), [], None
-    for path in files:
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ValidationError(f"{path}: {exc.strerror}") from exc
-        try:
-            job = parse_job_bytes(raw, intake.limits)
-            done = commands.submit(store, intake, job, commands.Source(path.name, hashlib.sha256(raw).hexdigest()))
-            Outbox(cfg.outbox).finish(store, done.events)
-            results.append({"file": str(path), "target_type": done.target_type, "target_id": done.target_id})
-        except EngineError as exc:
-            failed = failed or exc
-            results.append({"file": str(path), **exc.to_dict()})
+    results, failed = [], None
+    with _opened(config) as engine:
+        for path in files:
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise ValidationError(f"{path}: {exc.strerror}") from exc
+            try:
+                job = parse_job_bytes(raw, engine.intake.limits)
+                done = commands.submit(engine.store, engine.intake, job,
+                                       commands.Source(path.name, hashlib.sha256(raw).hexdigest()))
+                results.append({"file": str(path), "target_type": done.target_type, "target_id": done.target_id})
+            except EngineError as exc:
+                failed = failed or exc
+                results.append({"file": str(path), **exc.to_dict()})
     if as_json:
         _print_json(results)
     else:
@@ -297,68 +285,27 @@ def submit(files: list[Path], config: ConfigOption = None, as_json: JsonOption =
 
 # looking -----------------------------------------------------------------------------------
 
-SESSION_COLUMNS = "session_id, job_id, workflow_id, status, current_step, total_steps, progress, priority, created_at, error_code"
-
-
 @app.command()
 @command
 def sessions(config: ConfigOption = None, status: Annotated[Optional[str], typer.Option(help="only this status")] = None,
-             limit: int = 100, as_json: JsonOption = False) -> None:
+             limit: Annotated[int, typer.Option(help="at most this many (1 to 1000)")] = 100,
+             offset: Annotated[int, typer.Option(help="skip this many first")] = 0,
+             batch: Annotated[Optional[str], typer.Option(help="only the items of this batch (its id)")] = None,
+             as_json: JsonOption = False) -> None:
     """List sessions, newest first."""
-    from engine.machines import RUN_STATES
+    from engine import queries
 
-    if status and status not in RUN_STATES[:-1]:
-        raise ValidationError(f"--status: {status!r} is no session status; one of {', '.join(RUN_STATES[:-1])}")
-    where = "WHERE status = :status" if status else ""
-    columns, rows = _query(_config(config), f"SELECT {SESSION_COLUMNS} FROM session_status {where} "
-                                             "ORDER BY created_at DESC LIMIT :limit", status=status, limit=limit)
-    _table(columns, rows, as_json)
+    with _opened(config) as engine:
+        rows = queries.list_sessions(engine.store, status=status, limit=limit, offset=offset, batch_id=batch)
+    columns = [c.strip() for c in queries.SESSION_LIST.split(",")]
+    _table(columns, [tuple(r[c] for c in columns) for r in rows], as_json)
 
 
-def _why_waiting(cfg: Config, report: dict) -> str | None:
-    from engine.app import open_store
-    from engine.run.fleet import why_waiting
+def _session_report(config: Path | None, session_id: str) -> dict:
+    from engine import queries
 
-    store = open_store(cfg)
-    try:
-        with store.read() as conn:
-            return why_waiting(conn, report["session_id"], report["status"], report["current_step"], report["params"])
-    finally:
-        store.close()
-
-
-def _session_report(cfg: Config, session_id: str) -> dict:
-    from engine.errors import NotFound
-    from engine.outbox.folders import Outbox
-
-    columns, rows = _query(cfg, "SELECT * FROM session_status WHERE session_id = :id OR job_id = :id", id=session_id)
-    if not rows:
-        raise NotFound(f"no session {session_id!r}")
-    report = dict(zip(columns, rows[0]))
-    columns, steps = _query(cfg, "SELECT step_index, step_type, domain, status, attempts, started_at, finished_at, "
-                                 "error_code FROM step_status WHERE session_id = :id ORDER BY step_index",
-                            id=report["session_id"])
-    report["steps"] = [dict(zip(columns, s)) for s in steps]
-    _, extra = _query(cfg, "SELECT params, run, batch_id, item_index FROM sessions WHERE session_id = :id",
-                      id=report["session_id"])
-    report["params"] = json.loads(extra[0][0])
-    report["run"], report["batch_id"], report["item_index"] = extra[0][1:]
-    waiting = _why_waiting(cfg, report)
-    if waiting:
-        report["waiting"] = waiting
-        for step in report["steps"]:
-            if step["status"] == "running":
-                step["status"] = "waiting for a runner"
-    folder = Outbox(cfg.outbox).dir_of(report)
-    report["outbox"] = str(folder)
-    _, activity = _query(cfg, "SELECT message FROM leases WHERE session_id = :id", id=report["session_id"])
-    report["activity"] = activity[0][0] if activity and activity[0][0] else None
-    try:
-        result = json.loads((folder / "result.json").read_text())
-        report["images"] = [str(folder / name) for name in result.get("images", [])]
-    except (OSError, ValueError):
-        report["images"] = []
-    return report
+    with _opened(config) as engine:
+        return queries.session_report(engine.store, engine.outbox, session_id)
 
 
 @app.command()
@@ -370,8 +317,8 @@ def session(session_id: str, config: ConfigOption = None, as_json: JsonOption = 
     if follow:
         from engine.doors.live import follow_session
 
-        follow_session(cfg, session_id, out, lambda: _session_report(cfg, session_id))
-    report = _session_report(cfg, session_id)
+        follow_session(cfg, session_id, out, lambda: _session_report(config, session_id))
+    report = _session_report(config, session_id)
     if as_json:
         _print_json(report, default=str)
         return
@@ -395,14 +342,16 @@ def session(session_id: str, config: ConfigOption = None, as_json: JsonOption = 
 
 @app.command()
 @command
-def batches(config: ConfigOption = None, limit: int = 100, as_json: JsonOption = False) -> None:
+def batches(config: ConfigOption = None, limit: Annotated[int, typer.Option(help="at most this many (1 to 1000)")] = 100,
+            offset: Annotated[int, typer.Option(help="skip this many first")] = 0, as_json: JsonOption = False) -> None:
     """List batches, newest first (--json: every column of batch_status, and the name)."""
-    columns, rows = _query(_config(config), "SELECT s.*, b.name FROM batch_status s JOIN batches b ON "
-                           "b.batch_id = s.batch_id ORDER BY s.created_at DESC LIMIT :limit", limit=limit)
+    from engine import queries
+
+    with _opened(config) as engine:
+        shown = queries.list_batches(engine.store, limit=limit, offset=offset)
     if as_json:
-        _table(columns, rows, True)
+        _print_json(shown)
         return
-    shown = [dict(zip(columns, row)) for row in rows]
     _table(["batch_id", "name or job", "status", "done", "failed", "progress", "created_at"],
            [(b["batch_id"], b["name"] or b["job_id"], b["status"], f"{b['completed_items']}/{b['total_items']}",
              b["failed_items"], f"{b['progress']:.0%}", b["created_at"][:19]) for b in shown], False)
@@ -412,22 +361,12 @@ def batches(config: ConfigOption = None, limit: int = 100, as_json: JsonOption =
 @command
 def batch(batch_id: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show one batch (by id or job_id) and its items."""
-    from engine.errors import NotFound
+    from engine import queries
 
-    cfg = _config(config)
-    columns, rows = _query(cfg, "SELECT s.*, b.name FROM batch_status s JOIN batches b ON b.batch_id = s.batch_id "
-                                "WHERE s.batch_id = :id OR s.job_id = :id", id=batch_id)
-    if not rows:
-        raise NotFound(f"no batch {batch_id!r}")
-    report = dict(zip(columns, rows[0]))
-    # An item that has not ended shows its session's status (paused, running), not the item's "pending".
-    item_columns, items = _query(cfg, "SELECT i.item_index, i.session_id, CASE WHEN i.status IN ('pending', 'running') "
-                                      "AND s.status IS NOT NULL THEN s.status ELSE i.status END AS status, "
-                                      "s.current_step, s.total_steps, s.error_code FROM items i LEFT JOIN sessions s "
-                                      "ON s.session_id = i.session_id WHERE i.batch_id = :id ORDER BY i.item_index",
-                                 id=report["batch_id"])
+    with _opened(config) as engine:
+        report = queries.batch_report(engine.store, batch_id)
     if as_json:
-        _print_json({**report, "items": [dict(zip(item_columns, i)) for i in items]}, default=str)
+        _print_json(report, default=str)
         return
     name = f" {escape(report['name'])}" if report["name"] else ""
     out.print(f"[bold]{report['batch_id']}[/]{name} (job {report['job_id'] or '-'}) [bold]{report['status']}[/] "
@@ -440,7 +379,8 @@ def batch(batch_id: str, config: ConfigOption = None, as_json: JsonOption = Fals
                if report["estimated_time_remaining"] is not None else None}
     out.print("metrics: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in metrics.items() if v is not None), highlight=False)
-    _table(item_columns, items, False)
+    items = report["items"]
+    _table(list(items[0]) if items else [], [tuple(i.values()) for i in items], False)
 
 
 def _gib(value: Any) -> str | None:
@@ -452,49 +392,39 @@ def _gib(value: Any) -> str | None:
 def runners(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """The runners that registered with this database: host, pid, devices, warm models, last
     heartbeat, version; one whose heartbeat lapsed shows as gone (its steps are taken back)."""
-    from engine.app import open_store
-    from engine.run.fleet import listing
+    from engine import queries
 
-    store = open_store(_config(config))
-    try:
-        with store.read() as conn:
-            rows = listing(conn)
-    finally:
-        store.close()
+    with _opened(config) as engine:
+        rows = queries.runners(engine.store)
     columns = ["runner_id", "host", "pid", "status", "devices", "warm_models", "last_heartbeat", "version"]
     _table(columns, [tuple(r[c] for c in columns) for r in rows], as_json)
 
 
 @app.command()
 @command
-def events(target: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def events(target: str, config: ConfigOption = None,
+           after: Annotated[int, typer.Option(help="only events after this event_id")] = 0,
+           as_json: JsonOption = False) -> None:
     """The events of a session or batch (by id or job_id), oldest first."""
-    from engine import commands
-    from engine.app import open_store
+    from engine import queries
 
-    cfg = _config(config)
-    store = open_store(cfg)
-    target_type, target_id = commands.find_target(store, target)
-    found = store.stream(target_type, target_id)
-    rows = [(e.event_id, e.seq, e.type, json.dumps(e.data, sort_keys=True)[:200], e.created_at) for e in found]
+    with _opened(config) as engine:
+        found = queries.target_events(engine.store, target, after=after)["events"]
     if as_json:
-        _print_json([{"event_id": e.event_id, "stream_type": e.stream_type, "stream_id": e.stream_id,
-                           "seq": e.seq, "type": e.type, "data": e.data, "created_at": e.created_at} for e in found])
+        _print_json(found)
         return
-    _table(["event_id", "seq", "type", "data", "created_at"], rows, False)
+    _table(["event_id", "seq", "type", "data", "created_at"],
+           [(e["event_id"], e["seq"], e["type"], json.dumps(e["data"], sort_keys=True)[:200], e["created_at"])
+            for e in found], False)
 
 
 # controlling -------------------------------------------------------------------------------
 
 def _control(action: str, target: str, config: Path | None, as_json: bool) -> None:
     from engine import commands
-    from engine.app import open_store
-    from engine.outbox.folders import Outbox
 
-    cfg = _config(config)
-    store = open_store(cfg)
-    target_type, target_id, appended = commands.control(store, target, action)
-    Outbox(cfg.outbox).finish(store, appended)
+    with _opened(config) as engine:  # result.json of what it ended is written before this returns
+        target_type, target_id, appended = commands.control(engine.store, target, action)
     if as_json:
         _print_json({"target_type": target_type, "target_id": target_id, "action": action,
                           "events": [e.type for e in appended]})
@@ -544,13 +474,10 @@ def delete(target: str, config: ConfigOption = None, as_json: JsonOption = False
 def rebuild(config: ConfigOption = None, verify: Annotated[bool, typer.Option("--verify", help="only compare")] = False,
             yes: YesOption = False, as_json: JsonOption = False) -> None:
     """Drop the status tables and replay the event log (--verify: report differences only)."""
-    from engine.app import open_store
-
-    cfg = _config(config)
-    store = open_store(cfg)
     started = time.perf_counter()
     if verify:
-        differences = store.verify()
+        with _opened(config) as engine:
+            differences = engine.store.verify()
         if as_json:
             _print_json({"differences": differences})
         else:
@@ -560,8 +487,9 @@ def rebuild(config: ConfigOption = None, verify: Annotated[bool, typer.Option("-
         if differences:
             raise typer.Exit(1)
         return
-    _confirm("drop and rebuild every status table from the event log", yes)
-    counts = store.rebuild()
+    with _opened(config) as engine:
+        _confirm("drop and rebuild every status table from the event log", yes)
+        counts = engine.store.rebuild()
     if as_json:
         _print_json(counts)
     else:
@@ -687,12 +615,9 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
     """Compile a model's fast path ahead (minutes, once per machine), for these sizes and call sizes."""
     from rich.progress import Progress
 
-    from engine import app as engine_app
-    from engine.app import require_installation
     from engine.run.warmup import parse_size, warmup as warm
 
     cfg = _config(config)
-    require_installation(cfg)
     shapes = [parse_size(s) for s in sizes.split(",") if s.strip()]
     try:
         counts = sorted({int(n) for n in batch_sizes.split(",") if n.strip()})
@@ -700,19 +625,15 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
         raise ValidationError(f"--batch-sizes {batch_sizes!r}: comma-separated whole numbers") from None
     if not counts or min(counts) < 1 or max(counts) > cfg.get("limits", "max_num_images") * 4:
         raise ValidationError(f"--batch-sizes {batch_sizes!r}: between 1 and {cfg.get('limits', 'max_num_images') * 4}")
-    store = engine_app.open_store(cfg)
-    try:
-        with Progress(console=err, disable=as_json) as progress:
-            task = progress.add_task(f"compiling {model_id}", total=len(shapes) * len(counts))
+    with _opened(config) as engine, Progress(console=err, disable=as_json) as progress:
+        task = progress.add_task(f"compiling {model_id}", total=len(shapes) * len(counts))
 
-            def done(shape, seconds, compiled) -> None:
-                progress.advance(task)
-                progress.console.print(f"{shape[1]} x {shape[2]}x{shape[3]}: {seconds:.1f} s "
-                                       f"({'compiled' if compiled else 'eager: the compile failed'})", highlight=False)
+        def done(shape, seconds, compiled) -> None:
+            progress.advance(task)
+            progress.console.print(f"{shape[1]} x {shape[2]}x{shape[3]}: {seconds:.1f} s "
+                                   f"({'compiled' if compiled else 'eager: the compile failed'})", highlight=False)
 
-            report = warm(cfg, store, engine_app.registry_for(cfg).shared, model_id, shapes, counts, steps, done)
-    finally:
-        store.close()
+        report = warm(cfg, engine.store, engine.handlers.shared, model_id, shapes, counts, steps, done)
     if as_json:
         _print_json(report)
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 
 from engine.outbox.sheets import contact_sheet, seed_label
-from engine.app import init, quiet_libraries
+from engine.app import Engine, quiet_libraries
 from engine.config import DEFAULTS_FILE, load_config
 from engine.domains.catalogue import ModelRegistry
 from engine.store.console import run_sql
@@ -83,7 +83,7 @@ def run_demo(folder: Path, console: Console) -> None:
     if not config_path.exists():
         config_path.write_text(DEFAULTS_FILE.read_text())
     config = load_config(config_path)
-    init(config).close()
+    Engine.create(config).close()
     console.print(f"[bold]engine demo[/] in {folder}")
     console.print("[yellow]The demo model has RANDOM WEIGHTS, built in code: its images are noise.[/]")
     _build_models(config, console)

@@ -13,25 +13,12 @@ from typing import Callable
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
-from sqlalchemy import text
-
-from engine.app import init, registry_for, require_installation
+from engine import queries
+from engine.app import Engine, require_installation
 from engine.config import Config
-from engine.ingest.inbox import Inbox
 from engine.run.runner import Runner
-from engine.run.fleet import lease_holder_state
 
-RUNNING = text(
-    "SELECT s.session_id, s.job_id, s.workflow_id, s.status, s.current_step, s.total_steps, s.progress, st.step_type, "
-    "l.message, st.status AS step_status, ss.params "
-    "FROM session_status s LEFT JOIN steps st ON st.session_id = s.session_id AND st.step_index = s.current_step "
-    "LEFT JOIN leases l ON l.session_id = s.session_id AND l.step_index = s.current_step "
-    "JOIN sessions ss ON ss.session_id = s.session_id "
-    "WHERE s.status IN ('running', 'pending', 'paused') ORDER BY s.status = 'running' DESC, s.priority DESC, "
-    "s.created_at LIMIT 15"
-)
 log = logging.getLogger("engine.run")
-COUNTS = text("SELECT status, count(*) FROM session_status GROUP BY status")
 
 
 def step_label(status: str, current_step: int, total_steps: int) -> str:
@@ -50,30 +37,27 @@ def prompt_start(params: dict | str | None, width: int = 32) -> str:
 
 
 def _view(store) -> Table:
-    with store.read() as conn:
-        rows = conn.execute(RUNNING).all()
-        counts = dict(conn.execute(COUNTS).all())
-        waiting = {row.session_id for row in rows if row.step_status == "running"
-                   and lease_holder_state(conn, row.session_id, row.current_step) == "waiting"}
+    rows, counts = queries.active_sessions(store), queries.counts(store)
     table = Table(title="sessions: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no sessions")
     for column in ("session", "job", "workflow", "prompt", "status", "step", "progress"):
         table.add_column(column)
     for row in rows:
-        bar = "#" * int(row.progress * 20)
-        step = f"{step_label(row.status, row.current_step, row.total_steps)} {row.step_type or ''}"
-        shown = "waiting for a runner" if row.session_id in waiting else row.status
-        table.add_row(row.session_id, row.job_id or "", row.workflow_id, prompt_start(row.params), shown, step,
-                      f"{bar:<20} {row.progress:4.0%} {row.message or ''}")
+        bar = "#" * int(row["progress"] * 20)
+        step = f"{step_label(row['status'], row['current_step'], row['total_steps'])} {row['step_type'] or ''}"
+        shown = "waiting for a runner" if row["waiting"] else row["status"]
+        table.add_row(row["session_id"], row["job_id"] or "", row["workflow_id"], prompt_start(row["params"]), shown,
+                      step, f"{bar:<20} {row['progress']:4.0%} {row['message'] or ''}")
     return table
 
 
 def run_with_view(config: Config, until_idle: bool, console: Console, live: bool, runner_id: str | None = None) -> int:
     require_installation(config)
-    store = _init_when_reachable(config, until_idle)  # an older installation is brought to the newest schema
-    if store is None:  # stopped while waiting for the database
+    engine = _init_when_reachable(config, until_idle)  # an older installation is brought to the newest schema
+    if engine is None:  # stopped while waiting for the database
         return 0
-    runner = Runner(config, store, registry_for(config), runner_id=runner_id)
-    inbox = Inbox(config, store)
+    store = engine.store
+    runner = engine.runner(runner_id=runner_id)
+    inbox = engine.inbox()
     inbox.scan()
     inbox.start()
     stopper = Stopper(runner, config.get("runner", "stop_timeout_seconds"))
@@ -97,14 +81,15 @@ def run_with_view(config: Config, until_idle: bool, console: Console, live: bool
             viewer.join(timeout=2)
         inbox.stop()
         runner.close()
+        engine.close()
         for number, handler in previous.items():
             signal.signal(number, handler)
         if stopper.signalled:
             log.info("stopped (%s)", stopper.signalled)
 
 
-def _init_when_reachable(config: Config, until_idle: bool):
-    """init(config), trying again with backoff while the database cannot be reached (said once, then
+def _init_when_reachable(config: Config, until_idle: bool) -> Engine | None:
+    """Engine.create(config), trying again with backoff while the database cannot be reached (said once, then
     summed up every half minute); with until_idle, StoreUnavailable after [database] reconnect_seconds."""
     from engine.outage import Outage
     from engine.store import STORE_ERRORS, StoreUnavailable, first_line, is_lost_connection
@@ -115,9 +100,9 @@ def _init_when_reachable(config: Config, until_idle: bool):
     try:
         while not stopped.is_set():
             try:
-                store = init(config)
+                engine = Engine.create(config)
                 outage.ok()
-                return store
+                return engine
             except STORE_ERRORS as exc:
                 if not (isinstance(exc, StoreUnavailable) or is_lost_connection(exc)):
                     raise

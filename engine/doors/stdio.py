@@ -16,19 +16,13 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-from sqlalchemy import select, text
-
-from engine import commands
-from engine.errors import EngineError, NotFound, ValidationError
+from engine import commands, queries
+from engine.errors import EngineError, ValidationError
 from engine.ingest.jobs import ACTIONS, CASES, SCHEDULERS, normalise_keys, parse_job, snake_case, to_case
-from engine.run.claims import waited_ms
-from engine.run.fleet import why_waiting
-from engine.store.tables import sessions
 
 # The notes' INFERENCE names for what PROCESSING does here.
 COMMAND_ALIASES = {"batch_process": "execute_batch", "get_batch_progress": "get_batch_status",
@@ -78,14 +72,16 @@ def parse_request(line: str) -> Request:
 class Worker:
     """Serves requests from `source` to `sink` until EOF."""
 
-    def __init__(self, config, store, intake, case: str = "snake", sink: TextIO = sys.stdout) -> None:
-        self.config, self.store, self.intake = config, store, intake
+    def __init__(self, engine, case: str = "snake", sink: TextIO = sys.stdout) -> None:
+        """`engine`: the installation (engine.app.Engine) the requests are served from."""
+        self.engine = engine
+        self.config, self.store, self.intake = engine.config, engine.store, engine.intake
         self.case = case
         self.sink = sink
         self.lock = threading.Lock()
         self.subscriptions: set[str] = set()
         self.subscribed_all = False
-        self.last_event = self._newest_event()
+        self.last_event = queries.newest_event_id(self.store)
         self.handlers: dict[str, Callable[[dict], Any]] = {
             "get_workflows": self.get_workflows, "get_workflow": self.get_workflow,
             "execute_workflow": self.execute_workflow, "get_session_status": self.get_session_status,
@@ -176,7 +172,7 @@ class Worker:
         report = self._session(submitted.target_id)
         return {"session_id": report["session_id"], "job_id": report["job_id"], "workflow": report["workflow_id"],
                 "status": report["status"], "total_steps": report["total_steps"],
-                "estimated_time": self._estimate(report), "already_submitted": submitted.already}
+                "estimated_time": report["estimated_completion_seconds"], "already_submitted": submitted.already}
 
     def get_session_status(self, data: dict) -> dict:
         return self._session(_required(data, "session_id"))
@@ -237,7 +233,7 @@ class Worker:
     def get_capabilities(self, data: dict) -> dict:
         from engine.domains.device import discover
 
-        entries = self.intake.models.entries().values()
+        entries = self.engine.models.entries().values()
         return {"workflows": sorted(self.intake.workflows), "schedulers": list(SCHEDULERS),
                 "models": [{"id": e.id, "kind": e.kind, "family": e.family} for e in entries],
                 "devices": [{"id": d.id, "kind": d.kind, "name": d.name, "total_memory": d.total_memory}
@@ -245,13 +241,10 @@ class Worker:
                 "limits": dict(self.config.values["limits"]), "actions": list(ACTIONS)}
 
     def get_session_events(self, data: dict) -> dict:
-        target = _required(data, "session_id")
-        target_type, target_id = commands.find_target(self.store, str(target))
         after = int(data.get("after") or data.get("after_event_id") or 0)
-        rows = self._query("SELECT event_id, type, data, created_at FROM event_log WHERE stream_id = :id "
-                           "AND event_id > :after ORDER BY event_id", id=target_id, after=after)
-        return {"target_type": target_type, "target_id": target_id,
-                "events": [{"event_id": r[0], "type": r[1], "data": json.loads(r[2]), "created_at": r[3]} for r in rows]}
+        found = queries.target_events(self.store, str(_required(data, "session_id")), after=after)
+        found["events"] = [{k: e[k] for k in ("event_id", "type", "data", "created_at")} for e in found["events"]]
+        return found
 
     def subscribe(self, data: dict) -> dict:
         ids = data.get("ids") or data.get("session_ids") or data.get("batch_ids") or data.get("targets") or "all"
@@ -259,7 +252,7 @@ class Worker:
             self.subscribed_all = True
         else:
             for target in ids if isinstance(ids, list) else [ids]:
-                self.subscriptions.add(commands.find_target(self.store, str(target))[1])
+                self.subscriptions.add(queries.target(self.store, str(target))[1])
         return {"subscribed": "all" if self.subscribed_all else sorted(self.subscriptions)}
 
     # events pushed to subscribers ----------------------------------------------------------
@@ -267,87 +260,35 @@ class Worker:
     def push_events(self) -> None:
         """Write the events committed since the last look that subscribers asked for."""
         if not (self.subscribed_all or self.subscriptions):
-            self.last_event = self._newest_event()
+            self.last_event = queries.newest_event_id(self.store)
             return
-        rows = self._query("SELECT event_id, stream_type, stream_id, type, data, created_at FROM event_log "
-                           "WHERE event_id > :after ORDER BY event_id LIMIT 1000", after=self.last_event)
-        for event_id, stream_type, stream_id, kind, payload, created_at in rows:
-            self.last_event = event_id
-            if self.subscribed_all or stream_id in self.subscriptions:
-                self.write(to_case({"type": "event", "event_id": event_id, "stream_type": stream_type,
-                                    "stream_id": stream_id, "event": kind, "data": json.loads(payload),
-                                    "created_at": created_at}, self.case))
+        for event in queries.events_after(self.store, self.last_event):
+            self.last_event = event["event_id"]
+            if self.subscribed_all or event["stream_id"] in self.subscriptions:
+                self.write(to_case({"type": "event", "event_id": event["event_id"], "stream_type": event["stream_type"],
+                                    "stream_id": event["stream_id"], "event": event["type"], "data": event["data"],
+                                    "created_at": event["created_at"]}, self.case))
 
     # helpers -------------------------------------------------------------------------------
 
     def _submit(self, job: dict) -> commands.Submitted:
-        from engine.errors import DuplicateJob
-
         parsed = parse_job(normalise_keys({k: v for k, v in job.items() if v is not None}), self.intake.limits)
-        try:
-            return commands.submit(self.store, self.intake, parsed,
-                                   commands.Source("worker", uuid.uuid4().hex, f"worker:{uuid.uuid4().hex}"))
-        except DuplicateJob as exc:  # a client-chosen id sent again: the same session, as with job_id
-            return commands.Submitted(exc.extra["existing_type"], exc.extra["existing_id"], already=True)
+        # The protocol's client-chosen session_id / batch_id names one session: sent again, it is
+        # answered with that session (already_submitted), where a second job file is refused.
+        return commands.submit(self.store, self.intake, parsed,
+                               commands.Source("worker", uuid.uuid4().hex, f"worker:{uuid.uuid4().hex}"),
+                               resent_is_same=True)
 
     def _control(self, target: str, action: str) -> dict:
-        from engine.outbox.folders import Outbox
-
         target_type, target_id, appended = commands.control(self.store, str(target), action)
-        Outbox(self.config.outbox).finish(self.store, appended)
         return {"target_type": target_type, "target_id": target_id, "action": action,
                 "events": [e.type for e in appended], "effective_at": appended[-1].created_at if appended else None}
 
     def _session(self, target: str) -> dict:
-        rows = self._query("SELECT s.*, l.message AS activity FROM session_status s LEFT JOIN leases l "
-                           "ON l.session_id = s.session_id AND l.step_index = s.current_step "
-                           "WHERE s.session_id = :id OR s.job_id = :id", id=str(target), mapped=True)
-        if not rows:
-            raise NotFound(f"no session {target!r}")
-        report = dict(rows[0])
-        report["steps"] = [dict(r) for r in self._query(
-            "SELECT step_index, step_type, domain, status, attempts, started_at, finished_at, error_code "
-            "FROM step_status WHERE session_id = :id ORDER BY step_index", id=report["session_id"], mapped=True)]
-        report["domains"] = {s["domain"]: s["status"] for s in report["steps"]}
-        report["error"] = ({"code": report["error_code"], "message": report["error_message"]}
-                           if report.get("error_code") else None)
-        report["estimated_completion_seconds"] = self._estimate(report)
-        with self.store.read() as conn:
-            params = json.loads(conn.execute(select(sessions.c.params).where(
-                sessions.c.session_id == report["session_id"])).scalar_one())
-            report["waiting"] = why_waiting(conn, report["session_id"], report["status"], report["current_step"], params)
-        return report
+        return queries.session_report(self.store, self.engine.outbox, str(target))
 
     def _batch(self, target: str) -> dict:
-        rows = self._query("SELECT s.*, b.name FROM batch_status s JOIN batches b ON b.batch_id = s.batch_id "
-                           "WHERE s.batch_id = :id OR s.job_id = :id", id=str(target), mapped=True)
-        if not rows:
-            raise NotFound(f"no batch {target!r}")
-        report = dict(rows[0])
-        report["items"] = [dict(r) for r in self._query(
-            "SELECT item_index, session_id, status FROM items WHERE batch_id = :id ORDER BY item_index",
-            id=report["batch_id"], mapped=True)]
-        return report
-
-    @staticmethod
-    def _estimate(report: dict) -> float | None:
-        """Seconds left at the rate so far (None before there is a rate to go by)."""
-        if report.get("status") in ("completed", "failed", "cancelled"):
-            return 0.0
-        progress, started = report.get("progress") or 0.0, report.get("started_at")
-        if progress <= 0 or not started:
-            return None
-        elapsed = waited_ms(started, time.time()) / 1000.0
-        return round(elapsed * (1 - progress) / progress, 1)
-
-    def _newest_event(self) -> int:
-        rows = self._query("SELECT max(event_id) FROM event_log")
-        return int(rows[0][0] or 0)
-
-    def _query(self, sql: str, mapped: bool = False, **params) -> list:
-        with self.store.read() as conn:
-            result = conn.execute(text(sql), params)
-            return list(result.mappings()) if mapped else [tuple(r) for r in result]
+        return queries.batch_report(self.store, str(target))
 
 
 # What execute_workflow and execute_batch take beside params (the notes' fields and the envelope's).
@@ -409,16 +350,14 @@ def run_stdio(config, case: str = "snake", with_runner: bool = True, source=None
               sink: TextIO = sys.stdout) -> None:
     """Serve stdin until EOF, with a runner in this process unless told not to. At EOF the runner
     stops after its current step's record; anything unfinished is left to the next runner."""
-    from engine.app import init, registry_for, require_installation
-    from engine.ingest.intake import Intake
-    from engine.run.runner import Runner
+    from engine.app import Engine, require_installation
 
     require_installation(config)
-    store = init(config)
-    worker = Worker(config, store, Intake(config, store), case, sink)
+    engine = Engine.create(config)
+    worker = Worker(engine, case, sink)
     done = threading.Event()
     threads = []
-    runner = Runner(config, store, registry_for(config)) if with_runner else None
+    runner = engine.runner() if with_runner else None
     if runner is not None:
         threads.append(threading.Thread(target=runner.run, name="engine-runner", daemon=True))
 
@@ -442,4 +381,4 @@ def run_stdio(config, case: str = "snake", with_runner: bool = True, source=None
             thread.join(timeout=30)
         if runner is not None:
             runner.close()
-        store.close()
+        engine.close()

@@ -29,10 +29,8 @@ from engine import commands
 from engine.errors import EngineError, ValidationError
 from engine.files import atomic_write_json
 from engine.ingest.seen import SeenFile, display_name, look_at, refusal
-from engine.ingest.intake import Intake
 from engine.ingest.jobs import parse_job_bytes
 from engine.outage import Outage
-from engine.outbox.folders import Outbox
 from engine.store import STORE_ERRORS, Store
 from engine.store.tables import jobs
 
@@ -99,14 +97,15 @@ def _same_inode(a: Path, b: Path) -> bool:
 
 
 class Inbox:
-    def __init__(self, config, store: Store, intake: Intake | None = None) -> None:
+    def __init__(self, engine) -> None:
+        """`engine`: the installation (engine.app.Engine) whose intake and store files go to."""
+        config = engine.config
         self.config = config
-        self.store = store
-        self.intake = intake or Intake(config, store)
+        self.store: Store = engine.store
+        self.intake = engine.intake
         self.folder = config.inbox
         self.accepted = self.folder / "accepted"
         self.rejected = self.folder / "rejected"
-        self.outbox = Outbox(config.outbox)
         settings = config.values["inbox"]
         self.max_bytes = settings["max_file_bytes"]
         self.grace = settings["partial_grace_seconds"]
@@ -208,7 +207,6 @@ class Inbox:
         if submitted.already:
             self._finish(seen, self._known(seen))
             return None
-        self.outbox.finish(self.store, submitted.events)
         self._move(seen, destination, source.file_key, None)
         if submitted.target_type == "control":
             log.info("accepted %s: %s %s", seen.name, job.action, submitted.target_id)

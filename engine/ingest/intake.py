@@ -10,12 +10,11 @@ import logging
 import math
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from engine.errors import ValidationError
 from engine.run.grouping import group_key
-from engine.run.handlers import load_registry
+from engine.run.handlers import Registry
 from engine.ingest.inputs import InputImage, digest_key, read_image
 from engine.ingest.jobs import MAX_SEED, BatchJob, GenerationParams, SessionJob, check_limits, validate_params
 from engine.paths import resolve_inside
@@ -50,16 +49,15 @@ class ResolvedSession:
 class Intake:
     """What validation needs to know: limits, workflows, models, and the inbox for images."""
 
-    def __init__(self, config, store=None) -> None:
+    def __init__(self, config, store, handlers: Registry, models: ModelRegistry) -> None:
         """`store`: where runners register; a device one of them offers is accepted though this
-        machine lacks it (a job for another host's GPU)."""
+        machine lacks it (a job for another host's GPU). Built by engine.app.Engine."""
         self.config = config
         self.store = store
         self.limits = config.values["limits"]
         self.inbox = config.inbox
-        self.models = ModelRegistry(config.models_dir, config.get("models", "allow_pickle"),
-                                    config.get("models", "default"))
-        self.handlers = load_registry(config.get("handlers", "modules"))
+        self.models = models
+        self.handlers = handlers
         self.workflows, self.refused = served_workflows(load_workflows(config.workflows_dir), self.handlers)
         self._devices: list | None = None
         self._images: dict[str, InputImage] | None = None  # input images read while a batch is resolved

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -224,73 +223,3 @@ class Outbox:
             for name in json.loads((runs[-1] / "result.json").read_text()).get("images", []):
                 tiles.append((runs[-1] / name, f"#{row.item_index} {seed_label(name)}"))
         contact_sheet(tiles, self.batch_dir(batch_id) / "contact-sheet.png")
-
-    def finish(self, store: Store, events, rows: dict | None = None) -> None:
-        """Write result.json / summary.json for the sessions and batches these events ended
-        (`rows`: session id -> (session row, step rows) already in hand)."""
-        rows = rows or {}
-        for event in events:
-            if event.type in ("session.completed", "session.failed", "session.cancelled"):
-                self.write_result(store, event.stream_id, rows.get(event.stream_id))
-        for event in events:
-            if event.type in ("batch.completed", "batch.failed", "batch.cancelled"):
-                self.write_summary(store, event.stream_id)
-
-
-class OwedWrites:
-    """Outbox writes that failed after their step committed (a full or read-only disk): the
-    runner keeps them and tries again on a timer, so a missing file appears once space returns.
-    Nothing committed is lost meanwhile: the attempt's files wait in their folder, and recovery at
-    the next start would do the same."""
-
-    def __init__(self, outbox: Outbox) -> None:
-        self.outbox = outbox
-        self._publishes: list[tuple[Path, Path, list[str]]] = []
-        self._results: set[str] = set()
-        self._summaries: set[str] = set()
-        self._lock = threading.Lock()
-
-    def pending(self) -> bool:
-        with self._lock:
-            return bool(self._publishes or self._results or self._summaries)
-
-    def publish(self, attempt_dir: Path | None, target_dir: Path, names: list[str]) -> None:
-        try:
-            self.outbox.publish(attempt_dir, target_dir, names)
-        except OSError as exc:
-            log.warning("could not publish %s into %s: %s; will try again", names, target_dir, exc)
-            with self._lock:
-                self._publishes.append((attempt_dir, target_dir, names))
-
-    def finish(self, store: Store, events, rows: dict | None = None) -> None:
-        """result.json / summary.json for what these events ended (see Outbox.finish)."""
-        rows = rows or {}
-        for event in events:
-            if event.type in ("session.completed", "session.failed", "session.cancelled"):
-                self._write(lambda: self.outbox.write_result(store, event.stream_id, rows.get(event.stream_id)),
-                            self._results, event.stream_id)
-        for event in events:
-            if event.type in ("batch.completed", "batch.failed", "batch.cancelled"):
-                self._write(lambda: self.outbox.write_summary(store, event.stream_id), self._summaries, event.stream_id)
-
-    def _write(self, write, owed: set[str], key: str) -> None:
-        try:
-            write()
-        except OSError as exc:
-            log.warning("could not write the outbox file of %s: %s; will try again", key, exc)
-            with self._lock:
-                owed.add(key)
-        else:
-            with self._lock:
-                owed.discard(key)
-
-    def retry(self, store: Store) -> None:
-        with self._lock:
-            publishes, self._publishes = self._publishes, []
-            results, summaries = sorted(self._results), sorted(self._summaries)
-        for attempt_dir, target_dir, names in publishes:
-            self.publish(attempt_dir, target_dir, names)
-        for session_id in results:
-            self._write(lambda: self.outbox.write_result(store, session_id), self._results, session_id)
-        for batch_id in summaries:
-            self._write(lambda: self.outbox.write_summary(store, batch_id), self._summaries, batch_id)

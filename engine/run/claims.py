@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, delete, insert, select, update
 
 from engine.run.affinity import Candidate, Offer, choose
-from engine.commands import session_ended
+from engine import ending
 from engine.errors import StaleLease
 from engine.run.grouping import call_limit, images_of, take_partners
 from engine.machines import ITEM
@@ -67,16 +67,6 @@ class Policy:
 
     def backoff(self, attempt: int) -> float:
         return min(self.backoff_base * 2 ** (attempt - 1), self.backoff_max)
-
-
-def claim_in(tx: Tx, runner_id: str, policy: Policy, offer: Offer = ANYWHERE) -> Claim | None:
-    """Take the best runnable step in this transaction, or None when nothing is runnable."""
-    now = time.time()
-    tx.projection.flush()  # the claim query reads the tables: what this transaction changed must be there
-    found = _best_ready(tx, now, offer)
-    if found is None:
-        return None
-    return _claim_step(tx, found["session_id"], found["step_index"], runner_id, policy, now, offer)
 
 
 def _best_ready(tx: Tx, now: float, offer: Offer) -> dict | None:
@@ -187,10 +177,6 @@ def _item_started(tx: Tx, session: dict) -> None:
                                                      "session_id": session["session_id"]})
 
 
-def claim(store: Store, runner_id: str, policy: Policy, offer: Offer = ANYWHERE) -> Claim | None:
-    return store.write(lambda tx: claim_in(tx, runner_id, policy, offer))
-
-
 def claim_group(store: Store, runner_id: str, policy: Policy, batching: dict[str, Any],
                 offer: Offer = ANYWHERE) -> list[Claim]:
     return store.write(lambda tx: claim_group_in(tx, runner_id, policy, batching, offer))
@@ -222,12 +208,6 @@ def _take_lease(tx: Tx, claim: Claim) -> None:
         raise StaleLease(f"step {claim.step_index} of {claim.session_id}: lease lost (attempt {claim.attempt})")
 
 
-def heartbeat(store: Store, claim: Claim, policy: Policy, progress: float | None = None,
-              message: str | None = None) -> tuple[bool, str | None]:
-    """Renew the lease (and record live progress). Returns (still owned, session status)."""
-    return heartbeat_all(store, [claim], policy, progress, message)[0]
-
-
 def heartbeat_all(store: Store, claims: list[Claim], policy: Policy, progress: float | None = None,
                   message: str | None = None) -> list[tuple[bool, str | None]]:
     """Renew the leases of the claims of one call (and record its live progress on each) in one
@@ -256,12 +236,7 @@ def complete_in(tx: Tx, claim: Claim, output: dict[str, Any], duration_s: float)
         "session_id": claim.session_id, "run": claim.run, "step_index": claim.step_index,
         "attempt": claim.attempt, "duration_s": round(duration_s, 6), "output": output,
     })
-    session = tx.get("sessions", (claim.session_id,))
-    if session["current_step"] >= session["total_steps"] and session["status"] == "running":
-        tx.emit("session", claim.session_id, "session.completed", {"session_id": claim.session_id, "run": claim.run})
-        session_ended(tx, claim.session_id, "completed")
-        return True
-    return False
+    return ending.complete_if_done(tx, claim.session_id)
 
 
 def fail_in(tx: Tx, claim: Claim, code: str, message: str, retryable: bool, policy: Policy) -> bool:
@@ -285,17 +260,8 @@ def _failed_attempt(tx: Tx, session_id: str, run: int, index: int, attempt: int,
 
 def _step_failed(tx: Tx, base: dict) -> bool:
     """step.failed, and its session fails with the step's code and message. True if the session ended."""
-    session_id, index = base["session_id"], base["step_index"]
-    tx.emit("session", session_id, "step.failed", base)
-    session = tx.get("sessions", (session_id,))
-    if session["status"] in ("running", "pending"):
-        tx.emit("session", session_id, "session.failed", {
-            "session_id": session_id, "run": base["run"], "code": base["code"],
-            "message": f"step {index} ({json.loads(session['steps'])[index]['type']}): {base['message']}"[:2000],
-        })
-        session_ended(tx, session_id, "failed")
-        return True
-    return False
+    tx.emit("session", base["session_id"], "step.failed", base)
+    return ending.fail(tx, base["session_id"], base["run"], base["step_index"], base["code"], base["message"])
 
 
 def release_in(tx: Tx, claim: Claim, reason: str) -> None:

@@ -23,7 +23,6 @@ import threading
 import time
 import queue
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,7 +35,6 @@ from engine.errors import Cancelled, EngineError, StaleLease
 from engine.run.failures import Failure, classify
 from engine.run.handlers import CancellationToken, Registry, StepContext, StepResult
 from engine.run.claims import Claim, Policy
-from engine.outbox.folders import Outbox, OwedWrites
 from engine.outage import Outage
 from engine.run.recovery import recover, sweep_attempts
 from engine.store import STORE_ERRORS, Store, StoreUnavailable, Tx, first_line, is_lost_connection
@@ -66,26 +64,28 @@ CONTROL_EVENTS = tuple(f"{stream}.{verb}" for stream in ("session", "batch")
 
 
 class Runner:
-    def __init__(self, config, store: Store, registry: Registry, runner_id: str | None = None,
-                 on_step: Callable[[Claim, str], None] | None = None, devices: list | None = None) -> None:
-        """`devices`: the DeviceInfo of each worker; by default `[runner] devices` resolved here."""
+    def __init__(self, engine, runner_id: str | None = None, on_step: Callable[[Claim, str], None] | None = None,
+                 devices: list | None = None) -> None:
+        """`engine`: the installation (engine.app.Engine) whose store, handlers and outbox this
+        runner works with. `devices`: the DeviceInfo of each worker; by default `[runner] devices`
+        resolved here."""
+        config = engine.config
         self.config = config
-        self.store = store
+        self.store = engine.store
         self.runner_id = runner_id or default_runner_id()
         self.policy = Policy.from_config(config)
-        self.outbox = Outbox(config.outbox)
+        self.outbox = engine.outbox
+        self.results = engine.results
+        registry = engine.handlers
         runner = config.values["runner"]
         self.heartbeat_every = runner["heartbeat_seconds"]
         self.control_every = runner["control_poll_seconds"]
         self.idle_sleep = runner["idle_poll_seconds"]
         self.lookahead = max(1, int(runner["affinity_lookahead"]))
         self.progress_every = 1.0 / max(runner["progress_writes_per_second"], 0.01)
-        # result.json and summary.json are written off the claim loop, in order; a crash before
-        # they are written is mended by recovery (ended sessions without result.json get one).
-        self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finisher")
-        # Its thread is started now, not at the first session's end: a thread cannot be started
-        # when memory has run out, and the result.json of a step that ran out must still be written.
-        self._finisher_caught_up()
+        # result.json and summary.json of what a step ended are written off the claim loop, in
+        # order (Results.deferred); a crash before they are written is mended by recovery.
+        self.results.start_background()
         self.stop_event = threading.Event()
         # Set by a stop that interrupts running steps (Ctrl-C, SIGTERM): each is handed back at its
         # handler's next check (a denoising step), its attempt not used.
@@ -94,7 +94,6 @@ class Runner:
         self.steps_done = 0
         self._counting = threading.Lock()
         self.batching = config.values["batching"]
-        self._owed = OwedWrites(self.outbox)
         self._last_beat = self._last_reap = self._last_sweep = time.monotonic()
         self._housekeeping_lock = threading.Lock()
         self._last_control_event: int | None = None  # the newest event _log_controls has looked at
@@ -148,9 +147,9 @@ class Runner:
             for thread in others:
                 thread.join()
         if until_idle and not self.stop_event.is_set():
-            self._finisher_caught_up()  # every result.json is written before we say idle
-            self._owed.retry(self.store)
-            if self._owed.pending():  # a full or read-only outbox: the next start writes them
+            self.results.caught_up()  # every result.json is written before we say idle
+            self.results.retry()
+            if self.results.pending():  # a full or read-only outbox: the next start writes them
                 log.warning("some outbox files could not be written; the next start of a runner writes them")
         return self.steps_done
 
@@ -192,7 +191,7 @@ class Runner:
                     fleet.mark_gone(self.store, dead)
                     taken = claims.reap_expired(self.store, self.policy, dead_runners=dead)
                     log.warning("runner(s) %s on this host are gone; took back %d step(s)", ", ".join(dead), taken)
-                self._owed.retry(self.store)
+                self.results.retry()
                 self._log_controls()
             if now - self._last_reap > self.policy.lease_seconds / 2:
                 self._last_reap = now
@@ -237,19 +236,11 @@ class Runner:
     def close(self) -> None:
         for lane in self.lanes:
             lane.worker.close()
-        self.finisher.shutdown(wait=True)
+        self.results.caught_up()
         try:
             fleet.stopped(self.store, self.runner_id)
         except Exception:
             log.exception("could not record that runner %s stopped", self.runner_id)
-
-    def _finisher_caught_up(self) -> None:
-        """Returns once everything handed to the finisher is written (it runs in order)."""
-        self.finisher.submit(lambda: None).result()
-
-    def finish(self, events, rows: dict | None = None) -> None:
-        if any(e.type.startswith(("session.", "batch.")) for e in events):
-            self.finisher.submit(self._owed.finish, self.store, events, rows)
 
     def nothing_left(self) -> bool:
         """No step is running anywhere (each holds a lease) and none is waiting to run, a retry's
@@ -311,42 +302,31 @@ class _Lane:
     # one step ------------------------------------------------------------------------------
 
     def execute(self, group: "list[Claim] | _Call") -> "list[Claim] | _Call":
-        """Run claimed steps to their recorded end: one step, or a group that shares one handler
-        call (perhaps already started). Returns the next group, if one was claimed meanwhile."""
+        """Run claimed steps to their recorded end: one path for a single step (a group of one)
+        and a group that shares one handler call (perhaps already started). Returns the next
+        group, if one was claimed meanwhile."""
         if isinstance(group, _Call):
             return self._finish_call(group)
-        _log_starts(group)
-        if self.registry.serves_groups(group[0].step_type):
-            return self._finish_call(self._start_call(group))
-        claim = group[0]
-        context, token, progress, notices = self._context(claim)
-        started = time.monotonic()
         try:
-            try:
-                handler = self.registry.get(claim.step_type)
-                ticket = self.worker.start(handler, context)
-                result = self._wait(ticket, [claim], [token], progress)
-                result.wait_for_files()
-            finally:
-                self._record_notices(notices)  # models loaded on the way are recorded whatever the outcome
-        except Cancelled:
-            return self._interrupted(claim, token, _written(context))
-        except STORE_ERRORS:  # the database's, not the step's: its lease lapses and it is recovered
+            call = self._start_call(group)
+        except STORE_ERRORS:
             raise
-        except Exception as exc:  # the handler's error, a library's, the disk's: the attempt failed
-            return self._failed([claim], self._failure(group, exc), [_written(context)])
-        return self._completed([claim], [result], time.monotonic() - started, [_written(context)])
+        except Exception as exc:  # no handler for this step type here (another host's config), say
+            return self._failed(group, self._failure(group, exc), [None] * len(group))
+        return self._finish_call(call)
 
     def _start_call(self, group: list[Claim]) -> "_Call":
-        """Hand a group to the worker: every claim's context in one handler call."""
+        """Hand a group to the worker: every claim's context in one handler call (a handler that
+        serves no groups gets its one claim's context)."""
         made = [self._context(claim) for claim in group]
         contexts = [context for context, _, _, _ in made]
         progress, notices = made[0][2], made[0][3]
         for context in contexts:
             context.progress, context.notify = progress.set, lambda kind, data: notices.append((kind, data))
         _log_starts(group)
-        ticket = self.worker.start(self.registry.get(group[0].step_type), contexts)
-        return _Call(group, contexts, progress, notices, ticket, time.monotonic())
+        grouped = self.registry.serves_groups(group[0].step_type)
+        ticket = self.worker.start(self.registry.get(group[0].step_type), contexts if grouped else contexts[0])
+        return _Call(group, contexts, progress, notices, ticket, time.monotonic(), grouped)
 
     def _finish_call(self, call: "_Call") -> "list[Claim] | _Call":
         """Wait for a group's handler call and record its outcome. A session paused or cancelled
@@ -358,6 +338,7 @@ class _Lane:
         try:
             try:
                 results = self._wait(call.ticket, group, [c.token for c in contexts], call.progress)
+                results = results if call.grouped else [results]
             finally:
                 self._record_notices(call.notices)
         except Cancelled:
@@ -369,7 +350,8 @@ class _Lane:
         except Exception as exc:
             return self._failed(group, self._failure(group, exc), work_dirs())
         duration = time.monotonic() - call.started
-        follow = self._claim_and_start() if any(r.writing for r in results) else []
+        # A shared call's images are still being written: the next group starts on the device meanwhile.
+        follow = self._claim_and_start() if call.grouped and any(r.writing for r in results) else []
         try:
             _wait_for_files(results)
         except Exception as exc:  # the disk's: the attempt failed, the call already started goes on
@@ -377,7 +359,8 @@ class _Lane:
             return follow
         # A session paused while the others' images went on: its own are dropped, its step handed
         # back (its attempt unused) to run again when it is resumed; nothing of it is published.
-        paused = {n for n, context in enumerate(contexts) if context.token.reason == "paused"}
+        # A step that ran alone and finished though paused is recorded (it completes when resumed).
+        paused = {n for n, context in enumerate(contexts) if context.token.reason == "paused" and call.grouped}
         for number in sorted(paused):
             self._interrupted(group[number], contexts[number].token, work_dirs()[number])
         kept = [n for n in range(len(group)) if n not in paused]
@@ -484,17 +467,13 @@ class _Lane:
         meanwhile (its session cancelled, or taken over) is not recorded and its files are
         discarded; the others are."""
         outputs = [{"images": list(r.images), "files": list(r.files), "data": r.data} for r in results]
-        ended: dict[str, tuple] = {}
         stale: dict[int, str] = {}  # claim number -> its session's status now ("" when deleted)
 
         def record(tx: Tx) -> list[Claim]:
-            ended.clear()  # a retried transaction starts over
-            stale.clear()
+            stale.clear()  # a retried transaction starts over
             for number, (claim, output) in enumerate(zip(group, outputs)):
                 try:
-                    if claims.complete_in(tx, claim, output, duration):
-                        ended[claim.session_id] = (tx.get("sessions", (claim.session_id,)),
-                                                   tx.projection.children("steps", claim.session_id))
+                    claims.complete_in(tx, claim, output, duration)
                 except StaleLease:
                     session = tx.get("sessions", (claim.session_id,))
                     stale[number] = session["status"] if session else ""
@@ -502,7 +481,14 @@ class _Lane:
                 return []
             return self.claim(tx)
 
-        next_group, events = self.store.write_events(record)
+        # The steps' files are published before the sessions' result.json is written (in the
+        # background, once this block ends: Results.deferred).
+        with self.runner.results.deferred():
+            next_group = self.store.write(record)
+            self._publish(group, outputs, work_dirs, stale)
+        return next_group
+
+    def _publish(self, group: list[Claim], outputs: list[dict], work_dirs, stale: dict[int, str]) -> None:
         for number, (claim, output, work_dir) in enumerate(zip(group, outputs, work_dirs)):
             if number in stale and stale[number] in ("cancelled", ""):  # what the user asked for
                 log.info("session %s was %s while step %d (%s) ran; its result is discarded", claim.session_id,
@@ -514,11 +500,9 @@ class _Lane:
                 self.outbox.discard(work_dir)
                 self.on_step(claim, "stale")
                 continue
-            self.runner._owed.publish(work_dir, self.outbox.dir_of(claim.session_ref), output["images"] + output["files"])
+            self.runner.results.publish(work_dir, self.outbox.dir_of(claim.session_ref), output["images"] + output["files"])
             self.runner.count_step()
             self.on_step(claim, "completed")
-        self.runner.finish(events, ended)
-        return next_group
 
     def _failed(self, group: list[Claim], failure: Failure, work_dirs) -> list[Claim]:
         for work_dir in work_dirs:
@@ -533,8 +517,8 @@ class _Lane:
                 except StaleLease:
                     stale.add(number)
 
-        _, events = self.store.write_events(record)
-        self.runner.finish(events)
+        with self.runner.results.deferred():
+            _, events = self.store.write_events(record)
         retried = {e.stream_id for e in events if e.type == "step.retried"}
         for number, claim in enumerate(group):
             if number not in stale:
@@ -610,6 +594,7 @@ class _Call:
     notices: list
     ticket: int
     started: float
+    grouped: bool  # the handler serves groups: it got every context and returns a result for each
 
 
 class _Worker:

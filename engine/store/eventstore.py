@@ -71,6 +71,9 @@ class Store:
         self._lock_logged = 0.0
         self.reconnect_seconds = 30.0  # how long a write waits for a lost database (from_config sets it)
         self._lost = Outage(log, "writing to the database (its connection was lost; trying again on a new one)")
+        # Called with the events of each committed write, after its commit (the outbox's result
+        # files: engine.outbox.results). A hook's failure is logged; the write stays committed.
+        self.after_commit: list[Callable[[list[Event]], None]] = []
 
     def _engine(self, writer: bool) -> Engine:
         kwargs: dict[str, Any] = {}
@@ -135,6 +138,7 @@ class Store:
                 if waited_since is not None:
                     log.warning("got the database write lock after %.1f s", time.monotonic() - waited_since)
                 self._lost.ok()
+                self._committed(tx.emitted)
                 return result, tx.emitted
             except (*DRIVER_ERRORS, StoreError) as exc:
                 if isinstance(exc, DBAPIError) and (exc.connection_invalidated or self._local_invalid()):
@@ -153,6 +157,15 @@ class Store:
                 if not isinstance(error, StoreConflict) or conflicts >= 50:
                     raise error from exc
                 time.sleep(min(0.005 * conflicts, 0.1))
+
+    def _committed(self, emitted: list[Event]) -> None:
+        if not emitted:
+            return
+        for hook in list(self.after_commit):
+            try:
+                hook(emitted)
+            except Exception:
+                log.exception("after a commit of %d event(s): %s failed", len(emitted), hook)
 
     def _local_invalid(self) -> bool:
         conn = getattr(self._local, "writer", None)
