@@ -131,7 +131,7 @@ def direct(pipe, out: Path, prompt: str, seed: int, steps: int, size: int) -> fl
     hand-rolled script does. Returns its wall time."""
     import torch
 
-    from engine.outbox.folders import a1111_parameters, save_png
+    from engine.outbox.png import a1111_parameters, save_png
 
     started = time.perf_counter()
     generator = torch.Generator(device_name()).manual_seed(seed)

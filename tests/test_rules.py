@@ -38,7 +38,7 @@ def test_a_contact_sheet_uses_the_tiles_of_saved_images_and_never_a_replaced_fil
     a rename), and a file replaced since is read again."""
     from PIL import Image
 
-    from engine.outbox.folders import save_png
+    from engine.outbox.png import save_png
     from engine.outbox.sheets import contact_sheet, tiles
 
     saved = tmp_path / "a.png"

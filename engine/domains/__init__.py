@@ -12,5 +12,7 @@ def register(registry: Registry) -> None:
 
     registry.add("device_discovery", device.discovery_step)
     registry.add("model_loading", model.loading_step)
-    registry.add("inference_generation", inference.generation_step, compatibility=inference.compatibility)
-    registry.add("postprocessing_enhancement", postprocessing.processing_step)
+    registry.add("inference_generation", inference.generation_step, compatibility=inference.compatibility,
+                 check=inference.submit_check, output_size=inference.output_size)
+    registry.add("postprocessing_enhancement", postprocessing.processing_step, output_size=postprocessing.output_size)
+    registry.add_params_check(postprocessing.check_presets)

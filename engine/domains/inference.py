@@ -7,6 +7,7 @@ Between denoising steps the handler reports progress and polls the cancellation 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -20,9 +21,9 @@ from engine.domains.device import generator_device
 from engine.domains.model import component_for, pipeline_for, registry_of
 from engine.domains.readback import round_on_device
 from engine.errors import OutOfMemory, ValidationError
-from engine.run.handlers import StepContext, StepResult
+from engine.run.handlers import StepContext, StepResult, SubmitCheck
 from engine.ingest.inputs import digest_key, read_image
-from engine.outbox.folders import a1111_parameters, a1111_sampler, save_png
+from engine.outbox.png import a1111_parameters, a1111_sampler, save_png
 from engine.paths import resolve_inside
 
 # name -> (scheduler class, extra config)
@@ -187,6 +188,42 @@ def lora_hashes(ctx: StepContext) -> str | None:
         entry = registry.get(lora["model"], "lora")
         parts.append(f"{entry.id}: {(entry.sha256 or '')[:12] or 'unknown'}")
     return ", ".join(parts) or None
+
+
+# submit-time checks (the handler registry's `check` and `output_size`) -------------------------
+
+def submit_check(step: dict[str, Any], params: dict[str, Any], submit: SubmitCheck) -> None:
+    """An image-to-image pass denoises int(steps x strength) steps: never zero (diffusers would
+    fail at run time); the hires pass runs exactly hires_steps, on a schedule a scheduler has, with
+    an upscaler that exists, to a size within limits.max_size."""
+    mode, where = step["config"].get("mode"), submit.where
+    if mode in ("img2img", "inpaint") and denoising_steps(params["steps"], params["strength"]) < 1:
+        least = math.ceil(1000 / params["steps"]) / 1000
+        more = f" or at least {math.ceil(1 / params['strength'])} steps" if params["strength"] > 0 else ""
+        raise ValidationError(
+            f"{where}.strength: {params['steps']} steps at strength {params['strength']} denoise "
+            f"int({params['steps']} x {params['strength']}) = 0 steps; give strength at least {least:g}{more}",
+            [{"loc": f"{where}.strength"}])
+    if mode != "hires":
+        return
+    if params.get("hires_upscaler"):
+        submit.models.get(params["hires_upscaler"], "upscaler", f"{where}.hires_upscaler")
+    width, height = hires_size(params)
+    if max(width, height) > submit.limits["max_size"]:
+        raise ValidationError(
+            f"{where}.hires_scale: the second pass would be {width}x{height}, over limits.max_size "
+            f"({submit.limits['max_size']}); lower hires_scale, width or height", [{"loc": f"{where}.hires_scale"}])
+    steps = params.get("hires_steps") or params["steps"]
+    if hires_schedule(steps, params["hires_strength"]) > MAX_SCHEDULE:
+        raise ValidationError(
+            f"{where}.hires_strength: {steps} hires steps at strength {params['hires_strength']} need a schedule of "
+            f"{hires_schedule(steps, params['hires_strength'])} steps, more than the {MAX_SCHEDULE} a scheduler has; "
+            "raise hires_strength or lower hires_steps", [{"loc": f"{where}.hires_strength"}])
+
+
+def output_size(step: dict[str, Any], params: dict[str, Any], size: tuple[int, int], submit: SubmitCheck) -> tuple:
+    """The hires pass makes its second-pass size; every other mode keeps the size it is given."""
+    return hires_size(params) if step["config"].get("mode") == "hires" else size
 
 
 def compatibility(step_config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from PIL import Image, ImageEnhance, ImageOps
 from engine.domains.device import device_of, torch_device
 from engine.domains.model import component_for
 from engine.errors import ValidationError
-from engine.run.handlers import StepContext, StepResult
+from engine.run.handlers import StepContext, StepResult, SubmitCheck
 from engine.ingest.inputs import read_image
-from engine.outbox.folders import save_png
+from engine.outbox.png import save_png
 from engine.paths import resolve_inside
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -55,6 +55,37 @@ def check_output_pixels(size: tuple[int, int], limit: int, field: str) -> None:
     if size[0] * size[1] > limit:
         raise ValidationError(f"{field}: the image would be {size[0]}x{size[1]} ({size[0] * size[1]} pixels), over "
                               f"limits.max_output_pixels ({limit}); lower the scale or the size", [{"loc": field}])
+
+
+# submit-time checks (the handler registry's `check` and `output_size`) -------------------------
+
+def _scale_field(step: dict[str, Any], params: dict[str, Any], op: dict[str, Any], where: str) -> str:
+    """Where in the job an upscale's scale was given: the hires fix's params, params.postprocess[i],
+    or (the template's default op applied to the input) the input image."""
+    given = params.get("postprocess") or []
+    if step["config"].get("ops_from") == "hires":
+        return f"{where}.hires_scale"
+    if op in given:
+        return f"{where}.postprocess[{given.index(op)}].scale"
+    return f"{where}.init_image"
+
+
+def check_presets(params: dict[str, Any], submit: SubmitCheck) -> None:
+    """Every enhance preset a job names is one this domain has (whichever workflow it names)."""
+    for index, op in enumerate(params.get("postprocess") or []):
+        if op.get("preset") and op["preset"] not in PRESETS:
+            field = f"{submit.where}.postprocess[{index}].preset"
+            raise ValidationError(f"{field}: unknown enhance preset {op['preset']!r}; known: {', '.join(PRESETS)}",
+                                  [{"loc": field}])
+
+
+def output_size(step: dict[str, Any], params: dict[str, Any], size: tuple[int, int], submit: SubmitCheck) -> tuple:
+    """Each upscale multiplies the size; every image on the way within limits.max_output_pixels."""
+    for op in step_ops(step["config"], params):
+        if op["op"] == "upscale":
+            size = upscaled_size(size, op.get("scale"))
+            check_output_pixels(size, submit.limits["max_output_pixels"], _scale_field(step, params, op, submit.where))
+    return size
 
 
 # upscale -----------------------------------------------------------------------------------

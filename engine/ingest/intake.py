@@ -7,14 +7,13 @@ size, the seed actually used. Replays and restarts never depend on templates or 
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import ValidationError
 from engine.run.grouping import group_key
-from engine.run.handlers import Registry
+from engine.run.handlers import Registry, SubmitCheck
 from engine.ingest.inputs import InputImage, digest_key, read_image
 from engine.ingest.jobs import MAX_SEED, BatchJob, GenerationParams, SessionJob, check_limits, validate_params
 from engine.paths import resolve_inside
@@ -136,8 +135,6 @@ class Intake:
             self.check_fits(entry, pipeline, f"{where}.loras[{index}].model")
         if params.vae:
             self.models.get(params.vae, "vae", f"{where}.vae")
-        if any(step.config.get("mode") == "hires" for step in workflow.steps):
-            self.check_hires(data, where)
         if params.controlnet:
             entry = self.models.get(params.controlnet.model, "controlnet", f"{where}.controlnet.model")
             self.check_fits(entry, pipeline, f"{where}.controlnet.model")
@@ -145,69 +142,35 @@ class Intake:
         for index, op in enumerate(params.postprocess):
             if getattr(op, "model", None):
                 self.models.get(op.model, "upscaler", f"{where}.postprocess[{index}].model")
-            if getattr(op, "preset", None):
-                self.check_preset(op.preset, f"{where}.postprocess[{index}].preset")
         for name in ("init_image", "mask_image"):
             if data.get(name):
                 inputs[name] = self.check_image(data[name], f"{where}.{name}", digests)
         if digests:
             data["input_digests"] = digests
-        self.check_denoising(workflow, data, where)
         start = (data["width"], data["height"]) if workflow.generates else (
             inputs["init_image"].size if "init_image" in inputs else None)
-        if start is not None:
-            self.check_output_pixels(workflow.resolve(data), data, start, where)
+        self.check_steps(workflow.resolve(data), data, start, where)
         if data["seed"] in (None, -1):
             data["seed"] = secrets.randbelow(MAX_SEED + 1)
         return data
 
-    @staticmethod
-    def check_denoising(workflow: Workflow, data: dict[str, Any], where: str) -> None:
-        """An image-to-image pass denoises int(steps x strength) steps: never zero (diffusers would
-        fail at run time); the hires pass runs exactly hires_steps, on a schedule it must have."""
-        from engine.domains.inference import MAX_SCHEDULE, denoising_steps, hires_schedule
-
-        modes = {step.config.get("mode") for step in workflow.steps}
-        if modes & {"img2img", "inpaint"} and denoising_steps(data["steps"], data["strength"]) < 1:
-            least = math.ceil(1000 / data["steps"]) / 1000
-            more = f" or at least {math.ceil(1 / data['strength'])} steps" if data["strength"] > 0 else ""
-            raise ValidationError(
-                f"{where}.strength: {data['steps']} steps at strength {data['strength']} denoise "
-                f"int({data['steps']} x {data['strength']}) = 0 steps; give strength at least {least:g}{more}",
-                [{"loc": f"{where}.strength"}])
-        if "hires" in modes:
-            steps = data.get("hires_steps") or data["steps"]
-            if hires_schedule(steps, data["hires_strength"]) > MAX_SCHEDULE:
-                raise ValidationError(
-                    f"{where}.hires_strength: {steps} hires steps at strength {data['hires_strength']} need a schedule of "
-                    f"{hires_schedule(steps, data['hires_strength'])} steps, more than the {MAX_SCHEDULE} a scheduler has; "
-                    "raise hires_strength or lower hires_steps", [{"loc": f"{where}.hires_strength"}])
-
-    def check_output_pixels(self, steps: list[dict[str, Any]], data: dict[str, Any], size: tuple[int, int],
-                            where: str) -> None:
-        """Every image the steps would make, through the whole postprocess chain, within
-        limits.max_output_pixels: refused here, not out of memory three times at run time."""
-        from engine.domains.inference import hires_size
-        from engine.domains.postprocessing import check_output_pixels, step_ops, upscaled_size
-
-        limit = self.limits["max_output_pixels"]
-        given = data.get("postprocess") or []
+    def check_steps(self, steps: list[dict[str, Any]], data: dict[str, Any], start: tuple[int, int] | None,
+                    where: str) -> None:
+        """Each step's own submit-time check, from its domain through the handler registry; then
+        the size of the images through the steps (`start`: the size the first step makes or is
+        given), each within the limits: refused here, not out of memory three times at run time."""
+        submit = SubmitCheck(where, self.limits, self.models)
+        for params_check in self.handlers.params_checks:
+            params_check(data, submit)
         for step in steps:
-            if step["config"].get("mode") == "hires":
-                size = hires_size(data)
-            if step["domain"] != "postprocessing":
-                continue
-            for op in step_ops(step["config"], data):
-                if op["op"] != "upscale":
-                    continue
-                size = upscaled_size(size, op.get("scale"))
-                if step["config"].get("ops_from") == "hires":
-                    field = f"{where}.hires_scale"
-                elif op in given:
-                    field = f"{where}.postprocess[{given.index(op)}].scale"
-                else:
-                    field = f"{where}.init_image"
-                check_output_pixels(size, limit, field)
+            check = self.handlers.check(step["type"])
+            if check is not None:
+                check(step, data, submit)
+        size = start
+        for step in steps if start is not None else ():
+            output_size = self.handlers.output_size(step["type"])
+            if output_size is not None:
+                size = output_size(step, data, size, submit)
 
     def check_size(self, data: dict[str, Any], pipeline: ModelEntry, where: str) -> None:
         """A size left to the model's native one must still be within the limits."""
@@ -217,18 +180,6 @@ class Intake:
                 raise ValidationError(
                     f"{where}.{name}: {pipeline.id!r} makes {data[name]} by default, outside limits.min_size/max_size "
                     f"({low} to {high}); give width and height", [{"loc": f"{where}.{name}"}])
-
-    def check_hires(self, data: dict[str, Any], where: str) -> None:
-        """The hires fix's upscaler exists and its second pass fits the size limits."""
-        if data.get("hires_upscaler"):
-            self.models.get(data["hires_upscaler"], "upscaler", f"{where}.hires_upscaler")
-        from engine.domains.inference import hires_size
-
-        width, height = hires_size(data)
-        if max(width, height) > self.limits["max_size"]:
-            raise ValidationError(
-                f"{where}.hires_scale: the second pass would be {width}x{height}, over limits.max_size "
-                f"({self.limits['max_size']}); lower hires_scale, width or height", [{"loc": f"{where}.hires_scale"}])
 
     def check_device(self, wanted: str, field: str) -> None:
         """A device named in a job must exist on this machine or be offered by a runner registered
@@ -260,14 +211,6 @@ class Intake:
 
         with self.store.read() as conn:
             return worker_names(conn, live_only=False)
-
-    @staticmethod
-    def check_preset(preset: str, field: str) -> None:
-        from engine.domains.postprocessing import PRESETS
-
-        if preset not in PRESETS:
-            raise ValidationError(f"{field}: unknown enhance preset {preset!r}; known: {', '.join(PRESETS)}",
-                                  [{"loc": field}])
 
     @staticmethod
     def check_fits(adapter: ModelEntry, pipeline: ModelEntry | None, field: str) -> None:

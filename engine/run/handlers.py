@@ -108,22 +108,58 @@ class StepResult:
 Handler = Callable[[StepContext], StepResult]
 
 
+@dataclass(frozen=True)
+class SubmitCheck:
+    """What a domain's submit-time check is given beside the step and the resolved params: where
+    in the job the params are (`params`, `items[3]`), the limits, and the model catalogue."""
+
+    where: str
+    limits: dict[str, Any]
+    models: Any
+
+
+# check(step, params, submit): raise ValidationError for a step that could never run.
+Check = Callable[[dict, dict, SubmitCheck], None]
+# output_size(step, params, (width, height) in, submit) -> the size of the images it makes.
+OutputSize = Callable[[dict, dict, tuple, SubmitCheck], tuple]
+# params_check(params, submit): a check of params whatever the workflow (a preset name, say).
+ParamsCheck = Callable[[dict, SubmitCheck], None]
+
+
 class Registry:
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
         self._compatibility: dict[str, Callable] = {}
+        self._checks: dict[str, Check] = {}
+        self._sizes: dict[str, OutputSize] = {}
+        self.params_checks: list[ParamsCheck] = []
         self.shared: dict[str, Any] = {}
 
-    def add(self, step_type: str, handler: Handler, compatibility: Callable | None = None) -> None:
+    def add(self, step_type: str, handler: Handler, compatibility: Callable | None = None,
+            check: Check | None = None, output_size: OutputSize | None = None) -> None:
         """Register a handler. With `compatibility(step_config, params)`, the handler serves a group:
         it takes a list of StepContexts and returns one StepResult each, and steps whose
-        compatibility values are equal may be handed to it together (see engine.run.grouping)."""
+        compatibility values are equal may be handed to it together (see engine.run.grouping).
+        `check` and `output_size` are the domain's submit-time checks (engine.ingest.intake runs
+        them): a step refused at submit never fails at run time; `output_size` follows an image's
+        size through the steps (within limits.max_output_pixels)."""
         self._handlers[step_type] = handler
-        if compatibility is not None:
-            self._compatibility[step_type] = compatibility
+        for table, value in ((self._compatibility, compatibility), (self._checks, check), (self._sizes, output_size)):
+            if value is not None:
+                table[step_type] = value
+
+    def add_params_check(self, check: ParamsCheck) -> None:
+        """A domain's check of the params of every job, whichever workflow it names."""
+        self.params_checks.append(check)
 
     def compatibility(self, step_type: str) -> Callable | None:
         return self._compatibility.get(step_type)
+
+    def check(self, step_type: str) -> Check | None:
+        return self._checks.get(step_type)
+
+    def output_size(self, step_type: str) -> OutputSize | None:
+        return self._sizes.get(step_type)
 
     def serves(self, step_type: str) -> bool:
         return step_type in self._handlers
@@ -135,6 +171,7 @@ class Registry:
         """The same handlers with their own shared state (a worker's warm model cache is its own)."""
         other = Registry()
         other._handlers, other._compatibility = self._handlers, self._compatibility
+        other._checks, other._sizes, other.params_checks = self._checks, self._sizes, self.params_checks
         return other
 
     def warm_models(self) -> list[str]:
