@@ -19,7 +19,7 @@ def noop(ctx: StepContext) -> StepResult:
 
 def sleep(ctx: StepContext) -> StepResult:
     """Sleeps `config.seconds` (or params.steps / 10), polling the token like a denoise loop."""
-    seconds = float(ctx.step_config.get("seconds", ctx.params.get("steps", 1) / 10))
+    seconds = float(ctx.step_config.get("seconds", ctx.params.steps / 10))
     ticks = max(1, int(seconds / 0.02))
     for tick in range(ticks):
         ctx.token.raise_if_set()
@@ -30,7 +30,7 @@ def sleep(ctx: StepContext) -> StepResult:
 
 def fail_n_times(ctx: StepContext) -> StepResult:
     """Fails its first `config.failures` attempts (params.seed % 10 when absent), then succeeds."""
-    failures = int(ctx.step_config.get("failures", ctx.params.get("seed", 0) % 10))
+    failures = int(ctx.step_config.get("failures", (ctx.params.seed or 0) % 10))
     if ctx.attempt <= failures:
         raise StepFailed(f"planned failure {ctx.attempt} of {failures}")
     return StepResult(data={"attempt": ctx.attempt})
@@ -103,7 +103,7 @@ def write_group(contexts: list[StepContext]) -> list[StepResult]:
         _calls_started += 1
         number = _calls_started
         _calls.notify_all()
-    call_id, images = uuid.uuid4().hex[:12], sum(int(c.params.get("num_images") or 1) for c in contexts)
+    call_id, images = uuid.uuid4().hex[:12], sum(c.params.num_images for c in contexts)
     started = time.perf_counter()
     time.sleep(float(os.environ.get("ENGINE_TEST_WRITE_PAUSE", "0")) or 0.001)
     if all(c.token.is_set for c in contexts):
@@ -111,8 +111,8 @@ def write_group(contexts: list[StepContext]) -> list[StepResult]:
     measure = contexts[0].step_config.get("measure")  # [per_image_bytes, available_bytes]: as inference reports
     if measure:
         p = contexts[0].params
-        contexts[0].notify("model.measured", {"model_id": p["model"], "width": p.get("width") or 0,
-                                              "height": p.get("height") or 0, "mode": "", "device": "test",
+        contexts[0].notify("model.measured", {"model_id": p.model, "width": p.width or 0,
+                                              "height": p.height or 0, "mode": "", "device": "test",
                                               "per_image_bytes": measure[0], "available_bytes": measure[1],
                                               "call_images": images})
     results = []
@@ -131,8 +131,8 @@ def write_group(contexts: list[StepContext]) -> list[StepResult]:
 def deaf_sleep(ctx: StepContext) -> StepResult:
     """Sleeps params.steps / 10 seconds without looking at the token: a call that cannot be
     interrupted (a long C++ call, a library with no step callback)."""
-    time.sleep(ctx.params.get("steps", 1) / 10)
-    return StepResult(data={"slept": ctx.params.get("steps", 1) / 10})
+    time.sleep(ctx.params.steps / 10)
+    return StepResult(data={"slept": ctx.params.steps / 10})
 
 
 def register(registry: Registry) -> None:
@@ -144,4 +144,4 @@ def register(registry: Registry) -> None:
     registry.add("cap_memory", cap_memory)
     registry.add("raise_error", raise_error)
     # Sessions with equal params.steps may share a call (a stand-in for inference's full rule).
-    registry.add("write_group", write_group, compatibility=lambda config, params: params.get("steps"))
+    registry.add("write_group", write_group, compatibility=lambda config, params: params.steps)

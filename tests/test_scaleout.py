@@ -187,7 +187,7 @@ def test_a_pinned_session_whose_device_no_live_runner_offers_waits_and_says_why(
         cpu_runner.close()
     run_until_idle(install, devices=[device("cuda:1")])  # the GPU host is back
     assert status(install, session_id) == "completed"
-    assert "waiting" not in report()
+    assert report()["waiting"] is None, "it waits no more"
 
 
 # model affinity and two workers on real tiny models --------------------------------------------

@@ -149,7 +149,7 @@ def discovery_step(ctx: StepContext) -> StepResult:
     it because its device is the one the job pins, or the job pins none); outside a runner's worker,
     params.device, else config."""
     found = discover()
-    device = ctx.device or select(ctx.params.get("device") or ctx.config.get("device", "preferred"), found)
+    device = ctx.device or select(ctx.params.device or ctx.config.get("device", "preferred"), found)
     dtype = str(dtype_for(device, ctx.config.get("device", "dtype"))).replace("torch.", "")
     return StepResult(data={"device": device.id, "device_name": device.name, "dtype": dtype,
                             "devices": [asdict(d) for d in found]})
@@ -160,4 +160,4 @@ def device_of(ctx: StepContext) -> DeviceInfo:
     device_discovery step chose (or a fresh choice)."""
     if ctx.device is not None:
         return ctx.device
-    return select(ctx.previous_value("device") or ctx.params.get("device") or ctx.config.get("device", "preferred"))
+    return select(ctx.previous_value("device") or ctx.params.device or ctx.config.get("device", "preferred"))

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from engine.domains import memory
@@ -23,6 +23,7 @@ from engine.domains.readback import round_on_device
 from engine.errors import OutOfMemory, ValidationError
 from engine.run.handlers import StepContext, StepResult, SubmitCheck
 from engine.ingest.inputs import digest_key, read_image
+from engine.ingest.jobs import StepParams
 from engine.outbox.png import a1111_parameters, a1111_sampler, save_png
 from engine.paths import resolve_inside
 
@@ -60,11 +61,11 @@ def load_vae(entry, path):
 
 def job_vae(ctx: StepContext, device, dtype):
     """The registered VAE a job names instead of its model's own (None: the model's)."""
-    if not ctx.params.get("vae"):
+    if not ctx.params.vae:
         return None
     from engine.domains.device import torch_device
 
-    return component_for(ctx, ctx.params["vae"], "vae", lambda entry, path: load_vae(entry, path).to(
+    return component_for(ctx, ctx.params.vae, "vae", lambda entry, path: load_vae(entry, path).to(
         torch_device(device), dtype))
 
 
@@ -74,7 +75,7 @@ def load_image(ctx: StepContext, relative: str, field: str, mode: str, size: tup
 
     path = resolve_inside(ctx.inbox, relative, field)
     given = read_image(path, field, ctx.config.get("limits", "max_image_pixels"),
-                       (ctx.params.get("input_digests") or {}).get(digest_key(field)))
+                       ctx.params.input_digests.get(digest_key(field)))
     return given.image.convert(mode).resize(size, Image.Resampling.LANCZOS)
 
 
@@ -86,10 +87,10 @@ def load_controlnet(entry, path):
     return ControlNetModel.from_single_file(str(path), local_files_only=True)
 
 
-def hires_size(params: dict[str, Any]) -> tuple[int, int]:
+def hires_size(params: StepParams) -> tuple[int, int]:
     """The hires fix's second-pass size: the first times hires_scale, down to multiples of 8."""
-    scale = float(params.get("hires_scale") or 2.0)
-    return int(params["width"] * scale) // 8 * 8, int(params["height"] * scale) // 8 * 8
+    scale = float(params.hires_scale or 2.0)
+    return int(params.width * scale) // 8 * 8, int(params.height * scale) // 8 * 8
 
 
 MAX_SCHEDULE = 1000  # the training timesteps of SD-class schedulers: no schedule is longer
@@ -117,8 +118,8 @@ def _hires_inits(ctx: StepContext, size: tuple[int, int]) -> list:
     for path in ctx.previous_images():
         with PILImage.open(path) as image:
             inits.append(image.convert("RGB").resize(size, PILImage.Resampling.LANCZOS))
-    if len(inits) != ctx.params["num_images"]:
-        raise ValidationError(f"the hires fix found {len(inits)} first-pass image(s), expected {ctx.params['num_images']}")
+    if len(inits) != ctx.params.num_images:
+        raise ValidationError(f"the hires fix found {len(inits)} first-pass image(s), expected {ctx.params.num_images}")
     return inits
 
 
@@ -134,7 +135,7 @@ def _pipeline_for_mode(ctx: StepContext, base, mode: str, device, dtype):
     if mode == "controlnet":
         from engine.domains.device import torch_device
 
-        controlnet = component_for(ctx, ctx.params["controlnet"]["model"], "controlnet",
+        controlnet = component_for(ctx, ctx.params.controlnet.model, "controlnet",
                                    lambda entry, path: load_controlnet(entry, path).to(torch_device(device), dtype))
         return AutoPipelineForText2Image.from_pipe(base, controlnet=controlnet)
     raise ValidationError(f"unknown generation mode {mode!r}")
@@ -143,18 +144,18 @@ def _pipeline_for_mode(ctx: StepContext, base, mode: str, device, dtype):
 def _mode_inputs(ctx: StepContext, mode: str, size: tuple[int, int]) -> dict[str, Any]:
     p = ctx.params
     if mode == "hires":
-        return {"strength": p["hires_strength"]}
+        return {"strength": p.hires_strength}
     if mode == "img2img":
-        return {"image": load_image(ctx, p["init_image"], "params.init_image", "RGB", size), "strength": p["strength"]}
+        return {"image": load_image(ctx, p.init_image, "params.init_image", "RGB", size), "strength": p.strength}
     if mode == "inpaint":
-        return {"image": load_image(ctx, p["init_image"], "params.init_image", "RGB", size),
-                "mask_image": load_image(ctx, p["mask_image"], "params.mask_image", "L", size),
-                "strength": p["strength"], "width": size[0], "height": size[1]}
+        return {"image": load_image(ctx, p.init_image, "params.init_image", "RGB", size),
+                "mask_image": load_image(ctx, p.mask_image, "params.mask_image", "L", size),
+                "strength": p.strength, "width": size[0], "height": size[1]}
     if mode == "controlnet":
-        c = p["controlnet"]
-        return {"image": load_image(ctx, c["image"], "params.controlnet.image", "RGB", size),
-                "controlnet_conditioning_scale": c["conditioning_scale"],
-                "control_guidance_start": c["guidance_start"], "control_guidance_end": c["guidance_end"],
+        c = p.controlnet
+        return {"image": load_image(ctx, c.image, "params.controlnet.image", "RGB", size),
+                "controlnet_conditioning_scale": c.conditioning_scale,
+                "control_guidance_start": c.guidance_start, "control_guidance_end": c.guidance_end,
                 "width": size[0], "height": size[1]}
     return {"width": size[0], "height": size[1]}
 
@@ -162,71 +163,70 @@ def _mode_inputs(ctx: StepContext, mode: str, size: tuple[int, int]) -> dict[str
 def _apply_loras(ctx: StepContext, base) -> list[str]:
     names, scales = [], []
     registry = registry_of(ctx)
-    for index, lora in enumerate(ctx.params.get("loras") or []):
-        entry = registry.get(lora["model"], "lora", f"params.loras[{index}].model")
+    for index, lora in enumerate(ctx.params.loras):
+        entry = registry.get(lora.model, "lora", f"params.loras[{index}].model")
         name = f"lora{index}"
         base.load_lora_weights(str(entry.location(ctx.config.models_dir)), adapter_name=name)
         names.append(name)
-        scales.append(lora["scale"])
+        scales.append(lora.scale)
     if names:
         base.set_adapters(names, adapter_weights=scales)
     return names
 
 
-def hires_fields(params: dict[str, Any]) -> dict[str, Any]:
+def hires_fields(params: StepParams) -> dict[str, Any]:
     """The hires fix's parameters in AUTOMATIC1111's keys."""
-    return {"Denoising strength": params["hires_strength"], "Hires upscale": params["hires_scale"],
-            "Hires steps": params.get("hires_steps") or params["steps"],
-            "Hires upscaler": params.get("hires_upscaler") or "Lanczos"}
+    return {"Denoising strength": params.hires_strength, "Hires upscale": params.hires_scale,
+            "Hires steps": params.hires_steps or params.steps, "Hires upscaler": params.hires_upscaler or "Lanczos"}
 
 
 def lora_hashes(ctx: StepContext) -> str | None:
     """`name: short hash, ...` of the session's LoRAs, as AUTOMATIC1111's `Lora hashes`."""
     registry = registry_of(ctx)
     parts = []
-    for lora in ctx.params.get("loras") or []:
-        entry = registry.get(lora["model"], "lora")
+    for lora in ctx.params.loras:
+        entry = registry.get(lora.model, "lora")
         parts.append(f"{entry.id}: {(entry.sha256 or '')[:12] or 'unknown'}")
     return ", ".join(parts) or None
 
 
 # submit-time checks (the handler registry's `check` and `output_size`) -------------------------
 
-def submit_check(step: dict[str, Any], params: dict[str, Any], submit: SubmitCheck) -> None:
+def submit_check(step: dict[str, Any], params: StepParams, submit: SubmitCheck) -> None:
     """An image-to-image pass denoises int(steps x strength) steps: never zero (diffusers would
     fail at run time); the hires pass runs exactly hires_steps, on a schedule a scheduler has, with
     an upscaler that exists, to a size within limits.max_size."""
     mode, where = step["config"].get("mode"), submit.where
-    if mode in ("img2img", "inpaint") and denoising_steps(params["steps"], params["strength"]) < 1:
-        least = math.ceil(1000 / params["steps"]) / 1000
-        more = f" or at least {math.ceil(1 / params['strength'])} steps" if params["strength"] > 0 else ""
+    if mode in ("img2img", "inpaint") and denoising_steps(params.steps, params.strength) < 1:
+        least = math.ceil(1000 / params.steps) / 1000
+        more = f" or at least {math.ceil(1 / params.strength)} steps" if params.strength > 0 else ""
         raise ValidationError(
-            f"{where}.strength: {params['steps']} steps at strength {params['strength']} denoise "
-            f"int({params['steps']} x {params['strength']}) = 0 steps; give strength at least {least:g}{more}",
+            f"{where}.strength: {params.steps} steps at strength {params.strength} denoise "
+            f"int({params.steps} x {params.strength}) = 0 steps; give strength at least {least:g}{more}",
             [{"loc": f"{where}.strength"}])
     if mode != "hires":
         return
-    if params.get("hires_upscaler"):
-        submit.models.get(params["hires_upscaler"], "upscaler", f"{where}.hires_upscaler")
+    if params.hires_upscaler:
+        submit.models.get(params.hires_upscaler, "upscaler", f"{where}.hires_upscaler")
     width, height = hires_size(params)
     if max(width, height) > submit.limits["max_size"]:
         raise ValidationError(
             f"{where}.hires_scale: the second pass would be {width}x{height}, over limits.max_size "
             f"({submit.limits['max_size']}); lower hires_scale, width or height", [{"loc": f"{where}.hires_scale"}])
-    steps = params.get("hires_steps") or params["steps"]
-    if hires_schedule(steps, params["hires_strength"]) > MAX_SCHEDULE:
+    steps = params.hires_steps or params.steps
+    if hires_schedule(steps, params.hires_strength) > MAX_SCHEDULE:
         raise ValidationError(
-            f"{where}.hires_strength: {steps} hires steps at strength {params['hires_strength']} need a schedule of "
-            f"{hires_schedule(steps, params['hires_strength'])} steps, more than the {MAX_SCHEDULE} a scheduler has; "
+            f"{where}.hires_strength: {steps} hires steps at strength {params.hires_strength} need a schedule of "
+            f"{hires_schedule(steps, params.hires_strength)} steps, more than the {MAX_SCHEDULE} a scheduler has; "
             "raise hires_strength or lower hires_steps", [{"loc": f"{where}.hires_strength"}])
 
 
-def output_size(step: dict[str, Any], params: dict[str, Any], size: tuple[int, int], submit: SubmitCheck) -> tuple:
+def output_size(step: dict[str, Any], params: StepParams, size: tuple[int, int], submit: SubmitCheck) -> tuple:
     """The hires pass makes its second-pass size; every other mode keeps the size it is given."""
     return hires_size(params) if step["config"].get("mode") == "hires" else size
 
 
-def compatibility(step_config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+def compatibility(step_config: dict[str, Any], params: StepParams) -> dict[str, Any]:
     """What must be equal for sessions' inference steps to share one pipeline call. Prompts, seeds
     and the number of images may differ (one generator per image keeps each image its own);
     whether a negative prompt is given may not (no negative prompt is encoded differently from
@@ -234,13 +234,12 @@ def compatibility(step_config: dict[str, Any], params: dict[str, Any]) -> dict[s
     if step_config.get("mode") == "hires":  # each session denoises its own first pass: never shared
         return {"hires": uuid.uuid4().hex}
     return {
-        "model": params.get("model"), "device": params.get("device"), "width": params.get("width"),
-        "height": params.get("height"), "steps": params.get("steps"), "scheduler": params.get("scheduler"),
-        "guidance_scale": params.get("guidance_scale"), "loras": params.get("loras") or [],
-        "controlnet": params.get("controlnet"), "init_image": params.get("init_image"),
-        "mask_image": params.get("mask_image"), "vae": params.get("vae"),
-        "strength": params.get("strength") if params.get("init_image") else None,
-        "negative": bool(params.get("negative_prompt")),
+        "model": params.model, "device": params.device, "width": params.width, "height": params.height,
+        "steps": params.steps, "scheduler": params.scheduler, "guidance_scale": params.guidance_scale,
+        "loras": [lora.model_dump() for lora in params.loras],
+        "controlnet": params.controlnet.model_dump() if params.controlnet else None,
+        "init_image": params.init_image, "mask_image": params.mask_image, "vae": params.vae,
+        "strength": params.strength if params.init_image else None, "negative": bool(params.negative_prompt),
     }
 
 
@@ -259,7 +258,7 @@ class Image:
     denoised: int = 0  # the denoising steps its call ran (fewer than steps at an img2img strength below 1)
 
 
-def generate(pipe, wanted: list[Image], p: dict[str, Any], inputs: dict[str, Any], device, contexts) -> None:
+def generate(pipe, wanted: list[Image], p: StepParams, inputs: dict[str, Any], device, contexts) -> None:
     """One pipeline call for these images, one generator per image; progress and cancel between steps."""
     import torch
 
@@ -268,7 +267,7 @@ def generate(pipe, wanted: list[Image], p: dict[str, Any], inputs: dict[str, Any
     started = time.perf_counter()
 
     def on_step_end(pipeline, step, timestep, callback_kwargs):
-        total = getattr(pipeline, "num_timesteps", None) or p["steps"]
+        total = getattr(pipeline, "num_timesteps", None) or p.steps
         done, elapsed = step + 1, time.perf_counter() - started
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 and done < total else ""
@@ -283,7 +282,7 @@ def generate(pipe, wanted: list[Image], p: dict[str, Any], inputs: dict[str, Any
     if wanted[0].init is not None:
         inputs = {**inputs, "image": [w.init for w in wanted]}
     result = pipe(prompt=[w.prompt for w in wanted], negative_prompt=None if negatives[0] is None else negatives,
-                  num_inference_steps=p["steps"], guidance_scale=p["guidance_scale"], num_images_per_prompt=1,
+                  num_inference_steps=p.steps, guidance_scale=p.guidance_scale, num_images_per_prompt=1,
                   generator=generators, callback_on_step_end=on_step_end, output_type="pil", **inputs)
     call_id = uuid.uuid4().hex[:12]
     denoised = getattr(pipe, "num_timesteps", 0) or 0
@@ -326,9 +325,9 @@ def generate_in_calls(pipe, wanted: list[Image], p, inputs, device, contexts, ac
     halved, start = [], 0
     for size in bucket_split(len(wanted), accelerated.sizes):
         chunk, start = wanted[start:start + size], start + size
-        run_call(accelerated, pipe, (mode, size, p["width"], p["height"]),
+        run_call(accelerated, pipe, (mode, size, p.width, p.height),
                  lambda: halved.append(generate_halving(pipe, chunk, p, inputs, device, contexts)),
-                 contexts[0].notify, p["model"], device.id)
+                 contexts[0].notify, p.model, device.id)
     return any(halved)
 
 
@@ -340,26 +339,26 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
     ctx = contexts[0]
     p = ctx.params  # what compatibility() makes equal is read from the first; prompts and seeds from each
     mode = ctx.step_config.get("mode", "txt2img")
-    size = (p["width"], p["height"])
-    wanted = [Image(owner, c.params["prompt"], c.params["negative_prompt"] or None, (c.params["seed"] + i) % 2**32)
-              for owner, c in enumerate(contexts) for i in range(c.params["num_images"])]
+    size = (p.width, p.height)
+    wanted = [Image(owner, c.params.prompt, c.params.negative_prompt or None, (c.params.seed + i) % 2**32)
+              for owner, c in enumerate(contexts) for i in range(c.params.num_images)]
     if mode == "hires":  # the second pass: larger, its own steps, each image from its first pass
         size = hires_size(p)
-        p = {**p, "width": size[0], "height": size[1],
-             "steps": hires_schedule(p.get("hires_steps") or p["steps"], p["hires_strength"])}
+        p = p.model_copy(update={"width": size[0], "height": size[1],
+                                 "steps": hires_schedule(p.hires_steps or p.steps, p.hires_strength)})
         for image, init in zip(wanted, _hires_inits(ctx, size)):
             image.init = init
     # 1. The pipeline, warm from the cache when possible.
-    cached, loaded, device = pipeline_for(ctx, p["model"])
+    cached, loaded, device = pipeline_for(ctx, p.model)
     base = cached.value
     dtype = base.unet.dtype if hasattr(base, "unet") else torch.float32
     # 2. Refuse what cannot fit before trying: the largest session's images in one call (a group
     #    larger than what fits is halved on out of memory; one session asks no less than before).
-    largest = max(c.params["num_images"] for c in contexts)
+    largest = max(c.params.num_images for c in contexts)
     memory.check_fits(memory.activation_bytes(size[0], size[1], largest, torch.finfo(dtype).bits // 8),
                       device, already_loaded=True, weights=0)
     # 3. Scheduler by name and LoRAs, undone after the step so the cached pipeline stays clean.
-    base.scheduler = make_scheduler(p.get("scheduler"), cached.default_scheduler)
+    base.scheduler = make_scheduler(p.scheduler, cached.default_scheduler)
     scheduler_name = type(base.scheduler).__name__
     adapters = _apply_loras(ctx, base)
     own_vae, vae = base.vae, job_vae(ctx, device, dtype)
@@ -393,15 +392,15 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
     for owner, context in enumerate(contexts):
         mine = [w for w in wanted if w.owner == owner]
         names = [f"{index:05d}-{image.seed}.png" for index, image in enumerate(mine)]
-        extra = {"Sampler": a1111_sampler(context.params.get("scheduler"), scheduler_name),
+        extra = {"Sampler": a1111_sampler(context.params.scheduler, scheduler_name),
                  "Model hash": cached.file_hash[:10] if cached.file_hash else None,
-                 "Lora hashes": lora_hashes(context), "VAE": context.params.get("vae"), "Workflow mode": mode,
+                 "Lora hashes": lora_hashes(context), "VAE": context.params.vae, "Workflow mode": mode,
                  **(hires_fields(context.params) if mode == "hires" else {})}
-        writing = _save_later([(image.picture, context.work_dir / name, a1111_parameters(context.params, image.seed, extra))
+        writing = _save_later([(image.picture, context.work_dir / name, a1111_parameters(context.params.model_dump(), image.seed, extra))
                                for image, name in zip(mine, names)])
-        results.append(StepResult(images=names, writing=writing, data=_call_data(
-            mine, mode, device, dtype, cached, loaded, scheduler_name, peak, halved, len(contexts), len(wanted),
-            seconds)))
+        record = _record(mine, mode, device, dtype, cached, loaded, scheduler_name, peak, halved, len(contexts),
+                         len(wanted), seconds)
+        results.append(StepResult(images=names, writing=writing, data=record.data()))
     return results
 
 
@@ -411,7 +410,7 @@ def _report_memory(ctx: StepContext, budget, peak: int | None, call_images: int,
     if budget is None or not peak or peak <= budget[0]:
         return
     ctx.notify("model.measured", {
-        "model_id": ctx.params["model"], "width": ctx.params["width"], "height": ctx.params["height"], "mode": mode,
+        "model_id": ctx.params.model, "width": ctx.params.width, "height": ctx.params.height, "mode": mode,
         "device": device.id, "per_image_bytes": (peak - budget[0]) // call_images, "available_bytes": budget[1],
         "call_images": call_images})
 
@@ -437,14 +436,35 @@ def _save_later(saves: list[tuple]) -> list[Future]:
     return []
 
 
-def _call_data(mine: list[Image], mode, device, dtype, cached, loaded, scheduler_name, peak, halved, sessions,
-               images, seconds) -> dict[str, Any]:
-    """What result.json records of an inference step: the images' seeds and the call they came from."""
-    return {
-        "mode": mode, "seeds": [w.seed for w in mine], "device": device.id,
-        "dtype": str(dtype).replace("torch.", ""), "model": cached.entry.id, "model_loaded_here": loaded,
-        "scheduler": scheduler_name, "peak_memory_bytes": peak, "out_of_memory_retry": halved,
-        "call_id": mine[0].call_id, "call_images": mine[0].call_images, "call_sessions": sessions,
-        "denoising_steps": mine[0].denoised,
-        "group_images": images, "group_seconds": round(seconds, 4),
-    }
+@dataclass(frozen=True)
+class GenerationRecord:
+    """What result.json records of an inference step (its `data`): the images' seeds and the call
+    they came from."""
+
+    mode: str
+    seeds: list[int]
+    device: str
+    dtype: str
+    model: str
+    model_loaded_here: bool
+    scheduler: str
+    peak_memory_bytes: int | None
+    out_of_memory_retry: bool
+    call_id: str
+    call_images: int
+    call_sessions: int
+    denoising_steps: int
+    group_images: int
+    group_seconds: float
+
+    def data(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _record(mine: list[Image], mode, device, dtype, cached, loaded, scheduler_name, peak, halved, sessions,
+            images, seconds) -> GenerationRecord:
+    return GenerationRecord(
+        mode=mode, seeds=[w.seed for w in mine], device=device.id, dtype=str(dtype).replace("torch.", ""),
+        model=cached.entry.id, model_loaded_here=loaded, scheduler=scheduler_name, peak_memory_bytes=peak,
+        out_of_memory_retry=halved, call_id=mine[0].call_id, call_images=mine[0].call_images, call_sessions=sessions,
+        denoising_steps=mine[0].denoised, group_images=images, group_seconds=round(seconds, 4))

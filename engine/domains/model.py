@@ -183,7 +183,7 @@ def component_for(ctx: StepContext, model_id: str, kind: str, loader: Callable[[
 def loading_step(ctx: StepContext) -> StepResult:
     """model_loading: make sure the session's pipeline is on its device (a no-op when warm)."""
     started = time.perf_counter()
-    cached, loaded, device = pipeline_for(ctx, ctx.params["model"])
+    cached, loaded, device = pipeline_for(ctx, ctx.params.model)
     return StepResult(data={"model": cached.entry.id, "file_hash": cached.file_hash, "loaded": loaded,
                             "device": device.id, "seconds": round(time.perf_counter() - started, 3),
                             "warm_models": cache_of(ctx).loaded_ids()})

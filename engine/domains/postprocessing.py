@@ -14,6 +14,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from engine.domains.device import device_of, torch_device
 from engine.domains.model import component_for
 from engine.errors import ValidationError
+from engine.ingest.jobs import StepParams
 from engine.run.handlers import StepContext, StepResult, SubmitCheck
 from engine.ingest.inputs import read_image
 from engine.outbox.png import save_png
@@ -33,11 +34,11 @@ def ops_for(ctx: StepContext) -> list[dict[str, Any]]:
     return step_ops(ctx.step_config, ctx.params)
 
 
-def step_ops(step_config: dict[str, Any], params: dict[str, Any]) -> list[dict[str, Any]]:
+def step_ops(step_config: dict[str, Any], params: StepParams) -> list[dict[str, Any]]:
     """A step's ops: the params' ops, the template's defaults, or defaults overridden by name."""
     if step_config.get("ops_from") == "hires":  # the hires fix's upscale, from its params
-        return [{"op": "upscale", "model": params.get("hires_upscaler"), "scale": params.get("hires_scale") or 2.0}]
-    given = params.get("postprocess") or []
+        return [{"op": "upscale", "model": params.hires_upscaler, "scale": params.hires_scale or 2.0}]
+    given = [op.model_dump() for op in params.postprocess]
     defaults = step_config.get("default_ops") or []
     if step_config.get("ops_from") == "by_name":
         by_name = {op["op"]: op for op in given}
@@ -59,10 +60,10 @@ def check_output_pixels(size: tuple[int, int], limit: int, field: str) -> None:
 
 # submit-time checks (the handler registry's `check` and `output_size`) -------------------------
 
-def _scale_field(step: dict[str, Any], params: dict[str, Any], op: dict[str, Any], where: str) -> str:
+def _scale_field(step: dict[str, Any], params: StepParams, op: dict[str, Any], where: str) -> str:
     """Where in the job an upscale's scale was given: the hires fix's params, params.postprocess[i],
     or (the template's default op applied to the input) the input image."""
-    given = params.get("postprocess") or []
+    given = [given.model_dump() for given in params.postprocess]
     if step["config"].get("ops_from") == "hires":
         return f"{where}.hires_scale"
     if op in given:
@@ -70,16 +71,16 @@ def _scale_field(step: dict[str, Any], params: dict[str, Any], op: dict[str, Any
     return f"{where}.init_image"
 
 
-def check_presets(params: dict[str, Any], submit: SubmitCheck) -> None:
+def check_presets(params: StepParams, submit: SubmitCheck) -> None:
     """Every enhance preset a job names is one this domain has (whichever workflow it names)."""
-    for index, op in enumerate(params.get("postprocess") or []):
-        if op.get("preset") and op["preset"] not in PRESETS:
+    for index, op in enumerate(params.postprocess):
+        if getattr(op, "preset", None) and op.preset not in PRESETS:
             field = f"{submit.where}.postprocess[{index}].preset"
-            raise ValidationError(f"{field}: unknown enhance preset {op['preset']!r}; known: {', '.join(PRESETS)}",
+            raise ValidationError(f"{field}: unknown enhance preset {op.preset!r}; known: {', '.join(PRESETS)}",
                                   [{"loc": field}])
 
 
-def output_size(step: dict[str, Any], params: dict[str, Any], size: tuple[int, int], submit: SubmitCheck) -> tuple:
+def output_size(step: dict[str, Any], params: StepParams, size: tuple[int, int], submit: SubmitCheck) -> tuple:
     """Each upscale multiplies the size; every image on the way within limits.max_output_pixels."""
     for op in step_ops(step["config"], params):
         if op["op"] == "upscale":
@@ -174,10 +175,10 @@ def input_images(ctx: StepContext) -> list[tuple[str, Image.Image, str | None]]:
     """(name stem, image, A1111 parameters) for each image this step works on."""
     found = []
     paths = ctx.previous_images()
-    if not paths and ctx.params.get("init_image"):  # the upscale workflow: the job's own picture
-        path = resolve_inside(ctx.inbox, ctx.params["init_image"], "params.init_image")
+    if not paths and ctx.params.init_image:  # the upscale workflow: the job's own picture
+        path = resolve_inside(ctx.inbox, ctx.params.init_image, "params.init_image")
         given = read_image(path, "params.init_image", ctx.config.get("limits", "max_image_pixels"),
-                           (ctx.params.get("input_digests") or {}).get("init_image"))
+                           ctx.params.input_digests.get("init_image"))
         found.append((path.stem.split("-s")[0], given.image, given.image.info.get("parameters")))
     for path in paths:
         with Image.open(path) as image:

@@ -15,7 +15,8 @@ from engine.errors import ValidationError
 from engine.run.grouping import group_key
 from engine.run.handlers import Registry, SubmitCheck
 from engine.ingest.inputs import InputImage, digest_key, read_image
-from engine.ingest.jobs import MAX_SEED, BatchJob, GenerationParams, SessionJob, check_limits, validate_params
+from engine.ingest.jobs import (MAX_SEED, BatchJob, GenerationParams, SessionJob, StepParams, check_limits,
+                                validate_params)
 from engine.paths import resolve_inside
 from engine.domains.catalogue import ModelEntry, ModelRegistry, describe_family, fits
 from engine.workflows import Workflow, get_workflow, load_workflows
@@ -81,9 +82,9 @@ class Intake:
     def steps(self, workflow: Workflow, params: dict[str, Any]) -> list[dict[str, Any]]:
         """The workflow's steps for these params; a step whose handler serves groups records its
         compatibility key (`group`)."""
-        steps = workflow.resolve(params)
+        steps, typed = workflow.resolve(params), StepParams.of(params)
         for step in steps:
-            key = group_key(step["type"], step["config"], params, self.handlers.compatibility(step["type"]))
+            key = group_key(step["type"], step["config"], typed, self.handlers.compatibility(step["type"]))
             if key:
                 step["group"] = key
         return steps
@@ -159,18 +160,18 @@ class Intake:
         """Each step's own submit-time check, from its domain through the handler registry; then
         the size of the images through the steps (`start`: the size the first step makes or is
         given), each within the limits: refused here, not out of memory three times at run time."""
-        submit = SubmitCheck(where, self.limits, self.models)
+        submit, typed = SubmitCheck(where, self.limits, self.models), StepParams.of(data)
         for params_check in self.handlers.params_checks:
-            params_check(data, submit)
+            params_check(typed, submit)
         for step in steps:
             check = self.handlers.check(step["type"])
             if check is not None:
-                check(step, data, submit)
+                check(step, typed, submit)
         size = start
         for step in steps if start is not None else ():
             output_size = self.handlers.output_size(step["type"])
             if output_size is not None:
-                size = output_size(step, data, size, submit)
+                size = output_size(step, typed, size, submit)
 
     def check_size(self, data: dict[str, Any], pipeline: ModelEntry, where: str) -> None:
         """A size left to the model's native one must still be within the limits."""

@@ -87,6 +87,22 @@ class GenerationParams(Strict):
     device: str | None = Field(None, max_length=32, description="cpu, cuda, cuda:1, mps, directml; default from config")
 
 
+class StepParams(GenerationParams):
+    """A session's params as its steps get them: validated and resolved at submit (the model, the
+    size and the seed filled in), with the SHA-256 of each input image for the step to know the
+    very file again. Handlers and the domains' submit-time checks read these, never a dict."""
+
+    input_digests: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> "StepParams":
+        """From the params a session stored (resolved at submit; validated again here)."""
+        try:
+            return cls.model_validate(data)
+        except PydanticValidationError as exc:
+            raise pydantic_failure(exc, "params", cls) from None
+
+
 JOB_ID = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$")
 
 

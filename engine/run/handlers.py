@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.errors import Cancelled, EngineError
+from engine.ingest.jobs import StepParams
 
 
 class CancellationToken:
@@ -47,7 +48,7 @@ class StepContext:
     step_type: str
     domain: str
     attempt: int
-    params: dict[str, Any]
+    params: StepParams  # the session's validated, resolved params
     step_config: dict[str, Any]
     previous: list[dict[str, Any]]
     attempt_dir: Path

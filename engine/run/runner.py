@@ -33,6 +33,7 @@ from engine.run import claims, fleet
 from engine.run.affinity import Offer
 from engine.errors import Cancelled, EngineError, StaleLease
 from engine.run.failures import Failure, classify
+from engine.ingest.jobs import StepParams
 from engine.run.handlers import CancellationToken, Registry, StepContext, StepResult
 from engine.run.claims import Claim, Policy
 from engine.outage import Outage
@@ -387,7 +388,7 @@ class _Lane:
         token, progress, notices = CancellationToken(), _Progress(), []
         context = StepContext(
             session_id=claim.session_id, run=claim.run, step_index=claim.step_index, step_type=claim.step_type,
-            domain=claim.domain, attempt=claim.attempt, params=claim.params, step_config=claim.step_config,
+            domain=claim.domain, attempt=claim.attempt, params=StepParams.of(claim.params), step_config=claim.step_config,
             previous=self._previous_outputs(claim),
             attempt_dir=self.outbox.attempt_dir(claim.session_id, claim.run, claim.step_index, claim.attempt),
             inbox=self.config.inbox, token=token, progress=progress.set, config=self.config,

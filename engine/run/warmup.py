@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from engine.errors import ValidationError
+from engine.ingest.jobs import StepParams
 from engine.run.handlers import CancellationToken, StepContext
 from engine.run.runner import record_model_notices
 from engine.store import Store
@@ -30,7 +31,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def _context(config, shared: dict, model_id: str, notices: list) -> StepContext:
     return StepContext(
         session_id="warmup", run=1, step_index=0, step_type="warmup", domain="model", attempt=1,
-        params={"model": model_id}, step_config={}, previous=[], attempt_dir=config.outbox / ".warmup",
+        params=StepParams(model=model_id), step_config={}, previous=[], attempt_dir=config.outbox / ".warmup",
         inbox=config.inbox, token=CancellationToken(), progress=lambda fraction, message="": None, config=config,
         shared=shared, notify=lambda kind, data: notices.append((kind, data)),
     )
