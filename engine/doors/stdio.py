@@ -69,7 +69,7 @@ def parse_request(line: str) -> Request:
     return Request(COMMAND_ALIASES.get(command, command), request_id, data, case)
 
 
-class Worker:
+class StdioWorker:
     """Serves requests from `source` to `sink` until EOF."""
 
     def __init__(self, engine, case: str = "snake", sink: TextIO = sys.stdout) -> None:
@@ -354,7 +354,7 @@ def run_stdio(config, case: str = "snake", with_runner: bool = True, source=None
 
     require_installation(config)
     engine = Engine.create(config)
-    worker = Worker(engine, case, sink)
+    worker = StdioWorker(engine, case, sink)
     done = threading.Event()
     threads = []
     runner = engine.runner() if with_runner else None

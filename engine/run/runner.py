@@ -236,7 +236,7 @@ class Runner:
 
     def close(self) -> None:
         for lane in self.lanes:
-            lane.worker.close()
+            lane.handler_thread.close()
         self.results.caught_up()
         try:
             fleet.stopped(self.store, self.runner_id)
@@ -262,7 +262,7 @@ class _Lane:
         self.runner_id, self.batching, self.stop_event = runner.runner_id, runner.batching, runner.stop_event
         self.heartbeat_every, self.control_every = runner.heartbeat_every, runner.control_every
         self.progress_every, self.on_step = runner.progress_every, runner.on_step
-        self.worker = _Worker(name)
+        self.handler_thread = _HandlerThread(name)
         self.database = Outage(log, f"worker {name}: renewing leases")
 
     def offer(self) -> Offer:
@@ -326,7 +326,7 @@ class _Lane:
             context.progress, context.notify = progress.set, lambda kind, data: notices.append((kind, data))
         _log_starts(group)
         grouped = self.registry.serves_groups(group[0].step_type)
-        ticket = self.worker.start(self.registry.get(group[0].step_type), contexts if grouped else contexts[0])
+        ticket = self.handler_thread.start(self.registry.get(group[0].step_type), contexts if grouped else contexts[0])
         return _Call(group, contexts, progress, notices, ticket, time.monotonic(), grouped)
 
     def _finish_call(self, call: "_Call") -> "list[Claim] | _Call":
@@ -410,7 +410,7 @@ class _Lane:
         last_beat = time.monotonic()
         while True:
             try:
-                return self.worker.result(ticket, timeout=self.control_every)
+                return self.handler_thread.result(ticket, timeout=self.control_every)
             except queue.Empty:
                 pass
             now = time.monotonic()
@@ -598,7 +598,7 @@ class _Call:
     grouped: bool  # the handler serves groups: it got every context and returns a result for each
 
 
-class _Worker:
+class _HandlerThread:
     """The one thread that runs handlers (one per device), fed through two queues: lighter than an
     executor's futures, which matters when steps are short. Each call has a ticket: a result the
     runner no longer waits for (its loop hit an error meanwhile) is dropped, never taken for
