@@ -70,7 +70,6 @@ class Engine:
                  cache: Path | None = None) -> None:
         from engine import app
         from engine.config import load_config
-        from engine.domains.catalogue import ModelRegistry
 
         root.mkdir(parents=True, exist_ok=True)
         settings = "[batching]\ncoalesce = true\nmax_batch_size = 8\n[compile]\nbatch_sizes = [1, 8]\n"
@@ -80,7 +79,7 @@ class Engine:
         self.config = load_config(root / "config.toml")
         self.engine = app.Engine.create(self.config)
         self.store = self.engine.store
-        ModelRegistry(self.config.models_dir).add(folder, "sdxl-random", compile_setting=compile_setting)
+        self.engine.models.add(folder, "sdxl-random", compile_setting=compile_setting)
         self.intake = self.engine.intake
         self.runner = self.engine.runner()
 

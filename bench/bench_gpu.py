@@ -223,14 +223,13 @@ class EngineRounds:
     def __init__(self, folder: Path, root: Path) -> None:
         from engine import app
         from engine.config import load_config
-        from engine.domains.catalogue import ModelRegistry
 
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.toml").write_text('[database]\nsynchronous = "FULL"\n')
         self.config = load_config(root / "config.toml")
         self.engine = app.Engine.create(self.config)
         self.store = self.engine.store
-        ModelRegistry(self.config.models_dir).add(folder, "sdxl-random")
+        self.engine.models.add(folder, "sdxl-random")
         self.intake = self.engine.intake
 
         # One long-lived runner, as `engine run` is: its worker thread (and the CUDA handles that

@@ -43,7 +43,6 @@ class Installation:
     def __init__(self, folder: Path, model: Path, devices: list[str], lease_seconds: float = 30.0) -> None:
         from engine import app
         from engine.config import load_config
-        from engine.domains.catalogue import ModelRegistry
 
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.config_path = folder, folder / "config.toml"
@@ -54,7 +53,7 @@ class Installation:
         self.engine = app.Engine.create(self.config)
         self.store = self.engine.store
         self.intake = self.engine.intake
-        ModelRegistry(self.config.models_dir).add(model, "sdxl-random")
+        self.engine.models.add(model, "sdxl-random")
 
     def env(self) -> dict[str, str]:
         root = str(Path(__file__).resolve().parents[1])

@@ -45,18 +45,23 @@ def target(store: Store, name: str) -> tuple[str, str]:
         return find_target(conn, name)
 
 
+def _one(conn, what: str, target_name: str, sql: str) -> dict[str, Any]:
+    """The row `sql` finds for this id or job_id, else NOT_FOUND."""
+    row = conn.execute(text(sql), {"id": str(target_name)}).mappings().first()
+    if row is None:
+        raise NotFound(f"no {what} {target_name!r}")
+    return dict(row)
+
+
 # one session ---------------------------------------------------------------------------------
 
 def session_report(store: Store, outbox: Outbox, target_name: str) -> dict[str, Any]:
     """One session (by id or job_id): its status row, params, steps, what it is doing now, why it
     waits (when stuck), its outbox folder, its images and an estimate of the seconds left."""
     with store.read() as conn:
-        row = conn.execute(text("SELECT s.*, l.message AS activity FROM session_status s LEFT JOIN leases l "
-                                "ON l.session_id = s.session_id AND l.step_index = s.current_step "
-                                "WHERE s.session_id = :id OR s.job_id = :id"), {"id": str(target_name)}).mappings().first()
-        if row is None:
-            raise NotFound(f"no session {target_name!r}")
-        report = dict(row)
+        report = _one(conn, "session", target_name, "SELECT s.*, l.message AS activity FROM session_status s "
+                      "LEFT JOIN leases l ON l.session_id = s.session_id AND l.step_index = s.current_step "
+                      "WHERE s.session_id = :id OR s.job_id = :id")
         report["steps"] = [dict(r) for r in conn.execute(text(
             "SELECT step_index, step_type, domain, status, attempts, started_at, finished_at, error_code "
             "FROM step_status WHERE session_id = :id ORDER BY step_index"), {"id": report["session_id"]}).mappings()]
@@ -101,11 +106,8 @@ def batch_report(store: Store, target_name: str) -> dict[str, Any]:
     """One batch (by id or job_id): its status row with metrics, its name, and its items (an item
     that has not ended shows its session's status: paused, running)."""
     with store.read() as conn:
-        row = conn.execute(text("SELECT s.*, b.name FROM batch_status s JOIN batches b ON b.batch_id = s.batch_id "
-                                "WHERE s.batch_id = :id OR s.job_id = :id"), {"id": str(target_name)}).mappings().first()
-        if row is None:
-            raise NotFound(f"no batch {target_name!r}")
-        report = dict(row)
+        report = _one(conn, "batch", target_name, "SELECT s.*, b.name FROM batch_status s JOIN batches b "
+                      "ON b.batch_id = s.batch_id WHERE s.batch_id = :id OR s.job_id = :id")
         report["items"] = [dict(r) for r in conn.execute(text(
             "SELECT i.item_index, i.session_id, CASE WHEN i.status IN ('pending', 'running') "
             "AND s.status IS NOT NULL THEN s.status ELSE i.status END AS status, "

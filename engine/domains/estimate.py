@@ -14,10 +14,11 @@ from engine.domains.catalogue import ModelRegistry
 SECONDS_PER_MEGAPIXEL_STEP = {"cuda": 0.06, "rocm": 0.09, "xpu": 0.2, "directml": 0.25, "mps": 0.5, "cpu": 12.0}
 
 
-def estimate(config, workflow, params, devices: list | None = None) -> dict[str, Any]:
-    """`devices`: what to choose the device from (by default, what discovery finds here)."""
+def estimate(config, workflow, params, devices: list | None = None, models: ModelRegistry | None = None) -> dict[str, Any]:
+    """`devices`: what to choose the device from (by default, what discovery finds here);
+    `models`: the installation's catalogue (by default, the one the config names)."""
     device = select(params.device or config.get("device", "preferred"), devices)
-    registry = ModelRegistry(config.models_dir, config.get("models", "allow_pickle"))
+    registry = models or ModelRegistry(config.models_dir, config.get("models", "allow_pickle"))
     weights, model_id, size = 0, None, 1024
     if workflow.generates:
         try:

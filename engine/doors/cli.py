@@ -589,19 +589,14 @@ def models_add(path: Path, model_id: Annotated[str, typer.Option("--id", help="t
                    "--compile", help="the compiled fast path for this pipeline: on or off (else [compile] default)")] = None,
                config: ConfigOption = None) -> None:
     """Register a diffusers folder or a .safetensors file under an id."""
-    from engine.domains.catalogue import ModelRegistry
-
-    from engine.app import require_installation
-
-    cfg = _config(config or _state.get("models_config"))
-    require_installation(cfg)
-    registry = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle"))
-    if model_id in registry.entries() and not replace:
-        raise ValidationError(f"--id {model_id!r} is registered already ({registry.entries()[model_id].path}); "
-                              "pass --replace to replace it")
-    if compile_setting not in (None, "on", "off"):
-        raise ValidationError(f"--compile {compile_setting!r}: on or off")
-    entry = registry.add(path, model_id, kind, configs_from, compile_setting or "")
+    with _opened(config or _state.get("models_config")) as engine:
+        registry = engine.models
+        if model_id in registry.entries() and not replace:
+            raise ValidationError(f"--id {model_id!r} is registered already ({registry.entries()[model_id].path}); "
+                                  "pass --replace to replace it")
+        if compile_setting not in (None, "on", "off"):
+            raise ValidationError(f"--compile {compile_setting!r}: on or off")
+        entry = registry.add(path, model_id, kind, configs_from, compile_setting or "")
     out.print(f"added {entry.id}: {entry.kind} ({entry.format}) at {entry.path}", highlight=False)
 
 

@@ -154,7 +154,7 @@ class StdioWorker:
         workflow = self.intake.workflow(_required(data, "workflow_id"))
         params = validate_params(data.get("parameters") or {}, "parameters")
         return {"id": workflow.id, "description": workflow.description, "steps": workflow.resolve(params.model_dump()),
-                "estimate": estimate(self.config, workflow, params)}
+                "estimate": estimate(self.config, workflow, params, models=self.engine.models)}
 
     def execute_workflow(self, data: dict) -> dict:
         params = data.get("parameters")
