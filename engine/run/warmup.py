@@ -63,7 +63,7 @@ def warmup(config, store: Store, shared: dict, model_id: str, sizes: list[tuple[
         for images in sorted(set(batch_sizes)):
             shape = ("txt2img", images, width, height)
             wanted = [Image(0, "warm up", None, seed) for seed in range(images)]
-            params = {"steps": steps, "guidance_scale": 5.0}
+            params = StepParams(model=model_id, steps=steps, guidance_scale=5.0, width=width, height=height)
             started = time.perf_counter()
             compiled = accelerate.run_call(
                 accelerated, pipe, shape,
