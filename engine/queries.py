@@ -23,7 +23,7 @@ from engine.store.tables import batches, events, jobs, sessions
 ENDED = ("completed", "failed", "cancelled")
 SESSION_LIST = ("session_id, job_id, workflow_id, status, current_step, total_steps, progress, priority, created_at, "
                 "error_code")
-MAX_PAGE = 1000
+MAX_PAGE = 10000
 
 
 def find_target(conn, target: str) -> tuple[str, str]:
@@ -128,16 +128,24 @@ def _page(limit: int, offset: int) -> dict[str, int]:
 
 
 def list_sessions(store: Store, status: str | None = None, limit: int = 100, offset: int = 0,
-                  batch_id: str | None = None) -> list[dict[str, Any]]:
-    """Sessions, newest first, optionally of one status or one batch."""
+                  batch_id: str | None = None, job_id: str | None = None, workflow: str | None = None,
+                  after: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+    """Sessions, newest first, optionally of one status, batch, job_id or workflow; a page starts
+    at `offset`, or (keyset, stable while sessions are added) after the (created_at, session_id)
+    of the last row of the page before."""
     if status and status not in RUN_STATES[:-1]:
         raise ValidationError(f"status: {status!r} is no session status; one of {', '.join(RUN_STATES[:-1])}")
-    where = [clause for clause, given in (("status = :status", status), ("batch_id = :batch", batch_id)) if given]
+    filters = {"status = :status": status, "batch_id = :batch": batch_id, "job_id = :job": job_id,
+               "workflow_id = :workflow": workflow}
+    where = [clause for clause, given in filters.items() if given]
+    if after is not None:
+        where.append("(created_at < :before OR (created_at = :before AND session_id < :before_id))")
     sql = (f"SELECT {SESSION_LIST} FROM session_status {'WHERE ' + ' AND '.join(where) if where else ''} "
-           "ORDER BY created_at DESC, session_id LIMIT :limit OFFSET :offset")
+           "ORDER BY created_at DESC, session_id DESC LIMIT :limit OFFSET :offset")
+    values = {"status": status, "batch": batch_id, "job": job_id, "workflow": workflow,
+              "before": after[0] if after else None, "before_id": after[1] if after else None}
     with store.read() as conn:
-        return [dict(r) for r in conn.execute(text(sql), {"status": status, "batch": batch_id,
-                                                          **_page(limit, offset)}).mappings()]
+        return [dict(r) for r in conn.execute(text(sql), {**values, **_page(limit, offset)}).mappings()]
 
 
 def list_batches(store: Store, limit: int = 100, offset: int = 0, status: str | None = None) -> list[dict[str, Any]]:

@@ -213,6 +213,28 @@ def worker(stdio: Annotated[bool, typer.Option("--stdio", help="JSON lines on st
 
 @app.command()
 @command
+def serve(host: Annotated[Optional[str], typer.Option(help="the address to listen on (else [server] host)")] = None,
+          port: Annotated[Optional[int], typer.Option(help="the port (else [server] port, 7860)")] = None,
+          no_runner: Annotated[bool, typer.Option("--no-runner", help="only the HTTP door: runners run elsewhere")] = False,
+          runner_id: Annotated[Optional[str], typer.Option(help="a stable id for this process's runner")] = None,
+          log_format: Annotated[Optional[str], typer.Option(
+              "--log-format", help="log lines on stderr: plain or json (else [logging] format)")] = None,
+          config: ConfigOption = None) -> None:
+    """The HTTP door: the native API under /v1, OpenAI's images API and AUTOMATIC1111's /sdapi/v1,
+    with a runner and the inbox in this process unless --no-runner (the `server` extra)."""
+    from engine import logs
+
+    try:
+        from engine.doors.http.serve import serve as run_server
+    except ImportError as exc:
+        raise ValidationError(f"engine serve needs the server extra: pip install 'engine[server]' ({exc})") from None
+    cfg = _config(config)
+    logs.configure(cfg.get("logging", "level"), log_format or cfg.get("logging", "format"))
+    run_server(cfg, host, port, with_runner=not no_runner, runner_id=runner_id)
+
+
+@app.command()
+@command
 def validate(files: Annotated[list[Path], typer.Argument(help="job files")], config: ConfigOption = None,
              as_json: JsonOption = False) -> None:
     """Check job files exactly as the inbox would, without submitting them: exit 0 when every one

@@ -52,7 +52,7 @@ def _view(store) -> Table:
 
 def run_with_view(config: Config, until_idle: bool, console: Console, live: bool, runner_id: str | None = None) -> int:
     require_installation(config)
-    engine = _init_when_reachable(config, until_idle)  # an older installation is brought to the newest schema
+    engine = init_when_reachable(config, until_idle)  # an older installation is brought to the newest schema
     if engine is None:  # stopped while waiting for the database
         return 0
     store = engine.store
@@ -88,7 +88,7 @@ def run_with_view(config: Config, until_idle: bool, console: Console, live: bool
             log.info("stopped (%s)", stopper.signalled)
 
 
-def _init_when_reachable(config: Config, until_idle: bool) -> Engine | None:
+def init_when_reachable(config: Config, until_idle: bool) -> Engine | None:
     """Engine.create(config), trying again with backoff while the database cannot be reached (said once, then
     summed up every half minute); with until_idle, StoreUnavailable after [database] reconnect_seconds."""
     from engine.outage import Outage

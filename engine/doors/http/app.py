@@ -1,0 +1,144 @@
+"""The ASGI app of `engine serve`: its routes, and the rules every request meets first (a token
+when tokens are set, a body limit), and errors said as the contract says them, with a fitting
+HTTP status. FastAPI, for its request models over pydantic (the engine's own) and the
+OpenAPI document it writes at /openapi.json."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine import __version__, queries
+from engine.doors.http import a1111, native, openai_images
+from engine.doors.http.shared import HttpError, Stopping, status_of
+from engine.errors import EngineError
+from engine.store import StoreError
+
+OPEN_PATHS = ("/healthz",)
+
+
+def token_ok(header: str | None, tokens: list[str]) -> bool:
+    """Whether an Authorization header carries one of the tokens: `Bearer <token>` (how the openai
+    client sends its api_key), or HTTP Basic with the token as the password (AUTOMATIC1111's
+    --api-auth clients). Compared in constant time."""
+    if not header:
+        return False
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "basic":
+        import base64
+        import binascii
+
+        try:
+            value = base64.b64decode(value.strip(), validate=True).decode("utf-8", "replace").partition(":")[2]
+        except (binascii.Error, ValueError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    given = value.strip().encode()
+    return any(hmac.compare_digest(given, token.encode()) for token in tokens)
+
+
+def _error(code: str, message: str, details=None, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
+    if code == "UNAUTHORIZED":
+        headers["WWW-Authenticate"] = 'Bearer realm="engine"'
+    return JSONResponse({"code": code, "message": message, "details": details or []}, status_code=status_of(code),
+                        headers=headers)
+
+
+class Guard:
+    """Every request but /healthz needs a token when tokens are set; no body may be larger than
+    [server] max_body_bytes (a declared length is refused at once, a streamed one when it passes)."""
+
+    def __init__(self, app: ASGIApp, tokens: list[str], max_body: int) -> None:
+        self.app, self.tokens, self.max_body = app, tokens, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.tokens and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS" \
+                and not token_ok(headers.get("authorization"), self.tokens):
+            return await _error("UNAUTHORIZED", "a token is needed: Authorization: Bearer <token>")(scope, receive, send)
+        declared = headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            return await _error("TOO_LARGE", f"the body is {declared} bytes, over [server] max_body_bytes "
+                                f"({self.max_body})")(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise HttpError("TOO_LARGE", f"the body is over [server] max_body_bytes ({self.max_body})")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def create_app(engine, stopping: Stopping | None = None, runner_live=lambda: True) -> FastAPI:
+    """The app over one Engine. `runner_live`: whether a runner is at work (for /readyz)."""
+    stopping = stopping or Stopping()
+    app = FastAPI(title="engine", version=__version__, description="A crash-proof job orchestrator for image "
+                  "generation: the native API under /v1, OpenAI's images API and AUTOMATIC1111's /sdapi/v1.")
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError):
+        if isinstance(exc, StoreError) and exc.code != "DATABASE_UNAVAILABLE":
+            return _error("DATABASE_UNAVAILABLE", exc.message, retry_after=2)
+        return _error(exc.code, exc.message, exc.details, getattr(exc, "retry_after", None)
+                      or (2 if exc.code == "DATABASE_UNAVAILABLE" else None))
+
+    @app.exception_handler(RequestValidationError)
+    async def request_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _error("BAD_REQUEST", "the body is not valid JSON", [{"loc": "body"}])
+        if any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+            return _error("BAD_REQUEST", "the body is not a JSON object (send Content-Type: application/json)",
+                          [{"loc": "body"}])
+        details = [{"loc": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
+                    "message": e.get("msg", "")} for e in errors]
+        first = details[0] if details else {"loc": "body", "message": "invalid"}
+        return _error("VALIDATION_ERROR", f"{first['loc']}: {first['message']}", details)
+
+    @app.exception_handler(Exception)
+    async def unforeseen(request: Request, exc: Exception):  # a bug: said in the contract's shape, and logged
+        logging.getLogger("engine.serve").exception("%s %s failed", request.method, request.url.path)
+        return _error("INTERNAL_ERROR", f"{type(exc).__name__}: {exc}")
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def not_json(request: Request, exc: json.JSONDecodeError):
+        return _error("BAD_REQUEST", f"the body is not valid JSON: {exc.msg}")
+
+    @app.get("/healthz", summary="The process is up")
+    def healthz():
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", summary="The store answers and a runner is live")
+    def readyz():
+        queries.newest_event_id(engine.store)
+        live = [r for r in queries.runners(engine.store) if r["status"] == "running"]
+        if stopping.event.is_set() or not (live and runner_live()):
+            why = "stopping" if stopping.event.is_set() else "no runner is live"
+            return _error("STOPPING", f"not ready: {why}", retry_after=5)
+        return {"status": "ready", "runners": len(live)}
+
+    app.include_router(native.router(engine, stopping))
+    app.include_router(openai_images.router(engine, stopping))
+    app.include_router(a1111.router(engine, stopping))
+    origins = list(engine.config.get("server", "cors_origins") or [])
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(Guard, tokens=list(engine.config.get("server", "tokens") or []),
+                       max_body=int(engine.config.get("server", "max_body_bytes")))
+    return app

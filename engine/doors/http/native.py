@@ -1,0 +1,218 @@
+"""The native API under /v1: jobs, sessions, batches, events (Server-Sent Events), the catalogue
+and the runners. The same submit path and the same reports as the inbox, the CLI and the stdio
+worker: a session here is `engine session ID --json`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from engine import commands, queries
+from engine.doors.http.shared import idempotency_key, submit, target_or_404
+from engine.errors import NotFound, ValidationError
+from engine.ingest.jobs import ACTIONS, SCHEDULERS
+from engine.machines import RUN_STATES
+
+CONTROLS = tuple(action for action in ACTIONS if action != "delete")
+
+
+def router(engine, stopping) -> APIRouter:
+    api = APIRouter(prefix="/v1")
+
+    def links(kind: str, target_id: str) -> dict[str, str]:
+        plural = "sessions" if kind == "session" else "batches"
+        return {"self": f"/v1/{plural}/{target_id}", "events": f"/v1/events?{kind}={target_id}"}
+
+    @api.post("/jobs", status_code=201, summary="Submit a job file's JSON (a session, a batch or a control)")
+    def post_job(job: dict[str, Any], idempotency: str | None = Header(None, alias="Idempotency-Key")):
+        done = submit(engine, job, idempotency_key(idempotency), "http")
+        if done.target_type == "control":
+            return JSONResponse({"target_id": done.target_id, "status": "accepted"}, status_code=200)
+        report = (queries.session_report(engine.store, engine.outbox, done.target_id) if done.target_type == "session"
+                  else queries.batch_report(engine.store, done.target_id))
+        body = {f"{done.target_type}_id": done.target_id, "job_id": report["job_id"], "status": report["status"],
+                "already_submitted": done.already, "links": links(done.target_type, done.target_id)}
+        return JSONResponse(body, status_code=200 if done.already else 201)
+
+    # sessions ------------------------------------------------------------------------------
+
+    @api.get("/sessions", summary="Sessions, newest first, a page at a time")
+    def get_sessions(status: str | None = None, job_id: str | None = None, workflow: str | None = None,
+                     batch: str | None = None, limit: int = Query(100, ge=1, le=1000), cursor: str | None = None):
+        after = _cursor(cursor)
+        rows = queries.list_sessions(engine.store, status=status, limit=limit + 1, batch_id=batch, job_id=job_id,
+                                     workflow=workflow, after=after)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        following = _make_cursor(rows[-1]) if more and rows else None
+        return {"sessions": rows, "next_cursor": following}
+
+    @api.get("/sessions/{session_id}", summary="One session: the report `engine session ID --json` gives")
+    def get_session(session_id: str):
+        return queries.session_report(engine.store, engine.outbox, session_id)
+
+    @api.get("/sessions/{session_id}/images/{number}", summary="A session's image (a PNG with its parameters)")
+    def get_image(session_id: str, number: int):
+        report = queries.session_report(engine.store, engine.outbox, session_id)
+        if not 0 <= number < len(report["images"]):
+            raise NotFound(f"session {report['session_id']} has {len(report['images'])} image(s); no image {number}")
+        return FileResponse(report["images"][number], media_type="image/png")
+
+    @api.post("/sessions/{session_id}/{action}", summary="pause, resume, cancel or restart a session")
+    def control_session(session_id: str, action: str):
+        return _control(engine, target_or_404(engine, session_id, "session"), action)
+
+    @api.delete("/sessions/{session_id}", summary="Remove a session from the status tables (events are kept)")
+    def delete_session(session_id: str):
+        return _control(engine, target_or_404(engine, session_id, "session"), "delete")
+
+    # batches -------------------------------------------------------------------------------
+
+    @api.get("/batches", summary="Batches, newest first")
+    def get_batches(status: str | None = None, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)):
+        return {"batches": queries.list_batches(engine.store, limit=limit, offset=offset, status=status)}
+
+    @api.get("/batches/{batch_id}", summary="One batch with its items and metrics (`engine batch ID --json`)")
+    def get_batch(batch_id: str):
+        return queries.batch_report(engine.store, batch_id)
+
+    @api.get("/batches/{batch_id}/contact-sheet", summary="The batch's contact sheet (PNG)")
+    def get_contact_sheet(batch_id: str):
+        report = queries.batch_report(engine.store, batch_id)
+        sheet = engine.outbox.batch_dir(report["batch_id"]) / "contact-sheet.png"
+        if not sheet.is_file():
+            raise NotFound(f"batch {report['batch_id']} has no contact sheet yet (it is made when the batch ends)")
+        return FileResponse(sheet, media_type="image/png")
+
+    @api.post("/batches/{batch_id}/{action}", summary="pause, resume, cancel or restart a batch")
+    def control_batch(batch_id: str, action: str):
+        return _control(engine, target_or_404(engine, batch_id, "batch"), action)
+
+    @api.delete("/batches/{batch_id}", summary="Remove a batch from the status tables (events are kept)")
+    def delete_batch(batch_id: str):
+        return _control(engine, target_or_404(engine, batch_id, "batch"), "delete")
+
+    # events --------------------------------------------------------------------------------
+
+    @api.get("/events", summary="The event log as Server-Sent Events (id: the event id; Last-Event-ID resumes)")
+    async def get_events(request: Request, session: str | None = None, batch: str | None = None,
+                         job: str | None = None, after: int | None = None,
+                         last_event_id: str | None = Header(None, alias="Last-Event-ID")):
+        streams = await run_in_threadpool(_streams, engine, session, batch, job)
+        start = _start(after, last_event_id)
+        if start is None:
+            start = await run_in_threadpool(queries.newest_event_id, engine.store)
+        return StreamingResponse(_event_stream(engine, request, streams, start, stopping), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # the catalogue -------------------------------------------------------------------------
+
+    @api.get("/workflows", summary="The workflow templates")
+    def get_workflows():
+        return {"workflows": [{"id": w.id, "description": w.description, "steps": len(w.steps)}
+                              for w in engine.intake.workflows.values()]}
+
+    @api.get("/models", summary="The registered models")
+    def get_models():
+        return {"models": [{"id": e.id, "kind": e.kind, "family": e.family, "format": e.format}
+                           for e in engine.models.entries().values()]}
+
+    @api.get("/runners", summary="The runners registered with this database")
+    def get_runners():
+        return {"runners": queries.runners(engine.store)}
+
+    @api.get("/capabilities", summary="What this engine takes: workflows, schedulers, models, limits, actions")
+    def get_capabilities():
+        return {"workflows": sorted(engine.intake.workflows), "schedulers": list(SCHEDULERS),
+                "models": [e.id for e in engine.models.entries().values()],
+                "limits": dict(engine.config.values["limits"]), "actions": list(ACTIONS),
+                "session_statuses": list(RUN_STATES[:-1])}
+
+    return api
+
+
+def _control(engine, target: str, action: str) -> dict[str, Any]:
+    if action not in ACTIONS:
+        raise NotFound(f"no action {action!r}; one of {', '.join(CONTROLS)} (POST), or DELETE")
+    target_type, target_id, appended = commands.control(engine.store, target, action)
+    return {"target_type": target_type, "target_id": target_id, "action": action,
+            "events": [e.type for e in appended]}
+
+
+def _cursor(cursor: str | None) -> tuple[str, str] | None:
+    if not cursor:
+        return None
+    try:
+        created_at, session_id = json.loads(base64.urlsafe_b64decode(cursor.encode()).decode())
+        return str(created_at), str(session_id)
+    except (ValueError, TypeError):
+        raise ValidationError("cursor: not one this server gave (take next_cursor as it is)",
+                              [{"loc": "cursor"}]) from None
+
+
+def _make_cursor(row: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps([row["created_at"], row["session_id"]]).encode()).decode()
+
+
+def _start(after: int | None, last_event_id: str | None) -> int | None:
+    """Where a stream starts: after Last-Event-ID (a reconnect), else after `after`, else now."""
+    if last_event_id is not None:
+        try:
+            return int(last_event_id)
+        except ValueError:
+            raise ValidationError("Last-Event-ID: an event id this stream sent", [{"loc": "Last-Event-ID"}]) from None
+    return after
+
+
+def _streams(engine, session: str | None, batch: str | None, job: str | None) -> set[str] | None:
+    """The stream ids a subscriber asked for (None: every stream)."""
+    wanted: set[str] = set()
+    if session:
+        wanted.add(target_or_404(engine, session, "session"))
+    if batch:
+        batch_id = target_or_404(engine, batch, "batch")
+        report = queries.batch_report(engine.store, batch_id)
+        wanted.update([batch_id, *(item["session_id"] for item in report["items"])])
+    if job:
+        wanted.add(queries.target(engine.store, job)[1])
+    return wanted or None
+
+
+def _progress(engine, streams: set[str] | None) -> dict[str, tuple]:
+    """The live progress of running steps (their leases), of the streams asked for."""
+    return {row["session_id"]: (row["current_step"], row["progress"], row["message"])
+            for row in queries.active_sessions(engine.store, limit=1000)
+            if row["status"] == "running" and (streams is None or row["session_id"] in streams)}
+
+
+async def _event_stream(engine, request: Request, streams: set[str] | None, start: int, stopping):
+    """Every event after `start` in order, as `id:`/`event:`/`data:` frames, and the running
+    steps' progress as `event: progress` frames (no id: a reconnect does not skip events)."""
+    last, shown = start, {}
+    yield ": engine events\n\n"
+    idle = 0
+    while not stopping.event.is_set() and not await request.is_disconnected():
+        found = await run_in_threadpool(queries.events_after, engine.store, last, 500)
+        for event in found:
+            last = event["event_id"]
+            if streams is None or event["stream_id"] in streams:
+                yield f"id: {event['event_id']}\nevent: {event['type']}\ndata: {json.dumps(event, default=str)}\n\n"
+        progress = await run_in_threadpool(_progress, engine, streams)
+        for session_id, value in progress.items():
+            if shown.get(session_id) != value:
+                shown[session_id] = value
+                step, fraction, message = value
+                yield ("event: progress\ndata: " + json.dumps({"session_id": session_id, "current_step": step,
+                                                               "progress": fraction, "message": message}) + "\n\n")
+        idle = 0 if found else idle + 1
+        if idle and idle % 150 == 0:
+            yield ": keep-alive\n\n"
+        if len(found) < 500:
+            await asyncio.sleep(0.1)
+
