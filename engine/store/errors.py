@@ -10,11 +10,13 @@ from __future__ import annotations
 import sqlite3
 
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from engine.errors import EngineError
 
-# What a driver raises, as SQLAlchemy wraps it or bare (a raw DB-API connection).
-DRIVER_ERRORS = (DBAPIError, sqlite3.Error)
+# What a driver raises, as SQLAlchemy wraps it or bare (a raw DB-API connection), and SQLAlchemy's
+# pool when every connection is taken.
+DRIVER_ERRORS = (DBAPIError, sqlite3.Error, PoolTimeout)
 
 
 class StoreError(EngineError):
@@ -76,6 +78,8 @@ def kind_of(exc: BaseException) -> type[StoreError]:
     """Which StoreError a driver's error is."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return StoreUnavailable
+    if isinstance(exc, PoolTimeout):  # every pooled connection is in use: wait for one
+        return StoreBusy
     orig = getattr(exc, "orig", None) or exc
     state = getattr(orig, "sqlstate", None) or ""
     code = getattr(orig, "sqlite_errorcode", None)

@@ -9,10 +9,11 @@ import json
 from typing import Any
 
 from fastapi import APIRouter, Header
+from starlette.concurrency import run_in_threadpool
 
-from engine import commands, queries
-from engine.doors.http.shared import (Stopping, ended_or_raise, idempotency_key, images_base64, save_upload,
-                                      submit, wait_for)
+from engine import queries
+from engine.doors.http.shared import (Stopping, Writes, control, ended_or_raise, idempotency_key, images_base64,
+                                      save_upload, submit, wait_for)
 from engine.errors import InvalidTransition, NotFound, ValidationError
 from engine.ingest.jobs import SAMPLER_NAMES
 from engine.outbox.png import A1111_SAMPLERS
@@ -128,26 +129,29 @@ def _steps_data(engine, report: dict[str, Any]) -> list[dict[str, Any]]:
     return [step["data"] for step in written["steps"] if step.get("data", {}).get("seeds")][-1:]
 
 
-def router(engine, stopping: Stopping) -> APIRouter:
+def router(engine, stopping: Stopping, writes: Writes) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1")
     submitted: list[str] = []  # the sessions this door made, newest last (for progress and interrupt)
     options: dict[str, Any] = {}  # what POST /options chose
 
-    def generate(body: dict[str, Any], key: str | None, img2img: bool) -> dict[str, Any]:
-        job = to_job(engine, body, img2img, options.get("sd_model_checkpoint"))
-        done = submit(engine, job, idempotency_key(key), "a1111")
+    async def generate(body: dict[str, Any], key: str | None, img2img: bool) -> dict[str, Any]:
+        def submitted_job():
+            job = to_job(engine, body, img2img, options.get("sd_model_checkpoint"))
+            return submit(engine, writes, job, idempotency_key(key), "a1111")
+
+        done = await run_in_threadpool(submitted_job)
         submitted.append(done.target_id)
         del submitted[:-100]
-        report = wait_for(engine, done.target_id, engine.config.get("server", "wait_seconds"), stopping)
-        return result(engine, body, ended_or_raise(report))
+        report = await wait_for(engine, done.target_id, engine.config.get("server", "wait_seconds"), stopping)
+        return await run_in_threadpool(result, engine, body, ended_or_raise(report))
 
     @api.post("/txt2img", summary="AUTOMATIC1111's txt2img")
-    def txt2img(body: dict[str, Any], idempotency: str | None = Header(None, alias="Idempotency-Key")):
-        return generate(body, idempotency, img2img=False)
+    async def txt2img(body: dict[str, Any], idempotency: str | None = Header(None, alias="Idempotency-Key")):
+        return await generate(body, idempotency, img2img=False)
 
     @api.post("/img2img", summary="AUTOMATIC1111's img2img (init_images, and mask for inpainting)")
-    def img2img(body: dict[str, Any], idempotency: str | None = Header(None, alias="Idempotency-Key")):
-        return generate(body, idempotency, img2img=True)
+    async def img2img(body: dict[str, Any], idempotency: str | None = Header(None, alias="Idempotency-Key")):
+        return await generate(body, idempotency, img2img=True)
 
     @api.get("/sd-models", summary="The registered pipelines, as A1111 lists checkpoints")
     def sd_models():
@@ -207,7 +211,7 @@ def router(engine, stopping: Stopping) -> APIRouter:
     def interrupt():
         for session_id in list(submitted):
             try:
-                commands.control(engine.store, session_id, "cancel")
+                control(engine, writes, session_id, "cancel")
             except (NotFound, InvalidTransition):
                 continue
         return None

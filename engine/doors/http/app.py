@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import __version__, queries
 from engine.doors.http import a1111, native, openai_images
-from engine.doors.http.shared import HttpError, Stopping, status_of
+from engine.doors.http.shared import HttpError, Stopping, Writes, status_of
 from engine.errors import EngineError
 from engine.store import StoreError
 
@@ -133,9 +133,10 @@ def create_app(engine, stopping: Stopping | None = None, runner_live=lambda: Tru
             return _error("STOPPING", f"not ready: {why}", retry_after=5)
         return {"status": "ready", "runners": len(live)}
 
-    app.include_router(native.router(engine, stopping))
-    app.include_router(openai_images.router(engine, stopping))
-    app.include_router(a1111.router(engine, stopping))
+    writes = Writes()
+    app.include_router(native.router(engine, stopping, writes))
+    app.include_router(openai_images.router(engine, stopping, writes))
+    app.include_router(a1111.router(engine, stopping, writes))
     origins = list(engine.config.get("server", "cors_origins") or [])
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])

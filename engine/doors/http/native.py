@@ -13,8 +13,8 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from engine import commands, queries
-from engine.doors.http.shared import idempotency_key, submit, target_or_404
+from engine import queries
+from engine.doors.http.shared import control, idempotency_key, submit, target_or_404
 from engine.errors import NotFound, ValidationError
 from engine.ingest.jobs import ACTIONS, SCHEDULERS
 from engine.machines import RUN_STATES
@@ -22,8 +22,9 @@ from engine.machines import RUN_STATES
 CONTROLS = tuple(action for action in ACTIONS if action != "delete")
 
 
-def router(engine, stopping) -> APIRouter:
+def router(engine, stopping, writes) -> APIRouter:
     api = APIRouter(prefix="/v1")
+    hub = EventHub(engine)
 
     def links(kind: str, target_id: str) -> dict[str, str]:
         plural = "sessions" if kind == "session" else "batches"
@@ -31,7 +32,7 @@ def router(engine, stopping) -> APIRouter:
 
     @api.post("/jobs", status_code=201, summary="Submit a job file's JSON (a session, a batch or a control)")
     def post_job(job: dict[str, Any], idempotency: str | None = Header(None, alias="Idempotency-Key")):
-        done = submit(engine, job, idempotency_key(idempotency), "http")
+        done = submit(engine, writes, job, idempotency_key(idempotency), "http")
         if done.target_type == "control":
             return JSONResponse({"target_id": done.target_id, "status": "accepted"}, status_code=200)
         report = (queries.session_report(engine.store, engine.outbox, done.target_id) if done.target_type == "session"
@@ -66,11 +67,11 @@ def router(engine, stopping) -> APIRouter:
 
     @api.post("/sessions/{session_id}/{action}", summary="pause, resume, cancel or restart a session")
     def control_session(session_id: str, action: str):
-        return _control(engine, target_or_404(engine, session_id, "session"), action)
+        return _control(engine, writes, target_or_404(engine, session_id, "session"), action)
 
     @api.delete("/sessions/{session_id}", summary="Remove a session from the status tables (events are kept)")
     def delete_session(session_id: str):
-        return _control(engine, target_or_404(engine, session_id, "session"), "delete")
+        return _control(engine, writes, target_or_404(engine, session_id, "session"), "delete")
 
     # batches -------------------------------------------------------------------------------
 
@@ -92,11 +93,11 @@ def router(engine, stopping) -> APIRouter:
 
     @api.post("/batches/{batch_id}/{action}", summary="pause, resume, cancel or restart a batch")
     def control_batch(batch_id: str, action: str):
-        return _control(engine, target_or_404(engine, batch_id, "batch"), action)
+        return _control(engine, writes, target_or_404(engine, batch_id, "batch"), action)
 
     @api.delete("/batches/{batch_id}", summary="Remove a batch from the status tables (events are kept)")
     def delete_batch(batch_id: str):
-        return _control(engine, target_or_404(engine, batch_id, "batch"), "delete")
+        return _control(engine, writes, target_or_404(engine, batch_id, "batch"), "delete")
 
     # events --------------------------------------------------------------------------------
 
@@ -105,10 +106,8 @@ def router(engine, stopping) -> APIRouter:
                          job: str | None = None, after: int | None = None,
                          last_event_id: str | None = Header(None, alias="Last-Event-ID")):
         streams = await run_in_threadpool(_streams, engine, session, batch, job)
-        start = _start(after, last_event_id)
-        if start is None:
-            start = await run_in_threadpool(queries.newest_event_id, engine.store)
-        return StreamingResponse(_event_stream(engine, request, streams, start, stopping), media_type="text/event-stream",
+        return StreamingResponse(_event_stream(engine, hub, request, streams, _start(after, last_event_id), stopping),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # the catalogue -------------------------------------------------------------------------
@@ -137,12 +136,10 @@ def router(engine, stopping) -> APIRouter:
     return api
 
 
-def _control(engine, target: str, action: str) -> dict[str, Any]:
+def _control(engine, writes, target: str, action: str) -> dict[str, Any]:
     if action not in ACTIONS:
         raise NotFound(f"no action {action!r}; one of {', '.join(CONTROLS)} (POST), or DELETE")
-    target_type, target_id, appended = commands.control(engine.store, target, action)
-    return {"target_type": target_type, "target_id": target_id, "action": action,
-            "events": [e.type for e in appended]}
+    return control(engine, writes, target, action)
 
 
 def _cursor(cursor: str | None) -> tuple[str, str] | None:
@@ -184,35 +181,104 @@ def _streams(engine, session: str | None, batch: str | None, job: str | None) ->
     return wanted or None
 
 
-def _progress(engine, streams: set[str] | None) -> dict[str, tuple]:
-    """The live progress of running steps (their leases), of the streams asked for."""
+class EventHub:
+    """One reader of the event log for every subscriber of this process: it polls the log (and the
+    running steps' progress) while anyone listens and hands each new event to every subscriber's
+    queue, so a hundred subscribers cost one query, not a hundred."""
+
+    EVERY = 0.05  # seconds between looks at the log
+    PROGRESS_EVERY = 10  # looks between looks at the running steps' progress
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.queues: set[asyncio.Queue] = set()
+        self.last: int | None = None
+        self.task: asyncio.Task | None = None
+
+    async def subscribe(self) -> tuple[asyncio.Queue, int]:
+        """A queue of what comes after the returned event id."""
+        if self.last is None:
+            self.last = await run_in_threadpool(queries.newest_event_id, self.engine.store)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues.add(queue)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+        return queue, self.last
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self.queues.discard(queue)
+
+    async def _run(self) -> None:
+        tick = 0
+        while self.queues:
+            try:
+                found = await run_in_threadpool(queries.events_after, self.engine.store, self.last, 1000)
+                progress = (await run_in_threadpool(_progress, self.engine)
+                            if tick % self.PROGRESS_EVERY == 0 else None)
+            except Exception:  # the database's trouble: the next look tries again
+                found, progress = [], None
+            for event in found:
+                self.last = event["event_id"]
+                for queue in list(self.queues):
+                    queue.put_nowait(("event", event))
+            if progress is not None:
+                for queue in list(self.queues):
+                    queue.put_nowait(("progress", progress))
+            tick += 1
+            if len(found) < 1000:
+                await asyncio.sleep(self.EVERY)
+
+
+def _progress(engine) -> dict[str, tuple]:
+    """The live progress of running steps (from their leases)."""
     return {row["session_id"]: (row["current_step"], row["progress"], row["message"])
-            for row in queries.active_sessions(engine.store, limit=1000)
-            if row["status"] == "running" and (streams is None or row["session_id"] in streams)}
+            for row in queries.active_sessions(engine.store, limit=1000) if row["status"] == "running"}
 
 
-async def _event_stream(engine, request: Request, streams: set[str] | None, start: int, stopping):
-    """Every event after `start` in order, as `id:`/`event:`/`data:` frames, and the running
-    steps' progress as `event: progress` frames (no id: a reconnect does not skip events)."""
-    last, shown = start, {}
-    yield ": engine events\n\n"
-    idle = 0
-    while not stopping.event.is_set() and not await request.is_disconnected():
-        found = await run_in_threadpool(queries.events_after, engine.store, last, 500)
-        for event in found:
-            last = event["event_id"]
-            if streams is None or event["stream_id"] in streams:
-                yield f"id: {event['event_id']}\nevent: {event['type']}\ndata: {json.dumps(event, default=str)}\n\n"
-        progress = await run_in_threadpool(_progress, engine, streams)
-        for session_id, value in progress.items():
-            if shown.get(session_id) != value:
-                shown[session_id] = value
-                step, fraction, message = value
-                yield ("event: progress\ndata: " + json.dumps({"session_id": session_id, "current_step": step,
-                                                               "progress": fraction, "message": message}) + "\n\n")
-        idle = 0 if found else idle + 1
-        if idle and idle % 150 == 0:
-            yield ": keep-alive\n\n"
-        if len(found) < 500:
-            await asyncio.sleep(0.1)
+def _frame(event: dict[str, Any]) -> str:
+    return f"id: {event['event_id']}\nevent: {event['type']}\ndata: {json.dumps(event, default=str)}\n\n"
 
+
+async def _event_stream(engine, hub: EventHub, request: Request, streams: set[str] | None, start: int | None,
+                        stopping):
+    """Every event after `start` in order, as `id:`/`event:`/`data:` frames (what the log held
+    before, then what the hub hands on, each once), and the running steps' progress as
+    `event: progress` frames (no id: a reconnect does not skip events)."""
+    queue, live_from = await hub.subscribe()
+    sent = live_from if start is None else start
+    shown: dict[str, tuple] = {}
+    try:
+        yield ": engine events\n\n"
+        while start is not None and sent < live_from:  # the backlog, read from the log
+            found = await run_in_threadpool(queries.events_after, engine.store, sent, 1000)
+            for event in found:
+                sent = event["event_id"]
+                if streams is None or event["stream_id"] in streams:
+                    yield _frame(event)
+            if len(found) < 1000:
+                break
+        quiet = 0.0
+        while not stopping.event.is_set() and not await request.is_disconnected():
+            try:
+                kind, value = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                quiet += 1.0
+                if quiet >= 15:
+                    quiet = 0.0
+                    yield ": keep-alive\n\n"
+                continue
+            if kind == "event":
+                if value["event_id"] <= sent:
+                    continue  # read with the backlog already
+                sent = value["event_id"]
+                if streams is None or value["stream_id"] in streams:
+                    yield _frame(value)
+                continue
+            for session_id, now in value.items():
+                if (streams is None or session_id in streams) and shown.get(session_id) != now:
+                    shown[session_id] = now
+                    step, fraction, message = now
+                    yield ("event: progress\ndata: " + json.dumps({"session_id": session_id, "current_step": step,
+                                                                   "progress": fraction, "message": message}) + "\n\n")
+    finally:
+        hub.unsubscribe(queue)

@@ -12,8 +12,8 @@ from typing import Any
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 
-from engine.doors.http.shared import (Stopping, ended_or_raise, idempotency_key, images_base64, save_upload,
-                                      submit, wait_for)
+from engine.doors.http.shared import (Stopping, Writes, ended_or_raise, idempotency_key, images_base64,
+                                      save_upload, submit, wait_for)
 from engine.errors import UnknownModel, ValidationError
 
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini")  # answered by the default model
@@ -48,9 +48,15 @@ def to_job(engine, body: dict[str, Any], workflow: str = "txt2img") -> tuple[dic
     return {"workflow": workflow, "params": params}, response_format
 
 
-def answer(engine, request: Request, job: dict, response_format: str, key: str | None, stopping: Stopping) -> dict:
-    done = submit(engine, job, key, "openai")
-    report = ended_or_raise(wait_for(engine, done.target_id, engine.config.get("server", "wait_seconds"), stopping))
+async def answer(engine, writes: Writes, request: Request, job: dict, response_format: str, key: str | None,
+                 stopping: Stopping) -> dict:
+    done = await run_in_threadpool(submit, engine, writes, job, key, "openai")
+    report = ended_or_raise(await wait_for(engine, done.target_id, engine.config.get("server", "wait_seconds"),
+                                           stopping))
+    return await run_in_threadpool(_data, request, report, response_format)
+
+
+def _data(request: Request, report: dict, response_format: str) -> dict:
     prompt = report["params"].get("prompt")
     if response_format == "url":
         base = str(request.base_url).rstrip("/")
@@ -75,14 +81,14 @@ def openai_mask(engine, relative: str) -> str:
     return relative
 
 
-def router(engine, stopping: Stopping) -> APIRouter:
+def router(engine, stopping: Stopping, writes: Writes) -> APIRouter:
     api = APIRouter(prefix="/v1/images")
 
     @api.post("/generations", summary="OpenAI's images.generate: waits for the session, answers its images")
-    def generations(body: dict[str, Any], request: Request,
-                    idempotency: str | None = Header(None, alias="Idempotency-Key")):
-        job, response_format = to_job(engine, body)
-        return answer(engine, request, job, response_format, idempotency_key(idempotency), stopping)
+    async def generations(body: dict[str, Any], request: Request,
+                          idempotency: str | None = Header(None, alias="Idempotency-Key")):
+        job, response_format = await run_in_threadpool(to_job, engine, body)
+        return await answer(engine, writes, request, job, response_format, idempotency_key(idempotency), stopping)
 
     @api.post("/edits", summary="OpenAI's images.edit (multipart image, optional mask): img2img or inpaint")
     async def edits(request: Request, idempotency: str | None = Header(None, alias="Idempotency-Key")):
@@ -98,13 +104,14 @@ def router(engine, stopping: Stopping) -> APIRouter:
         raw_image = await image.read()
         raw_mask = await mask.read() if mask is not None and not isinstance(mask, str) else None
 
-        def run() -> dict:
+        def prepare() -> tuple[dict, str]:
             job, response_format = to_job(engine, fields, "inpaint" if raw_mask else "img2img")
             job["params"]["init_image"] = save_upload(engine, raw_image, "image")
             if raw_mask:
                 job["params"]["mask_image"] = openai_mask(engine, save_upload(engine, raw_mask, "mask"))
-            return answer(engine, request, job, response_format, idempotency_key(idempotency), stopping)
+            return job, response_format
 
-        return await run_in_threadpool(run)
+        job, response_format = await run_in_threadpool(prepare)
+        return await answer(engine, writes, request, job, response_format, idempotency_key(idempotency), stopping)
 
     return api

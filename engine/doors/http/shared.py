@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -10,6 +11,7 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,21 @@ class Stopping:
                             "Idempotency-Key it finds the same job)", retry_after=5)
 
 
+class Writes:
+    """The door's writes, made on a few threads of their own. The store keeps one writing
+    connection per thread; request threads are many (a burst of fifty clients), so they hand their
+    writes here and a burst holds a handful of connections, not one per request thread."""
+
+    def __init__(self, threads: int = 4) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="engine-http-writes")
+
+    def __call__(self, fn, *args, **kwargs):
+        return self.pool.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 def idempotency_key(header: str | None) -> str | None:
     """An Idempotency-Key header, checked: it becomes the job's job_id."""
     if header is None:
@@ -66,7 +83,7 @@ def idempotency_key(header: str | None) -> str | None:
     return header
 
 
-def submit(engine, job: dict[str, Any], key: str | None, door: str) -> commands.Submitted:
+def submit(engine, writes: Writes, job: dict[str, Any], key: str | None, door: str) -> commands.Submitted:
     """Validate and record a job; a repeat of a key (Idempotency-Key or job_id) is the same job.
     Returns once the job is committed."""
     if not isinstance(job, dict):
@@ -78,23 +95,30 @@ def submit(engine, job: dict[str, Any], key: str | None, door: str) -> commands.
         job["job_id"] = key
     parsed = parse_job(job, engine.intake.limits)
     raw = repr(sorted(job.items())).encode()
-    return commands.submit(engine.store, engine.intake, parsed,
-                           commands.Source(door, hashlib.sha256(raw).hexdigest(), f"{door}:{uuid.uuid4().hex}"),
-                           resent_is_same=True)
+    source = commands.Source(door, hashlib.sha256(raw).hexdigest(), f"{door}:{uuid.uuid4().hex}")
+    return writes(commands.submit, engine.store, engine.intake, parsed, source, resent_is_same=True)
 
 
-def wait_for(engine, session_id: str, seconds: float, stopping: Stopping) -> dict[str, Any]:
-    """The session's report once it has ended (TIMEOUT after `seconds`)."""
+def control(engine, writes: Writes, target: str, action: str) -> dict[str, Any]:
+    target_type, target_id, appended = writes(commands.control, engine.store, target, action)
+    return {"target_type": target_type, "target_id": target_id, "action": action,
+            "events": [e.type for e in appended]}
+
+
+async def wait_for(engine, session_id: str, seconds: float, stopping: Stopping) -> dict[str, Any]:
+    """The session's report once it has ended (TIMEOUT after `seconds`); waits on no thread."""
+    from starlette.concurrency import run_in_threadpool
+
     deadline = time.monotonic() + seconds
     while True:
-        report = queries.session_report(engine.store, engine.outbox, session_id)
+        report = await run_in_threadpool(queries.session_report, engine.store, engine.outbox, session_id)
         if report["status"] in ENDED and (Path(report["outbox"]) / "result.json").exists():
             return report  # its result.json is written: the images are in place
         stopping.check()
         if time.monotonic() > deadline:
             raise HttpError("TIMEOUT", f"session {session_id} has not ended after {seconds:g} s; it goes on: "
                             f"GET /v1/sessions/{session_id}")
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
 
 
 def ended_or_raise(report: dict[str, Any]) -> dict[str, Any]:
