@@ -65,14 +65,6 @@ def router(engine, stopping, writes) -> APIRouter:
             raise NotFound(f"session {report['session_id']} has {len(report['images'])} image(s); no image {number}")
         return FileResponse(report["images"][number], media_type="image/png")
 
-    @api.post("/sessions/{session_id}/{action}", summary="pause, resume, cancel or restart a session")
-    def control_session(session_id: str, action: str):
-        return _control(engine, writes, target_or_404(engine, session_id, "session"), action)
-
-    @api.delete("/sessions/{session_id}", summary="Remove a session from the status tables (events are kept)")
-    def delete_session(session_id: str):
-        return _control(engine, writes, target_or_404(engine, session_id, "session"), "delete")
-
     # batches -------------------------------------------------------------------------------
 
     @api.get("/batches", summary="Batches, newest first")
@@ -91,13 +83,8 @@ def router(engine, stopping, writes) -> APIRouter:
             raise NotFound(f"batch {report['batch_id']} has no contact sheet yet (it is made when the batch ends)")
         return FileResponse(sheet, media_type="image/png")
 
-    @api.post("/batches/{batch_id}/{action}", summary="pause, resume, cancel or restart a batch")
-    def control_batch(batch_id: str, action: str):
-        return _control(engine, writes, target_or_404(engine, batch_id, "batch"), action)
-
-    @api.delete("/batches/{batch_id}", summary="Remove a batch from the status tables (events are kept)")
-    def delete_batch(batch_id: str):
-        return _control(engine, writes, target_or_404(engine, batch_id, "batch"), "delete")
+    for kind in ("session", "batch"):
+        _control_routes(api, engine, writes, kind)
 
     # events --------------------------------------------------------------------------------
 
@@ -134,6 +121,21 @@ def router(engine, stopping, writes) -> APIRouter:
                 "session_statuses": list(RUN_STATES[:-1])}
 
     return api
+
+
+def _control_routes(api: APIRouter, engine, writes, kind: str) -> None:
+    """POST /v1/{sessions|batches}/{id}/{action} and DELETE /v1/{sessions|batches}/{id}."""
+    plural = "sessions" if kind == "session" else "batches"
+
+    @api.post(f"/{plural}/{{target}}/{{action}}", summary=f"pause, resume, cancel or restart a {kind}",
+              name=f"control_{kind}")
+    def control_one(target: str, action: str):
+        return _control(engine, writes, target_or_404(engine, target, kind), action)
+
+    @api.delete(f"/{plural}/{{target}}", summary=f"Remove a {kind} from the status tables (events are kept)",
+                name=f"delete_{kind}")
+    def delete_one(target: str):
+        return _control(engine, writes, target_or_404(engine, target, kind), "delete")
 
 
 def _control(engine, writes, target: str, action: str) -> dict[str, Any]:
