@@ -221,8 +221,9 @@ class EventHub:
                 found, progress = [], None
             for event in found:
                 self.last = event["event_id"]
+                framed = (event, _frame(event))  # written once, for every subscriber
                 for queue in list(self.queues):
-                    queue.put_nowait(("event", event))
+                    queue.put_nowait(("event", framed))
             if progress is not None:
                 for queue in list(self.queues):
                     queue.put_nowait(("progress", progress))
@@ -270,11 +271,12 @@ async def _event_stream(engine, hub: EventHub, request: Request, streams: set[st
                     yield ": keep-alive\n\n"
                 continue
             if kind == "event":
-                if value["event_id"] <= sent:
+                event, frame = value
+                if event["event_id"] <= sent:
                     continue  # read with the backlog already
-                sent = value["event_id"]
-                if streams is None or value["stream_id"] in streams:
-                    yield _frame(value)
+                sent = event["event_id"]
+                if streams is None or event["stream_id"] in streams:
+                    yield frame
                 continue
             for session_id, now in value.items():
                 if (streams is None or session_id in streams) and shown.get(session_id) != now:
