@@ -616,8 +616,9 @@ def test_an_input_image_swapped_while_its_job_waits_is_refused_at_the_step_not_r
 def test_ctrl_c_in_a_real_denoise_stops_at_the_next_denoising_step_and_the_job_completes_later(studio):
     import signal as signals
 
+    # Long enough (seconds, not a fraction of one) that the stop lands mid-denoise on a loaded machine.
     session_id = submit(studio, {"workflow": "txt2img", "params": {
-        "prompt": "a long one", "width": 128, "height": 128, "steps": 100, "seed": 5}}).target_id
+        "prompt": "a long one", "width": 160, "height": 160, "steps": 150, "seed": 5}}).target_id
     process = subprocess.Popen([sys.executable, "-m", "engine", "run", "--quiet"], cwd=studio.folder, env=studio.env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

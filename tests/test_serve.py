@@ -200,9 +200,16 @@ def test_tokens_guard_every_route_but_healthz_and_a_public_bind_needs_them(tmp_p
     refused = subprocess.run([sys.executable, "-m", "engine", "serve", "--host", "0.0.0.0", "--port", "1"],
                              env=install.env(), cwd=install.folder, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "needs tokens" in refused.stderr
-    server = Served(install, "--no-runner", env={"ENGINE_SERVER_TOKENS": "s3cret,other"})
+    server = Served(install, "--no-runner", env={"ENGINE_SERVER_TOKENS": "s3cret,other",
+                                                  "ENGINE_SERVER_CORS_ORIGINS": "http://studio.example"})
     try:
         assert httpx.get(f"{server.url}/healthz").status_code == 200
+        preflight = httpx.options(f"{server.url}/v1/jobs", headers={
+            "Origin": "http://studio.example", "Access-Control-Request-Method": "POST"})
+        assert preflight.headers.get("access-control-allow-origin") == "http://studio.example"
+        elsewhere = httpx.options(f"{server.url}/v1/jobs", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in elsewhere.headers
         denied = httpx.get(f"{server.url}/v1/sessions")
         assert denied.status_code == 401 and denied.json()["code"] == "UNAUTHORIZED"
         assert httpx.get(f"{server.url}/v1/sessions", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -318,7 +325,10 @@ def test_sigterm_answers_a_waiting_request_503_with_retry_after_and_hands_the_st
     assert query(served.install, "SELECT count(*) FROM leases") == [(0,)], "nothing waits for a lease to lapse"
 
 
-def test_the_openapi_document_lists_every_door(served):
+def test_the_openapi_document_lists_every_door_and_cors_is_off_unless_asked(served):
+    preflight = httpx.options(f"{served.url}/v1/jobs", headers={"Origin": "http://studio.example",
+                                                               "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
     paths = httpx.get(f"{served.url}/openapi.json").json()["paths"]
     for path in ("/v1/jobs", "/v1/sessions/{session_id}", "/v1/events", "/v1/images/generations", "/sdapi/v1/txt2img",
                  "/sdapi/v1/img2img", "/readyz"):
