@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.conftest import Installation
-from tests.helpers import completions, query, submit
+from tests.helpers import completions, event_types, query, submit
 from tests.test_hardening import engine, run_until_idle, wait_for, watch
 
 
@@ -130,13 +130,20 @@ def test_sigint_sigkill_sigterm_sigkill_sigint_sigkill_in_one_long_step_end_with
     install = Installation(tmp_path / "engine", settings={"runner": {"max_attempts": 1, "lease_seconds": 120.0}})
     try:
         session_id = submit(install, {"workflow": "sleepy", "params": {"steps": 100}}).target_id  # a 10 s step
+        said: list[str] = []  # what each life logged: a failure below says how the lives before it ended
         for number, signum in enumerate([signal.SIGINT, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL,
                                          signal.SIGINT, signal.SIGKILL]):
             process = watch(install, "--runner-id", f"life-{number}")
-            running_step(install, session_id, f"life-{number}")
+            try:
+                running_step(install, session_id, f"life-{number}")
+            except AssertionError as failure:
+                process.kill()
+                raise AssertionError(f"{failure}; events: {event_types(install, session_id)}; the lives before "
+                                     f"said: {said}") from None
             process.send_signal(signum)
-            code, _, _ = stopped(process)
-            assert code == (-9 if signum == signal.SIGKILL else 0)
+            code, logged, _ = stopped(process)
+            said.append(logged[-1500:])
+            assert code == (-9 if signum == signal.SIGKILL else 0), logged
         assert query(install, "SELECT status FROM sessions WHERE session_id = :id", id=session_id) == [("running",)]
         run_until_idle(install)
         assert query(install, "SELECT status FROM sessions WHERE session_id = :id", id=session_id) == [("completed",)]
