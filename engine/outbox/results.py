@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from engine.outbox.folders import Outbox
+from engine.store import StoreError
 from engine.ending import ENDED_BATCH, ENDED_SESSION
 
 log = logging.getLogger("engine.outbox")
@@ -97,11 +98,12 @@ class Results:
     def _write(self, write, owed: set[str], key: str) -> None:
         try:
             write()
-        except OSError as exc:
-            log.warning("could not write the outbox file of %s: %s; will try again", key, exc)
+        except (OSError, StoreError) as exc:  # the disk's or the database's: owed, and tried again
+            log.warning("could not write the outbox file of %s: %s; will try again", key,
+                        exc.message if isinstance(exc, StoreError) else exc)
             with self._lock:
                 owed.add(key)
-        except Exception:  # the database's trouble reading the rows: recovery writes it at the next start
+        except Exception:  # a bug: said with its traceback; recovery writes the file at the next start
             log.exception("could not write the outbox file of %s; the next start of a runner writes it", key)
         else:
             with self._lock:
