@@ -109,11 +109,16 @@ async def wait_for(engine, session_id: str, seconds: float, stopping: Stopping) 
     """The session's report once it has ended (TIMEOUT after `seconds`); waits on no thread."""
     from starlette.concurrency import run_in_threadpool
 
+    from engine.run.claims import session_statuses
+
     deadline = time.monotonic() + seconds
     while True:
-        report = await run_in_threadpool(queries.session_report, engine.store, engine.outbox, session_id)
-        if report["status"] in ENDED and (Path(report["outbox"]) / "result.json").exists():
-            return report  # its result.json is written: the images are in place
+        # One status read a look; the whole report only once the session has ended.
+        (status,) = await run_in_threadpool(session_statuses, engine.store, [session_id])
+        if status in ENDED or status is None:  # None: deleted meanwhile (the report says NOT_FOUND)
+            report = await run_in_threadpool(queries.session_report, engine.store, engine.outbox, session_id)
+            if (Path(report["outbox"]) / "result.json").exists():
+                return report  # its result.json is written: the images are in place
         stopping.check()
         if time.monotonic() > deadline:
             raise HttpError("TIMEOUT", f"session {session_id} has not ended after {seconds:g} s; it goes on: "
