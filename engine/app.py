@@ -41,8 +41,12 @@ class Engine:
         self.config = config
         self.store = store
         self.outbox = Outbox(config.outbox)
+        from engine.notify.record import Recorder
+
         self.results = Results(self.outbox, store)
         store.after_commit.append(self.results.after_commit)
+        # Webhook deliveries are recorded in the transaction of the event they report.
+        store.before_commit[:] = [h for h in store.before_commit if not isinstance(h, Recorder)] + [Recorder(config)]
 
     @classmethod
     def create(cls, config: Config) -> "Engine":

@@ -4,21 +4,28 @@ the tests call. Every change is a state-machine transition recorded as an event.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Callable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from engine import ending
-from engine.errors import DuplicateJob, InvalidTransition, NotFound
+from engine.errors import DuplicateJob, InvalidTransition, NotFound, ValidationError
 from engine.ingest.intake import Intake, ResolvedSession
-from engine.ingest.jobs import BatchJob, ControlJob, SessionJob
+from engine.ingest.jobs import DEFAULT_OWNER, BatchJob, ControlJob, SessionJob
 from engine.machines import BATCH, SESSION
 from engine.queries import find_target
 from engine.store import Store, Tx
+from engine.ingest import quotas
+from engine.run.fairshare import limits_of
+from engine.store.events import epoch_of
 from engine.store.projection import DatabaseProjection
-from engine.store.tables import jobs, leases
+from engine.store.tables import batches, jobs, leases, sessions
+
+ENDED_STATES = ("completed", "failed", "cancelled", "deleted")  # a new priority changes nothing after these
 
 
 def new_id(prefix: str) -> str:
@@ -82,6 +89,7 @@ def _submit(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJo
         earlier = _taken_before(tx, source, job.job_id, still_there)
         if earlier is not None:
             return earlier
+        _check_owner_limits(tx, intake, job.owner or DEFAULT_OWNER, 1 if isinstance(job, SessionJob) else len(resolved))
         if isinstance(job, SessionJob):
             target_type, target_id = "session", new_id("ses")
             _create_session(tx, target_id, job, resolved)
@@ -94,6 +102,29 @@ def _submit(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJo
         return Submitted(target_type, target_id)
 
     return store.write(record)
+
+
+def _check_owner_limits(tx: Tx, intake: Intake, owner: str, adding: int) -> None:
+    """The owner's max_pending and rate ([owners.NAME]), counted in this transaction (submitters
+    of one owner take turns here, so two cannot both pass the last place)."""
+    limits = limits_of(intake.config.values.get("owners") or {}, owner)
+    if not (limits.max_pending or limits.rate):
+        return
+    tx.store.dialect.serialize(tx.conn, f"owner:{owner}")
+    tx.projection.flush()
+    if limits.max_pending:
+        pending = tx.conn.execute(select(func.count()).select_from(sessions).where(
+            sessions.c.owner == owner, sessions.c.status.in_(("pending", "paused")),
+            sessions.c.started_at.is_(None))).scalar()
+        quotas.check_pending(owner, pending, adding, limits)
+    if limits.rate:
+        now = time.time()
+        since = datetime.fromtimestamp(now - quotas.WINDOW_SECONDS, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+        times = [r[0] for r in tx.conn.execute(
+            select(sessions.c.created_at).where(sessions.c.owner == owner, sessions.c.batch_id.is_(None),
+                                                sessions.c.created_at >= since)
+            .union_all(select(batches.c.created_at).where(batches.c.owner == owner, batches.c.created_at >= since)))]
+        quotas.check_rate(owner, [epoch_of(t) for t in times], now, limits)
 
 
 def taken_file(conn, identity: str) -> dict | None:
@@ -142,7 +173,10 @@ def check(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob)
         if isinstance(job, ControlJob):
             view = DatabaseProjection(conn, store.dialect)
             target_type, target_id = find_target(conn, job.target)
-            if target_type == "session":
+            if job.action == "priority":
+                table = "sessions" if target_type == "session" else "batches"
+                _check_reprioritize(view.get(table, (target_id,)), target_type, target_id)
+            elif target_type == "session":
                 _check_session_control(view.get("sessions", (target_id,)), target_id, job.action)
             else:
                 _check_batch_control(view, target_id, job.action)
@@ -152,7 +186,8 @@ def check(store: Store, intake: Intake, job: SessionJob | BatchJob | ControlJob)
 def _create_session(tx: Tx, session_id: str, job: SessionJob, resolved: ResolvedSession, **extra: Any) -> None:
     tx.emit("session", session_id, "session.created", {
         "session_id": session_id, "job_id": job.job_id, "workflow_id": resolved.workflow_id,
-        "priority": job.priority, "hold": job.hold, "params": resolved.params, "steps": resolved.steps, **extra,
+        "priority": job.priority, "hold": job.hold, "params": resolved.params, "steps": resolved.steps,
+        "owner": job.owner or DEFAULT_OWNER, **({"notify": job.notify.model_dump()} if job.notify else {}), **extra,
     })
 
 
@@ -160,11 +195,13 @@ def _create_batch(tx: Tx, batch_id: str, job: BatchJob, resolved: list[ResolvedS
     item_ids = [new_id("ses") for _ in resolved]
     tx.emit("batch", batch_id, "batch.created", {
         "batch_id": batch_id, "job_id": job.job_id, "name": job.name, "priority": job.priority, "hold": job.hold,
-        "config": job.batch.model_dump(), "items": item_ids,
+        "config": job.batch.model_dump(), "items": item_ids, "owner": job.owner or DEFAULT_OWNER,
+        **({"notify": job.notify.model_dump()} if job.notify else {}),
     })
     for index, (session_id, item) in enumerate(zip(item_ids, resolved)):
         _create_session(tx, session_id, SessionJob(job_id=None, workflow=job.workflow, priority=job.priority,
-                                                   hold=job.hold), item, batch_id=batch_id, item_index=index)
+                                                   hold=job.hold, owner=job.owner), item, batch_id=batch_id,
+                        item_index=index)
 
 
 def record_rejection(store: Store, source: Source, error: dict[str, Any], job_id: str | None = None) -> bool:
@@ -195,10 +232,10 @@ def _submit_control(store: Store, job: ControlJob, source: Source,
         if earlier is not None:
             return earlier
         target_type, target_id = find_target(tx.conn, job.target)
-        apply_control(tx, target_type, target_id, job.action)
+        apply_control(tx, target_type, target_id, job.action, job.priority)
         tx.emit("job", source.file_key, "job.received", {
             **source.fields(), "job_id": job.job_id, "target_type": target_type, "target_id": target_id,
-            "action": job.action,
+            "action": job.action, **({"priority": job.priority} if job.action == "priority" else {}),
         })
         return Submitted("control", target_id)
 
@@ -208,25 +245,66 @@ def _submit_control(store: Store, job: ControlJob, source: Source,
 
 # controlling ---------------------------------------------------------------------------------
 
-def control(store: Store, target: str, action: str) -> tuple[str, str, list]:
-    """pause | resume | cancel | restart | delete a session or batch (by id or job_id).
+def control(store: Store, target: str, action: str, priority: int | None = None) -> tuple[str, str, list]:
+    """pause | resume | cancel | restart | delete a session or batch (by id or job_id), or give
+    it a new `priority` (action "priority").
 
     Returns the target's type and id, and the events appended."""
+    if action == "priority":
+        check_priority(priority)
 
     def record(tx: Tx) -> tuple[str, str]:
         target_type, target_id = find_target(tx.conn, target)
-        apply_control(tx, target_type, target_id, action)
+        apply_control(tx, target_type, target_id, action, priority)
         return target_type, target_id
 
     (target_type, target_id), events = store.write_events(record)
     return target_type, target_id, events
 
 
-def apply_control(tx: Tx, target_type: str, target_id: str, action: str) -> None:
-    if target_type == "session":
+def apply_control(tx: Tx, target_type: str, target_id: str, action: str, priority: int | None = None) -> None:
+    if action == "priority":
+        reprioritize(tx, target_type, target_id, priority)
+    elif target_type == "session":
         control_session(tx, target_id, action)
     else:
         control_batch(tx, target_id, action)
+
+
+def check_priority(priority: object) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 1000:
+        raise ValidationError(f"priority: {priority!r}; a whole number from 0 to 1000", [{"loc": "priority"}])
+    return priority
+
+
+def reprioritize(tx: Tx, target_type: str, target_id: str, priority: int | None) -> None:
+    """A new priority for a session that has not ended, or for a batch and each of its items that
+    has not: the next claim sees it (a running step is not touched). INVALID_TRANSITION once ended."""
+    priority = check_priority(priority)
+    if target_type == "session":
+        session = tx.get("sessions", (target_id,))
+        _check_reprioritize(session, "session", target_id)
+        tx.emit("session", target_id, "session.reprioritized",
+                {"session_id": target_id, "priority": priority, "previous": session["priority"]})
+        return
+    batch = tx.get("batches", (target_id,))
+    _check_reprioritize(batch, "batch", target_id)
+    tx.emit("batch", target_id, "batch.reprioritized",
+            {"batch_id": target_id, "priority": priority, "previous": batch["priority"]})
+    for item in tx.projection.children("items", target_id):
+        session = tx.get("sessions", (item["session_id"],))
+        if session is not None and session["status"] not in ENDED_STATES and session["priority"] != priority:
+            tx.emit("session", session["session_id"], "session.reprioritized",
+                    {"session_id": session["session_id"], "priority": priority, "previous": session["priority"],
+                     "batch_id": target_id})
+
+
+def _check_reprioritize(row: dict | None, kind: str, target_id: str) -> None:
+    if row is None:
+        raise NotFound(f"no {kind} {target_id!r}")
+    if row["status"] in ENDED_STATES:
+        raise InvalidTransition(f"{kind} {target_id} has ended ({row['status']}): a new priority would change "
+                                "nothing; restart it first", current_state=row["status"])
 
 
 def _check_session_control(session: dict | None, session_id: str, action: str, from_batch: bool = False) -> None:

@@ -29,9 +29,31 @@ def _coerce(raw: str, default: Any) -> Any:
     return raw
 
 
+OWNER_KEYS = {"weight": (int, float), "max_running": int, "max_pending": int, "rate": int}
+
+
+def _owners(values: dict, where: str) -> dict:
+    """[owners.NAME] tables: each key known, each value a number of its kind, none negative."""
+    checked = {}
+    for owner, limits in values.items():
+        if not isinstance(limits, dict):
+            raise ValidationError(f"{where}: [owners.{owner}] must be a table (weight, max_running, max_pending, rate)")
+        for key, value in limits.items():
+            kind = OWNER_KEYS.get(key)
+            if kind is None:
+                raise ValidationError(f"{where}: unknown key owners.{owner}.{key}; one of {', '.join(OWNER_KEYS)}")
+            if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+                raise ValidationError(f"{where}: owners.{owner}.{key} = {value!r}: a number, 0 or more")
+        checked[str(owner)] = dict(limits)
+    return checked
+
+
 def _merge(defaults: dict, overrides: dict, where: str) -> dict:
     merged = {section: dict(values) for section, values in defaults.items()}
     for section, values in overrides.items():
+        if section == "owners" and isinstance(values, dict):
+            merged["owners"] = {**merged.get("owners", {}), **_owners(values, where)}
+            continue
         if section not in merged or not isinstance(values, dict):
             raise ValidationError(f"{where}: unknown section [{section}]")
         for key, value in values.items():
@@ -108,5 +130,11 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
                     values[section][key] = _coerce(environ[env_name], default)
                 except ValueError as exc:
                     raise ValidationError(f"{env_name}: {exc}") from exc
+    precision = values["models"]["precision"]
+    if precision:
+        from engine.domains.catalogue import PRECISIONS  # only then: the catalogue is not light to import
+    if precision and precision not in PRECISIONS:
+        raise ValidationError(f"{chosen or 'config'}: models.precision = {precision!r}: one of {', '.join(PRECISIONS)}, "
+                              "or empty for [device] dtype")
     base_dir = chosen.parent if chosen else Path.cwd()
     return Config(base_dir=base_dir, values=values, source=chosen)

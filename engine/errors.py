@@ -50,6 +50,26 @@ class DuplicateJob(ValidationError):
     code = "DUPLICATE_JOB"
 
 
+class QuotaExceeded(EngineError):
+    """An owner's max_pending would be passed: nothing of the job is recorded."""
+
+    code = "QUOTA_EXCEEDED"
+    exit_code = 2
+    retryable = False
+
+
+class RateLimited(EngineError):
+    """An owner's submissions a minute ([owners.NAME] rate) are used up; `retry_after` seconds."""
+
+    code = "RATE_LIMITED"
+    exit_code = 2
+    retryable = False
+
+    def __init__(self, message: str, retry_after: int, details: list[Any] | None = None) -> None:
+        super().__init__(message, details, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
 class NotFound(EngineError):
     code = "NOT_FOUND"
     exit_code = 3

@@ -15,6 +15,7 @@ from sqlalchemy import func, select, text
 from engine.errors import NotFound, ValidationError
 from engine.machines import RUN_STATES
 from engine.outbox.folders import Outbox
+from engine.outbox.sheets import seed_of
 from engine.run import fleet
 from engine.run.claims import waited_ms
 from engine.store import Store
@@ -22,7 +23,7 @@ from engine.store.tables import batches, events, jobs, sessions
 
 ENDED = ("completed", "failed", "cancelled")
 SESSION_LIST = ("session_id, job_id, workflow_id, status, current_step, total_steps, progress, priority, created_at, "
-                "error_code")
+                "error_code, owner")
 MAX_PAGE = 10000
 
 
@@ -103,10 +104,10 @@ def seconds_left(report: dict[str, Any]) -> float | None:
 # one batch -----------------------------------------------------------------------------------
 
 def batch_report(store: Store, target_name: str) -> dict[str, Any]:
-    """One batch (by id or job_id): its status row with metrics, its name, and its items (an item
+    """One batch (by id or job_id): its status row with metrics, its name and priority, and its items (an item
     that has not ended shows its session's status: paused, running)."""
     with store.read() as conn:
-        report = _one(conn, "batch", target_name, "SELECT s.*, b.name FROM batch_status s JOIN batches b "
+        report = _one(conn, "batch", target_name, "SELECT s.*, b.name, b.priority, b.owner FROM batch_status s JOIN batches b "
                       "ON b.batch_id = s.batch_id WHERE s.batch_id = :id OR s.job_id = :id")
         report["items"] = [dict(r) for r in conn.execute(text(
             "SELECT i.item_index, i.session_id, CASE WHEN i.status IN ('pending', 'running') "
@@ -153,7 +154,7 @@ def list_batches(store: Store, limit: int = 100, offset: int = 0, status: str | 
     where = "WHERE s.status = :status" if status else ""
     with store.read() as conn:
         return [dict(r) for r in conn.execute(text(
-            f"SELECT s.*, b.name FROM batch_status s JOIN batches b ON b.batch_id = s.batch_id {where} "
+            f"SELECT s.*, b.name, b.owner FROM batch_status s JOIN batches b ON b.batch_id = s.batch_id {where} "
             "ORDER BY s.created_at DESC, s.batch_id LIMIT :limit OFFSET :offset"),
             {"status": status, **_page(limit, offset)}).mappings()]
 
@@ -218,3 +219,216 @@ def events_after(store: Store, after: int, limit: int = 1000) -> list[dict[str, 
 def newest_event_id(store: Store) -> int:
     with store.read() as conn:
         return int(conn.execute(select(func.max(events.c.event_id))).scalar() or 0)
+
+
+# webhook deliveries ----------------------------------------------------------------------------
+
+DELIVERY_STATUSES = ("pending", "delivered", "dead")
+
+
+def deliveries(store: Store, status: str | None = None, limit: int = 100, target: str | None = None) -> list[dict]:
+    """Webhook deliveries, newest first (the webhook_deliveries view), of one status or target."""
+    if status and status not in DELIVERY_STATUSES:
+        raise ValidationError(f"status: {status!r}; one of {', '.join(DELIVERY_STATUSES)}")
+    where = [c for c, given in (("status = :status", status), ("target_id = :target", target)) if given]
+    with store.read() as conn:
+        return [dict(r) for r in conn.execute(text(
+            f"SELECT * FROM webhook_deliveries {'WHERE ' + ' AND '.join(where) if where else ''} "
+            "ORDER BY created_at DESC, id DESC LIMIT :limit"),
+            {"status": status, "target": target, **_page(limit, 0)}).mappings()]
+
+
+# what the web page shows ---------------------------------------------------------------------
+
+QUEUE_ROWS = 50  # of each list on the queue page; the counts say how many there are in all
+
+
+def owner_status(store: Store) -> list[dict[str, Any]]:
+    """Per owner: sessions running and pending (held and paused included), images and GPU-seconds
+    today (the owner_status view)."""
+    with store.read() as conn:
+        return [dict(r) for r in conn.execute(text("SELECT * FROM owner_status ORDER BY owner")).mappings()]
+
+
+def queue(store: Store, rows: int = QUEUE_ROWS, recent: int = 20, now: float | None = None) -> dict[str, Any]:
+    """The queue as one read: the counts by status; running sessions with their live progress and
+    who runs them; pending ones in the order they will be claimed (priority, then age), each with
+    why it waits; paused (held) ones; and the sessions that ended last."""
+    now = time.time() if now is None else now
+    columns = ("s.session_id, s.job_id, s.batch_id, s.workflow_id, s.status, s.current_step, s.total_steps, "
+               "s.priority, s.owner, s.device, s.model, s.created_at, s.started_at, s.finished_at, s.error_code, "
+               "s.error_message, s.ready, s.ready_at")
+    with store.read() as conn:
+        totals = {status: n for status, n in conn.execute(text("SELECT status, count(*) FROM sessions GROUP BY status"))}
+        running = [dict(r) for r in conn.execute(text(
+            f"SELECT {columns}, l.progress AS step_progress, l.message, l.runner_id, st.step_type, st.domain "
+            "FROM sessions s LEFT JOIN leases l ON l.session_id = s.session_id AND l.step_index = s.current_step "
+            "LEFT JOIN steps st ON st.session_id = s.session_id AND st.step_index = s.current_step "
+            "WHERE s.status = 'running' ORDER BY s.started_at LIMIT :rows"), {"rows": rows}).mappings()]
+        pending = [dict(r) for r in conn.execute(text(
+            f"SELECT {columns} FROM sessions s WHERE s.status = 'pending' "
+            "ORDER BY s.ready DESC, s.priority DESC, s.created_event LIMIT :rows"), {"rows": rows}).mappings()]
+        paused = [dict(r) for r in conn.execute(text(
+            f"SELECT {columns} FROM sessions s WHERE s.status = 'paused' ORDER BY s.priority DESC, s.created_event "
+            "LIMIT :rows"), {"rows": rows}).mappings()]
+        ended = [dict(r) for r in conn.execute(text(
+            f"SELECT {columns} FROM sessions s WHERE s.status IN ('completed', 'failed', 'cancelled') "
+            "ORDER BY s.finished_at DESC, s.session_id DESC LIMIT :recent"), {"recent": recent}).mappings()]
+        live_workers = fleet.worker_names(conn)
+        progress = _progress_of(conn, [r["session_id"] for r in running])
+        for row in running:
+            row["progress"] = progress.get(row["session_id"], 0.0)
+            held = fleet.lease_holder_state(conn, row["session_id"], row["current_step"], now)
+            row["waiting"] = ("its runner is gone; a live runner takes the step back" if held == "waiting"
+                              else None if held == "running" or row["ready"] == 0
+                              else waiting_why(row, live_workers, now))
+    for place, row in enumerate(pending, start=1):
+        row["place"] = place
+        row["waiting"] = waiting_why(row, live_workers, now)
+    for row in paused:
+        row["waiting"] = "paused: resume it to run" if row["started_at"] else "held: resume it to start"
+    return {"counts": {status: totals.get(status, 0) for status in RUN_STATES[:-1]}, "running": running,
+            "pending": pending, "paused": paused, "ended": ended, "live_workers": sorted(set(live_workers))}
+
+
+def waiting_why(row: dict[str, Any], live_workers: list[str], now: float) -> str:
+    """Why a pending session (or a running one between steps) has not been claimed yet: its retry's
+    backoff, no runner for it, or its place in the queue."""
+    from engine.run.affinity import waiting_reason
+
+    if row.get("ready") and row.get("ready_at") and row["ready_at"] > now:
+        return f"retrying in {row['ready_at'] - now:.0f} s (backoff after a failed attempt)"
+    reason = waiting_reason(row.get("device") or "", live_workers)
+    if reason:
+        return reason
+    return f"queued: #{row['place']} by priority and age" if row.get("place") else "queued for its next step"
+
+
+def _progress_of(conn, session_ids: list[str]) -> dict[str, float]:
+    """session_status's weighted progress of these sessions."""
+    if not session_ids:
+        return {}
+    marks = ", ".join(f":s{n}" for n in range(len(session_ids)))
+    return {r.session_id: r.progress for r in conn.execute(
+        text(f"SELECT session_id, progress FROM session_status WHERE session_id IN ({marks})"),
+        {f"s{n}": sid for n, sid in enumerate(session_ids)})}
+
+
+def attempts(session_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A session's step attempts, in order, folded from its events: where each ran (runner,
+    worker, device), when, for how long, how it ended (completed, retried, failed, released,
+    taken back) with its error code, and the call it shared (call_id, images and sessions in it)."""
+    out: list[dict[str, Any]] = []
+    open_attempts: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for event in session_events:
+        data, kind = event["data"], event["type"]
+        if not kind.startswith("step.") or "step_index" not in data:
+            continue
+        key = (data.get("run", 1), data["step_index"], data.get("attempt", 0))
+        if kind == "step.claimed":
+            entry = {"run": key[0], "step_index": key[1], "attempt": key[2], "runner_id": data.get("runner_id"),
+                     "worker": data.get("worker"), "device": data.get("device"), "started_at": event["created_at"],
+                     "ended_at": None, "outcome": "running", "duration_s": None, "error_code": None,
+                     "error_message": None, "call_id": None, "call_images": None, "call_sessions": None}
+            open_attempts[key] = entry
+            out.append(entry)
+            continue
+        entry = open_attempts.pop(key, None)
+        if entry is None:
+            continue
+        entry["ended_at"] = event["created_at"]
+        entry["outcome"] = {"step.completed": "completed", "step.failed": "failed", "step.retried": "retried",
+                            "step.released": "released"}.get(kind, kind.split(".", 1)[1])
+        entry["error_code"], entry["error_message"] = data.get("code"), data.get("message")
+        if kind == "step.completed":
+            entry["duration_s"] = data.get("duration_s")
+            record = (data.get("output") or {}).get("data") or {}
+            for field in ("call_id", "call_images", "call_sessions"):
+                entry[field] = record.get(field)
+    return out
+
+
+def session_timeline(store: Store, target_name: str) -> list[dict[str, Any]]:
+    """The attempts of a session's steps (see `attempts`), with each step's type and domain."""
+    found = target_events(store, target_name)
+    with store.read() as conn:
+        kinds = {r.step_index: (r.step_type, r.domain) for r in conn.execute(
+            text("SELECT step_index, step_type, domain FROM steps WHERE session_id = :id"), {"id": found["target_id"]})}
+    timeline = attempts(found["events"])
+    for entry in timeline:
+        entry["step_type"], entry["domain"] = kinds.get(entry["step_index"], ("?", "?"))
+    return timeline
+
+
+def call_members(store: Store, call_id: str) -> list[dict[str, Any]]:
+    """The sessions whose images one pipeline call made (a coalesced call serves several)."""
+    if not call_id.isalnum():
+        return []
+    with store.read() as conn:
+        rows = [dict(r) for r in conn.execute(text(
+            "SELECT st.session_id, st.step_index, st.output, s.job_id, s.status FROM steps st JOIN sessions s "
+            "ON s.session_id = st.session_id WHERE st.output LIKE :pattern ORDER BY st.session_id"),
+            {"pattern": f"%{call_id}%"}).mappings()]
+    members = []
+    for row in rows:  # the LIKE finds candidates; the output's own call_id decides
+        if (json.loads(row.pop("output") or "{}").get("data") or {}).get("call_id") == call_id:
+            members.append(row)
+    return members
+
+
+def gallery(store: Store, outbox: Outbox, limit: int = 48, after: tuple[str, str, int] | None = None,
+            job_id: str | None = None, contains: str | None = None, model: str | None = None) -> dict[str, Any]:
+    """Published images, newest first, `limit` at a time: those of completed sessions (by the
+    time they finished, then each session's images in order), optionally of one job_id, one model,
+    or with a prompt containing some text. Each image: its session, its number, the session's
+    workflow, model, prompt and seed, and its file name. `next` is the cursor of the page after
+    (finished_at, session_id, the first image number still to show), None after the last page."""
+    _page(limit, 0)
+    where = ["status = 'completed'"]
+    values: dict[str, Any] = {"rows": limit + 1}
+    if job_id:
+        where.append("job_id = :job")
+        values["job"] = job_id
+    if model:
+        where.append("model = :model")
+        values["model"] = model
+    if contains and contains.isascii():  # a prefilter; the prompt itself decides below
+        where.append("lower(params) LIKE :contains ESCAPE '\\'")
+        escaped = contains.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        values["contains"] = f"%{json.dumps(escaped)[1:-1]}%"
+    images: list[dict[str, Any]] = []
+    # Where to go on from: the cursor's session itself, from its image number (inclusive); once
+    # a page of rows is used up, after its last session (exclusive).
+    start_at, inclusive = after, after is not None
+    while True:
+        clause = list(where)
+        if start_at is not None:
+            clause.append("(finished_at < :before OR (finished_at = :before AND session_id "
+                          f"{'<=' if inclusive else '<'} :before_id))")
+            values.update(before=start_at[0], before_id=start_at[1])
+        with store.read() as conn:
+            rows = [dict(r) for r in conn.execute(text(
+                "SELECT session_id, job_id, batch_id, item_index, run, workflow_id, model, params, finished_at "
+                f"FROM sessions WHERE {' AND '.join(clause)} ORDER BY finished_at DESC, session_id DESC LIMIT :rows"),
+                values).mappings()]
+        for row in rows:
+            first = start_at[2] if inclusive and (row["finished_at"], row["session_id"]) == tuple(start_at[:2]) else 0
+            params = json.loads(row["params"])
+            names: list[str] = []
+            if not contains or contains.lower() in str(params.get("prompt", "")).lower():
+                try:
+                    names = json.loads((outbox.dir_of(row) / "result.json").read_text()).get("images", [])
+                except (OSError, ValueError):
+                    names = []  # its result.json is still being written: on a later look
+            for number in range(first, len(names)):
+                if len(images) == limit:
+                    return {"images": images, "next": [row["finished_at"], row["session_id"], number]}
+                images.append({"session_id": row["session_id"], "number": number, "job_id": row["job_id"],
+                               "workflow_id": row["workflow_id"], "model": row["model"] or params.get("model"),
+                               "prompt": params.get("prompt", ""), "name": names[number],
+                               "seed": seed_of(names[number]) if seed_of(names[number]) is not None
+                               else params.get("seed"),
+                               "finished_at": row["finished_at"]})
+        if len(rows) <= limit:
+            return {"images": images, "next": None}
+        start_at, inclusive = (rows[-1]["finished_at"], rows[-1]["session_id"], 0), False

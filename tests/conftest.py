@@ -37,7 +37,13 @@ def _toml_value(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table ([owners] alice = {weight = 3})
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
 
 
 def write_config(folder: Path, database_url: str = "", settings: dict | None = None) -> Path:
@@ -49,7 +55,7 @@ def write_config(folder: Path, database_url: str = "", settings: dict | None = N
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text("".join(
-        f"[{section}]\n" + "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items()) + "\n"
+        f"[{section}]\n" + "".join(f"{_toml_key(key)} = {_toml_value(value)}\n" for key, value in values.items()) + "\n"
         for section, values in merged.items()))
     return path
 
@@ -114,4 +120,29 @@ def backend_install(request, tmp_path) -> Installation:
         yield installation
     finally:
         installation.store.close()
+        _drop(admin, name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny SDXL-architecture model built in code, once for the whole run (random weights)."""
+    from engine.domains.tinymodels import build_tiny_sdxl
+
+    folder = tmp_path_factory.mktemp("tiny-models") / "tiny"
+    build_tiny_sdxl(folder)
+    return folder
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request):
+    """'' (SQLite) or the URL of a PostgreSQL database of this test's own (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    if not POSTGRES_URL:
+        pytest.skip("ENGINE_TEST_POSTGRES_URL is not set")
+    admin, name, url = _postgres_database()
+    try:
+        yield url
+    finally:
         _drop(admin, name)

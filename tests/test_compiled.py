@@ -1,6 +1,7 @@
 """The compiled fast path on the tiny models, on the CPU: torch.compile with the "eager" backend
 traces the same graphs a GPU compiles (with no compiler, so it runs anywhere); a backend that
-raises stands for a compile that fails. GPU speed is measured by bench/bench_compile_gpu.py."""
+raises stands for a compile that fails, one that waits for a compile that takes a while. GPU speed
+is measured by bench/bench_compile_gpu.py."""
 
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ def tiny(tmp_path_factory):
     return folder
 
 
-def studio(tmp_path, tiny, backend: str = "eager") -> Installation:
+def studio(tmp_path, tiny, backend: str = "eager", background: bool = False, coalesce: bool = True) -> Installation:
     install = Installation(tmp_path / "engine", settings={"handlers": {"modules": ["engine.domains"]},
-                                                         "compile": {"backend": backend, "batch_sizes": [1, 2]}})
+                                                         "compile": {"backend": backend, "batch_sizes": [1, 2],
+                                                                     "background": background},
+                                                         "batching": {"coalesce": coalesce}})
     registry = ModelRegistry(install.config.models_dir)
     registry.add(tiny, "plain")
     registry.add(tiny, "fast", compile_setting="on")
@@ -92,6 +95,68 @@ def test_a_compile_that_fails_falls_back_to_the_eager_call_and_the_image_is_made
     assert np.abs(pictures(install, first.target_id)[0] - pictures(install, second.target_id)[0]).max() <= 2
     failed = events(install, "model.compile_failed")
     assert len(failed) == 1 and failed[0]["shape"][1] == 1 and "cannot compile" in failed[0]["error"]
+    assert not events(install, "model.compiled")
+
+
+def _generation_data(install, session_id: str) -> dict:
+    steps = json.loads((install.config.outbox / session_id / "result.json").read_text())["steps"]
+    return next(step["data"] for step in steps if step["type"] == "inference_generation")
+
+
+def test_a_shape_compiles_in_the_background_while_its_calls_go_on_eagerly_and_then_switches(tmp_path, tiny):
+    import threading
+    import time
+
+    import torch
+
+    compiling = threading.Event()
+
+    @torch._dynamo.register_backend(name="engine_test_slow")
+    def slow(graph, example_inputs):
+        if not compiling.is_set():  # the first graph takes a while, as a real compile does
+            compiling.set()
+            time.sleep(3.0)
+        return graph.forward
+
+    install = studio(tmp_path, tiny, backend="engine_test_slow", background=True, coalesce=False)
+    params = {**SIZE, "steps": 12, "model": "fast", "prompt": "a heron"}
+    sessions = [submit(install, {"workflow": "txt2img", "priority": 50 - n,
+                                 "params": {**params, "seed": 40 + n}}).target_id for n in range(40)]
+    reference = submit(install, {"workflow": "txt2img", "priority": 0,
+                                 "params": {**params, "model": "plain", "seed": 40}}).target_id
+    run_until_idle(install)
+    assert query(install, "SELECT DISTINCT status FROM sessions") == [("completed",)]
+    started, = events(install, "model.compile_started")
+    assert started["background"] is True and started["shape"] == ["txt2img", 1, 64, 64]
+    assert started["modules"] == ["unet", "vae.decoder"]
+    switched, = events(install, "model.compiled")
+    assert switched["background"] is True and switched["seconds"] >= 3.0 and switched["eager_calls"] >= 2
+    ran = [_generation_data(install, session_id)["compiled"] for session_id in sessions]
+    assert ran[0] is False, "the first call is made eagerly: no image waits for the compile"
+    assert ran[-1] is True, "calls after the compile run compiled"
+    assert ran == sorted(ran), "eager until the switch, compiled after it"
+    assert ran.count(False) == switched["eager_calls"]
+    assert np.abs(pictures(install, sessions[0])[0] - pictures(install, reference)[0]).max() <= 2
+    assert not events(install, "model.compile_failed")
+
+
+def test_a_background_compile_that_fails_leaves_the_shape_eager_and_every_image_is_made(tmp_path, tiny):
+    import torch
+
+    @torch._dynamo.register_backend(name="engine_test_broken_behind")
+    def broken(graph, example_inputs):
+        raise RuntimeError("this backend cannot compile anything")
+
+    install = studio(tmp_path, tiny, backend="engine_test_broken_behind", background=True, coalesce=False)
+    sessions = [submit(install, {"workflow": "txt2img", "priority": 50 - n,
+                                 "params": {**SIZE, "steps": 8, "model": "fast", "prompt": "a crane", "seed": n}}).target_id
+                for n in range(12)]
+    run_until_idle(install)
+    assert query(install, "SELECT DISTINCT status FROM sessions") == [("completed",)]
+    assert len(events(install, "model.compile_started")) == 1
+    failed = events(install, "model.compile_failed")
+    assert [(f["background"], "cannot compile" in f["error"]) for f in failed] in ([], [(True, True)])
+    assert not any(_generation_data(install, s)["compiled"] for s in sessions)
     assert not events(install, "model.compiled")
 
 

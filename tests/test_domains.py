@@ -613,12 +613,11 @@ def test_an_input_image_swapped_while_its_job_waits_is_refused_at_the_step_not_r
     assert "params.init_image" in message and "changed after the job was submitted" in message
 
 
-def test_ctrl_c_in_a_real_denoise_stops_at_the_next_denoising_step_and_the_job_completes_later(studio):
-    import signal as signals
-
-    # Long enough (seconds, not a fraction of one) that the stop lands mid-denoise on a loaded machine.
+def _denoise_under_way(studio, seed: int) -> tuple[str, subprocess.Popen]:
+    """A 150-step job and an `engine run` that has started its denoise. Long enough (seconds, not a
+    fraction of one) that a stop lands mid-denoise on a loaded machine."""
     session_id = submit(studio, {"workflow": "txt2img", "params": {
-        "prompt": "a long one", "width": 160, "height": 160, "steps": 150, "seed": 5}}).target_id
+        "prompt": "a long one", "width": 160, "height": 160, "steps": 150, "seed": seed}}).target_id
     process = subprocess.Popen([sys.executable, "-m", "engine", "run", "--quiet"], cwd=studio.folder, env=studio.env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -626,6 +625,13 @@ def test_ctrl_c_in_a_real_denoise_stops_at_the_next_denoising_step_and_the_job_c
                     s=session_id)[0][0]:
         assert time.monotonic() < deadline and process.poll() is None, "the denoise never started"
         time.sleep(0.05)
+    return session_id, process
+
+
+def test_ctrl_c_in_a_real_denoise_stops_at_the_next_denoising_step_and_the_job_completes_later(studio):
+    import signal as signals
+
+    session_id, process = _denoise_under_way(studio, seed=5)
     process.send_signal(signals.SIGINT)
     started = time.monotonic()
     _, logged = process.communicate(timeout=60)
@@ -638,3 +644,38 @@ def test_ctrl_c_in_a_real_denoise_stops_at_the_next_denoising_step_and_the_job_c
     run_until_idle(studio)
     assert status(studio, session_id) == "completed"
     assert query(studio, "SELECT attempts FROM steps WHERE session_id = :s AND step_index = 2", s=session_id) == [(1,)]
+
+
+def test_ctrl_c_reaches_a_running_denoise_while_another_program_holds_the_database_write_lock(studio):
+    """The stop must not wait for a database round trip: with the write lock held elsewhere, the
+    runner's lease renewal waits, yet Ctrl-C stops the denoise at its next step (the process goes
+    idle while the lock is still held); once the lock is free the step is handed back, unused."""
+    import signal as signals
+    import sqlite3
+
+    import psutil
+
+    session_id, process = _denoise_under_way(studio, seed=6)
+    holder = sqlite3.connect(studio.config.path("database"), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the runner's next lease renewal waits for it
+        busy = psutil.Process(process.pid)
+        busy.cpu_percent(None)
+        time.sleep(1.5)
+        denoising = busy.cpu_percent(None)
+        process.send_signal(signals.SIGINT)
+        time.sleep(2.0)  # a denoising step of this size takes a fraction of a second
+        busy.cpu_percent(None)
+        time.sleep(1.5)
+        after_stop = busy.cpu_percent(None)
+        assert process.poll() is None, "it waits for the lock to hand the step back"
+    finally:
+        holder.rollback()
+        holder.close()
+    _, logged = process.communicate(timeout=60)
+    assert denoising > 60 and after_stop < 25, (denoising, after_stop, logged)
+    assert process.returncode == 0 and "SIGINT: stopping" in logged and "Traceback" not in logged, logged
+    released = [e.data["reason"] for e in studio.store.stream("session", session_id) if e.type == "step.released"]
+    assert released == ["stopping"]
+    assert query(studio, "SELECT status, attempts FROM steps WHERE session_id = :s AND step_index = 2",
+                 s=session_id) == [("pending", 0)]

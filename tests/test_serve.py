@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,59 +20,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Installation
+from tests.served import Served
 from tests.helpers import engine_process, query
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from engine.domains.tinymodels import build_tiny_sdxl
-
-    folder = tmp_path_factory.mktemp("served-models") / "tiny"
-    build_tiny_sdxl(folder)
-    return folder
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Served:
-    """An `engine serve` process for an installation, and its base URL."""
-
-    def __init__(self, install: Installation, *options: str, env: dict | None = None) -> None:
-        self.install, self.port = install, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(install.folder / f"serve-{self.port}.log", "w+")
-        self.process = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", str(self.port), *options],
-                                        env={**install.env(), **(env or {})}, cwd=install.folder,
-                                        stdout=subprocess.DEVNULL, stderr=self.log, text=True)
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.process.poll() is None, self.said()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "engine serve did not come up"
-            time.sleep(0.2)
-
-    def stop(self, number: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(number)
-        try:
-            return self.process.wait(timeout=60)
-        finally:
-            self.log.close()
-
-    def said(self) -> str:
-        """What the server logged (for a failing assertion's message)."""
-        self.log.flush()
-        return Path(self.log.name).read_text()
 
 
 @pytest.fixture
@@ -90,8 +40,9 @@ def _wait_ended(url: str, session_id: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         report = httpx.get(f"{url}/v1/sessions/{session_id}").json()
-        if report["status"] in ("completed", "failed", "cancelled") and report["images"] is not None:
-            return report
+        # ended, and its result.json written (after the commit, in the background): its images are listed
+        if report["status"] in ("completed", "failed", "cancelled") and (Path(report["outbox"]) / "result.json").exists():
+            return httpx.get(f"{url}/v1/sessions/{session_id}").json()
         assert time.monotonic() < deadline, report
         time.sleep(0.1)
 
@@ -255,26 +206,9 @@ def test_events_stream_in_order_and_a_reconnect_with_last_event_id_has_no_gap_or
     assert [e for e, _ in everything] == sorted(e for e, _ in everything)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def any_database(request):
-    """'' (SQLite) or the URL of a PostgreSQL database of this test's own."""
-    from tests.conftest import POSTGRES_URL, _drop, _postgres_database
-
-    if request.param == "sqlite":
-        yield ""
-        return
-    if not POSTGRES_URL:
-        pytest.skip("ENGINE_TEST_POSTGRES_URL is not set")
-    admin, name, url = _postgres_database()
-    try:
-        yield url
-    finally:
-        _drop(admin, name)
-
-
 def test_sigkill_mid_generation_then_a_retry_with_the_same_key_gets_the_finished_job(tmp_path, tiny_model,
-                                                                                      any_database):
-    install = Installation(tmp_path / "engine", database_url=any_database, settings={"runner": {"lease_seconds": 3.0}})
+                                                                                      database_url):
+    install = Installation(tmp_path / "engine", database_url=database_url, settings={"runner": {"lease_seconds": 3.0}})
     install.engine.models.add(tiny_model, "tiny")
     job = {"workflow": "txt2img", "params": {"prompt": "slow", "width": 128, "height": 128, "steps": 60, "num_images": 2}}
     server = Served(install, "--runner-id", "web-1")

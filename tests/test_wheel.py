@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,12 @@ def test_the_wheel_installed_without_editable_runs_engine_init_and_a_tiny_job(tm
     assert "engine/migrations/env.py" in names and "engine/migrations/script.py.mako" in names
     shipped = {Path(n).name for n in names if n.startswith("engine/migrations/versions/")}
     assert shipped == {p.name for p in (ROOT / "migrations" / "versions").glob("*.py")}
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "engine").rglob("*.py") if "__pycache__" not in p.parts}
+    assert modules <= set(names), f"modules missing from the wheel: {sorted(modules - set(names))}"
+    web = ROOT / "engine" / "doors" / "web"
+    pages = {str(p.relative_to(ROOT)) for folder in ("templates", "static") for p in (web / folder).rglob("*")
+             if p.is_file()}
+    assert pages and pages <= set(names), f"the web page's files missing from the wheel: {sorted(pages - set(names))}"
 
     # A fresh environment that sees the heavy dependencies (torch, diffusers) already installed,
     # with the engine itself only from the wheel.
@@ -60,3 +68,28 @@ def test_the_wheel_installed_without_editable_runs_engine_init_and_a_tiny_job(tm
     results = [json.loads(p.read_text()) for p in (elsewhere / "demo" / "outbox").rglob("result.json")]
     done = [r for r in results if r["job_id"] == rows[0]["job_id"]]
     assert done and done[0]["status"] == "completed" and len(done[0]["images"]) == 2
+
+    # The web page, served from the wheel: templates and script come from the installed package.
+    from tests.served import free_port
+
+    port = free_port()
+    server = subprocess.Popen([command, "--config", "demo/config.toml", "serve", "--no-runner", "--port", str(port)],
+                              cwd=elsewhere, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        for path in ("/", "/gallery", "/submit", "/runners", "/static/engine.js", "/static/engine.css"):
+            answer = httpx.get(f"http://127.0.0.1:{port}{path}")
+            assert answer.status_code == 200, (path, answer.text[:300])
+        assert "demo-txt2img" in httpx.get(f"http://127.0.0.1:{port}/").text
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -14,6 +14,13 @@ inputs of the compiled code, never part of it). `engine warmup` compiles ahead.
 
 Compiling never costs an image: a call whose compiled run fails (a compile error, a shape it
 cannot take) is made again eagerly, and that shape is not tried compiled again in this process.
+With `[compile] background` (off by default) it need not hold images up either: the first call of
+a shape is made eagerly, and its modules' inputs in that call are kept; a thread compiles the
+modules with them while later calls of the shape go on eagerly, and the first call after it is
+done switches to the compiled path (`model.compile_started`, then `model.compiled` with
+`background: true`, the compile's seconds and the eager calls made meanwhile). The thread shares
+the interpreter with the calls: while it traces, they slow down (measured in the README).
+`engine warmup` compiles in the foreground.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import functools
 import logging
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,6 +90,8 @@ class Accelerated:
     cache: Path | None
     done: set = field(default_factory=set)  # shapes that ran compiled
     failed: dict = field(default_factory=dict)  # shape -> why it runs eagerly
+    background: bool = False  # compile a new shape in a thread while its calls go on eagerly
+    behind: dict = field(default_factory=dict)  # shape -> its Behind (a background compile)
 
     def compiles(self, shape: Shape) -> bool:
         return shape[1] in self.sizes and shape not in self.failed
@@ -97,6 +107,73 @@ class Accelerated:
         finally:
             for name, module in self.eager.items():
                 _set(pipe, name, module)
+
+
+class Behind:
+    """A background compile of one shape: each compiled module called once, in a thread of its
+    own, with the inputs its eager twin had in the shape's first call."""
+
+    def __init__(self, accelerated: Accelerated, shape: Shape, inputs: dict[str, tuple]) -> None:
+        self.inputs = inputs
+        self.seconds: float | None = None
+        self.error: str | None = None
+        self.eager_calls = 1  # the call whose inputs it compiles with
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._compile, args=(accelerated,), daemon=True,
+                                       name=f"engine-compile-{shape[1]}x{shape[2]}x{shape[3]}")
+
+    def _compile(self, accelerated: Accelerated) -> None:
+        import torch
+
+        started = time.perf_counter()
+        try:
+            with torch.no_grad(), _on_device_of(self.inputs):
+                for name, (args, kwargs) in self.inputs.items():
+                    accelerated.compiled[name](*args, **kwargs)
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    torch.cuda.synchronize()
+            self.seconds = round(time.perf_counter() - started, 3)
+        except Exception as exc:  # a compile error or out of memory: the shape stays eager
+            self.error = _described(exc)
+        finally:
+            self.inputs = {}
+            self.finished.set()
+
+
+def record_inputs(modules: dict[str, Any]) -> tuple[dict[str, tuple], Callable[[], None]]:
+    """Hooks that keep a copy of each module's inputs in its first call; the copies (filled as the
+    modules run) and a function that removes the hooks."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    kept: dict[str, tuple] = {}
+    handles = []
+
+    def keeper(name):
+        def hook(module, args, kwargs):
+            if name not in kept:
+                kept[name] = tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v,
+                                      (args, kwargs))
+        return hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(keeper(name), with_kwargs=True))
+    return kept, lambda: [handle.remove() for handle in handles]
+
+
+@contextmanager
+def _on_device_of(inputs: dict[str, tuple]) -> Iterator[None]:
+    """The CUDA device of the first tensor in `inputs` as this thread's current device (each
+    thread has its own), or nothing for other devices."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    device = next((v.device for v in tree_leaves(inputs) if isinstance(v, torch.Tensor)), None)
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
 
 
 def _described(exc: BaseException) -> str:
@@ -141,7 +218,7 @@ def prepare(pipe, config, gpu_name: str) -> Accelerated:
         decoder = copy.deepcopy(pipe.vae.decoder).to(decode_dtype)
         compiled["vae.decoder"] = decoder_in(torch.compile(decoder, **options), decode_dtype)
     return Accelerated(pipe, eager, compiled, sorted({int(s) for s in config.get("compile", "batch_sizes")}),
-                       mode, backend, cache)
+                       mode, backend, cache, background=bool(config.get("compile", "background")))
 
 
 def upcast_decode_dtype(pipe, setting: str):
@@ -185,16 +262,31 @@ def _decoder_in_class():
 
 def run_call(accelerated: Accelerated | None, pipe, shape: Shape, call: Callable[[], None],
              notify: Callable[[str, dict], None], model_id: str, device_id: str) -> bool:
-    """Make one call: compiled when this shape compiles, else (or when the compiled run fails
-    other than for memory or cancellation) eagerly. Returns whether it ran compiled. The first
-    compiled run of a shape is reported as `model.compiled` (shape, seconds), a failure as
-    `model.compile_failed`; the call itself is the caller's, and its images are made either way."""
+    """Make one call: compiled when this shape compiles (and, compiling in the background, once
+    its compile is done), else (or when the compiled run fails other than for memory or
+    cancellation) eagerly. Returns whether it ran compiled. The first compiled run of a shape is
+    reported as `model.compiled` (shape, seconds), a failure as `model.compile_failed`; the call
+    itself is the caller's, and its images are made either way."""
     from engine.domains import memory
     from engine.errors import Cancelled
 
     if accelerated is None or not accelerated.compiles(shape):
         call()
         return False
+    described = {"model_id": model_id, "device": device_id, "shape": list(shape)}
+    behind = None
+    if accelerated.background and shape not in accelerated.done:
+        behind = accelerated.behind.get(shape)
+        if behind is None or not behind.finished.is_set():
+            _eagerly_while_compiling(accelerated, shape, call, notify, described)
+            return False
+        if behind.error is not None:
+            accelerated.failed[shape] = behind.error
+            log.warning("the background compile of %s for %s failed (%s); this shape stays eager", model_id, shape,
+                        behind.error)
+            notify("model.compile_failed", {**described, "error": behind.error, "background": True})
+            call()
+            return False
     started = time.perf_counter()
     error = None
     try:
@@ -209,14 +301,38 @@ def run_call(accelerated: Accelerated | None, pipe, shape: Shape, call: Callable
     if error is None:
         if shape not in accelerated.done:
             accelerated.done.add(shape)
-            notify("model.compiled", {"model_id": model_id, "device": device_id, "shape": list(shape),
-                                      "seconds": round(time.perf_counter() - started, 3), "mode": accelerated.mode,
-                                      "backend": accelerated.backend,
-                                      "cache": str(accelerated.cache) if accelerated.cache else None})
+            data = {**described, "seconds": round(time.perf_counter() - started, 3), "mode": accelerated.mode,
+                    "backend": accelerated.backend, "cache": str(accelerated.cache) if accelerated.cache else None}
+            if behind is not None:  # the switch: compiled behind calls that went on eagerly
+                data.update(background=True, first_call_seconds=data["seconds"], seconds=behind.seconds,
+                            eager_calls=behind.eager_calls)
+            notify("model.compiled", data)
         return True
     accelerated.failed[shape] = error
     log.warning("the compiled call of %s for %s failed (%s); made eagerly, and this shape stays eager", model_id,
                 shape, error)
-    notify("model.compile_failed", {"model_id": model_id, "device": device_id, "shape": list(shape), "error": error})
+    notify("model.compile_failed", {**described, "error": error})
     call()
     return False
+
+
+def _eagerly_while_compiling(accelerated: Accelerated, shape: Shape, call: Callable[[], None],
+                             notify: Callable[[str, dict], None], described: dict) -> None:
+    """An eager call of a shape whose compile is under way, or the shape's first call, whose
+    modules' inputs start its compile in the background once the call is made."""
+    behind = accelerated.behind.get(shape)
+    if behind is not None:
+        behind.eager_calls += 1
+        call()
+        return
+    inputs, unhook = record_inputs(accelerated.eager)
+    try:
+        call()
+    finally:
+        unhook()
+    if not inputs:  # the call used none of the modules (a cancelled call, say): the next one tries
+        return
+    behind = accelerated.behind[shape] = Behind(accelerated, shape, inputs)
+    notify("model.compile_started", {**described, "background": True, "mode": accelerated.mode,
+                                     "backend": accelerated.backend, "modules": sorted(inputs)})
+    behind.thread.start()

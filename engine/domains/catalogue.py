@@ -19,6 +19,7 @@ from engine.errors import UnknownModel, UnsafeModelFormat, ValidationError
 from engine.files import atomic_write_json
 
 KINDS = ("pipeline", "lora", "controlnet", "vae", "upscaler", "safety")
+PRECISIONS = ("fp16", "bf16", "fp32", "fp8")  # fp8: float8 attention layers in a bfloat16 pipeline
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 
 
@@ -39,12 +40,25 @@ class ModelEntry:
     context_dim: int = 0
     # The compiled fast path (engine.domains.accelerate): "on", "off", or "" for the config's default.
     compile: str = ""
+    # A pipeline's precision: fp16, bf16, fp32, fp8 (engine.domains.float8), or "" for the config's.
+    precision: str = ""
 
     def location(self, models_dir: Path) -> Path:
         return _located(self.path, models_dir)
 
     def configs_location(self, models_dir: Path) -> Path | None:
         return _located(self.configs_from, models_dir) if self.configs_from else None
+
+
+def default_precision(config) -> str:
+    """The precision of pipelines registered without one: `[models] precision`, else `[device]
+    dtype` ("auto": fp16 on GPUs, fp32 elsewhere)."""
+    return str(config.get("models", "precision")) or str(config.get("device", "dtype"))
+
+
+def precision_of(entry: ModelEntry, config) -> str:
+    """A pipeline's precision: its own, else the config's default."""
+    return entry.precision or default_precision(config)
 
 
 def _located(path: str, models_dir: Path) -> Path:
@@ -237,7 +251,7 @@ class ModelRegistry:
         return pipelines[0]
 
     def add(self, path: Path, model_id: str, kind: str | None = None, configs_from: Path | None = None,
-            compile_setting: str = "") -> ModelEntry:
+            compile_setting: str = "", precision: str = "") -> ModelEntry:
         path = path.resolve()
         if not path.exists():
             raise ValidationError(f"{path}: no such file or folder")
@@ -261,10 +275,14 @@ class ModelRegistry:
             family = family or adapter_family(path, safetensors_keys(path) if path.is_file() else [], context_dim)
         if compile_setting and kind != "pipeline":
             raise ValidationError("--compile is for pipelines only")
+        if precision and precision not in PRECISIONS:
+            raise ValidationError(f"--precision {precision!r}: one of {', '.join(PRECISIONS)}")
+        if precision and kind != "pipeline":
+            raise ValidationError("--precision is for pipelines only")
         if kind == "upscaler" and fmt == "safetensors":
             check_upscaler(path)
         entry = ModelEntry(model_id, kind, self._stored(path), fmt, family, _native_size(path) if path.is_dir() else 0,
-                           sha, configs, context_dim, compile_setting)
+                           sha, configs, context_dim, compile_setting, precision)
         index = self._read_index()
         index[model_id] = asdict(entry)
         atomic_write_json(self.index_file, index)

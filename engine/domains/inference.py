@@ -317,18 +317,20 @@ def generate_halving(pipe, wanted: list[Image], p, inputs, device, contexts) -> 
     return True
 
 
-def generate_in_calls(pipe, wanted: list[Image], p, inputs, device, contexts, accelerated, mode: str) -> bool:
+def generate_in_calls(pipe, wanted: list[Image], p, inputs, device, contexts, accelerated,
+                      mode: str) -> tuple[bool, bool]:
     """The images in one call, or on the compiled path in calls of its compiled sizes (each made
-    eagerly when its compiled run fails). Returns whether a call's size had to be lowered."""
+    eagerly when its compiled run fails or its compile is under way). Returns whether a call's
+    size had to be lowered, and whether every call ran compiled."""
     if accelerated is None:
-        return generate_halving(pipe, wanted, p, inputs, device, contexts)
-    halved, start = [], 0
+        return generate_halving(pipe, wanted, p, inputs, device, contexts), False
+    halved, compiled, start = [], [], 0
     for size in bucket_split(len(wanted), accelerated.sizes):
         chunk, start = wanted[start:start + size], start + size
-        run_call(accelerated, pipe, (mode, size, p.width, p.height),
-                 lambda: halved.append(generate_halving(pipe, chunk, p, inputs, device, contexts)),
-                 contexts[0].notify, p.model, device.id)
-    return any(halved)
+        compiled.append(run_call(accelerated, pipe, (mode, size, p.width, p.height),
+                                 lambda: halved.append(generate_halving(pipe, chunk, p, inputs, device, contexts)),
+                                 contexts[0].notify, p.model, device.id))
+    return any(halved), bool(compiled) and all(compiled)
 
 
 def generation_step(contexts: list[StepContext]) -> list[StepResult]:
@@ -375,8 +377,8 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
         # 4. Denoise every image in one call (on the compiled path, in calls of its compiled sizes),
         #    halving a call on out of memory. Calls with LoRAs or a job's own VAE run eagerly.
         started = time.perf_counter()
-        halved = generate_in_calls(pipe, wanted, p, inputs, device, contexts,
-                                   None if adapters or vae is not None else cached.accelerated, mode)
+        halved, compiled = generate_in_calls(pipe, wanted, p, inputs, device, contexts,
+                                             None if adapters or vae is not None else cached.accelerated, mode)
         seconds = time.perf_counter() - started
     finally:
         if adapters:
@@ -399,7 +401,7 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
         writing = _save_later([(image.picture, context.work_dir / name, a1111_parameters(context.params.model_dump(), image.seed, extra))
                                for image, name in zip(mine, names)])
         record = _record(mine, mode, device, dtype, cached, loaded, scheduler_name, peak, halved, len(contexts),
-                         len(wanted), seconds)
+                         len(wanted), seconds, compiled)
         results.append(StepResult(images=names, writing=writing, data=record.data()))
     return results
 
@@ -456,15 +458,18 @@ class GenerationRecord:
     denoising_steps: int
     group_images: int
     group_seconds: float
+    compiled: bool = False  # every call of the group ran on the compiled path
+    precision: str = ""  # the pipeline's: float16, bfloat16, float32, or fp8
 
     def data(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _record(mine: list[Image], mode, device, dtype, cached, loaded, scheduler_name, peak, halved, sessions,
-            images, seconds) -> GenerationRecord:
+            images, seconds, compiled=False) -> GenerationRecord:
     return GenerationRecord(
         mode=mode, seeds=[w.seed for w in mine], device=device.id, dtype=str(dtype).replace("torch.", ""),
         model=cached.entry.id, model_loaded_here=loaded, scheduler=scheduler_name, peak_memory_bytes=peak,
         out_of_memory_retry=halved, call_id=mine[0].call_id, call_images=mine[0].call_images, call_sessions=sessions,
-        denoising_steps=mine[0].denoised, group_images=images, group_seconds=round(seconds, 4))
+        denoising_steps=mine[0].denoised, group_images=images, group_seconds=round(seconds, 4), compiled=compiled,
+        precision=cached.precision or str(dtype).replace("torch.", ""))

@@ -26,6 +26,20 @@ def free_memory(device: DeviceInfo) -> int:
     return system_memory()[1]
 
 
+def usage(device: DeviceInfo) -> dict[str, int | None]:
+    """What a worker's device holds now, in bytes: `used` (torch's allocated memory on a GPU; the
+    process's resident memory on the CPU), `reserved` (torch's cache, GPUs only) and `total`."""
+    if device.kind in CUDA_API:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device.index)
+        return {"used": int(torch.cuda.memory_allocated(device.index)),
+                "reserved": int(torch.cuda.memory_reserved(device.index)), "total": int(total)}
+    import psutil
+
+    return {"used": int(psutil.Process().memory_info().rss), "reserved": None, "total": int(system_memory()[0])}
+
+
 def activation_bytes(width: int, height: int, num_images: int, dtype_bytes: int) -> int:
     latent_pixels = (width // 8) * (height // 8)
     return int(latent_pixels * num_images * ACTIVATION_BYTES_PER_LATENT_PIXEL * dtype_bytes / 2)

@@ -15,11 +15,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from engine.domains import accelerate, memory
+from engine.domains import accelerate, float8, memory
 from engine.domains.device import DeviceInfo, device_of, dtype_for, torch_device
 from engine.errors import EngineError, ModelLoadFailed
 from engine.run.handlers import StepContext, StepResult
-from engine.domains.catalogue import ModelEntry, ModelRegistry, file_sha256, folder_fingerprint
+from engine.domains.catalogue import ModelEntry, ModelRegistry, file_sha256, folder_fingerprint, precision_of
 
 Notify = Callable[[str, dict[str, Any]], None]
 log = logging.getLogger("engine.model")
@@ -39,6 +39,7 @@ class Cached:
     file_hash: str
     default_scheduler: Any = None
     accelerated: Any = None  # engine.domains.accelerate.Accelerated, for a model on the compiled path
+    precision: str = ""  # what model.loaded said: float16, bfloat16, float32, fp8
 
 
 class ModelCache:
@@ -48,8 +49,9 @@ class ModelCache:
         self.lock = threading.RLock()
 
     def get(self, key: tuple, entry: ModelEntry, device: DeviceInfo, loader: Callable[[], Any], path,
-            notify: Notify) -> tuple[Cached, bool]:
-        """The cached object for key, loading it (and evicting others) when missing."""
+            notify: Notify, precision: str = "") -> tuple[Cached, bool]:
+        """The cached object for key, loading it (and evicting others) when missing (the
+        `model.loaded` event says its `precision` when given)."""
         with self.lock:
             if key in self.items:
                 self.items.move_to_end(key)
@@ -67,13 +69,14 @@ class ModelCache:
                     raise
                 raise ModelLoadFailed(f"could not load {entry.id!r} from {path}: {type(exc).__name__}: {exc}") from exc
             file_hash = entry.sha256 or (file_sha256(path) if path.is_file() else folder_fingerprint(path))
-            cached = Cached(value, entry, device.id, size, file_hash)
+            cached = Cached(value, entry, device.id, size, file_hash, precision=precision)
             if hasattr(value, "scheduler"):
                 cached.default_scheduler = value.scheduler
             self.items[key] = cached
             notify("model.loaded", {"model_id": entry.id, "kind": entry.kind, "device": device.id,
                                     "file": str(path), "file_hash": file_hash, "bytes": size,
-                                    "seconds": round(time.perf_counter() - started, 3)})
+                                    "seconds": round(time.perf_counter() - started, 3),
+                                    **({"precision": precision} if precision else {})})
             return cached, True
 
     def _make_room(self, size: int, device: DeviceInfo, notify: Notify) -> None:
@@ -106,6 +109,11 @@ def _quiet_loading() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+
+
+def denoiser_of(pipe):
+    """A pipeline's denoiser: its UNet, or its transformer (SD3, Flux)."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
 def load_pipeline(entry: ModelEntry, path, device: DeviceInfo, dtype, configs=None) -> Any:
@@ -144,14 +152,30 @@ def _load_single_file(entry: ModelEntry, path, dtype, configs) -> Any:
 
 def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceInfo]:
     """The session's pipeline on the session's device, from the warm cache when it is there;
-    prepared for the compiled path when the model (or the config's default) asks for it."""
+    prepared for the compiled path when the model (or the config's default) asks for it. A float8
+    pipeline runs in bfloat16 with its attention layers in float8 (bfloat16 alone, said in the log
+    when it loads, on a device without float8 matrix units)."""
     device = device_of(ctx)
-    dtype = dtype_for(device, ctx.config.get("device", "dtype"))
     entry = registry_of(ctx).get(model_id, "pipeline")
+    precision = precision_of(entry, ctx.config)
+    why = float8.unsupported(device) if precision == "fp8" else None
+    if why:
+        precision = "bf16"
+    dtype = dtype_for(device, "bf16" if precision == "fp8" else precision)
     path = entry.location(ctx.config.models_dir)
     configs = entry.configs_location(ctx.config.models_dir)
-    cached, loaded = cache_of(ctx).get(("pipeline", model_id, device.id, str(dtype)), entry, device,
-                                       lambda: load_pipeline(entry, path, device, dtype, configs), path, ctx.notify)
+
+    def load():
+        if why:
+            log.warning("%s: float8 needs %s; it runs in bfloat16", model_id, why)
+        pipe = load_pipeline(entry, path, device, dtype, configs)
+        if precision == "fp8":
+            float8.to_float8(denoiser_of(pipe))
+        return pipe
+
+    cached, loaded = cache_of(ctx).get(("pipeline", model_id, device.id, str(dtype), precision == "fp8"), entry,
+                                       device, load, path, ctx.notify,
+                                       precision="fp8" if precision == "fp8" else str(dtype).removeprefix("torch."))
     if loaded and accelerate.wanted(entry.compile, ctx.config):
         cached.accelerated = accelerated_or_none(cached.value, ctx.config, device)
     return cached, loaded, device

@@ -27,6 +27,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="A crash-proof job orchestrator for image generation.")
 models_app = typer.Typer(help="The local model registry.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
+notify_app = typer.Typer(help="Webhook deliveries: list them, retry a dead one, make a signing secret.",
+                         no_args_is_help=True)
+app.add_typer(notify_app, name="notify")
 # Piped output is read by scripts and people alike: wide enough that ids are not cut.
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
@@ -182,13 +185,20 @@ def run(config: ConfigOption = None,
         runner_id: Annotated[Optional[str], typer.Option(
             help="a stable id unique to this runner: after a crash it takes its own steps back at once")] = None,
         log_format: Annotated[Optional[str], typer.Option(
-            "--log-format", help="log lines on stderr: plain or json (else [logging] format)")] = None) -> None:
+            "--log-format", help="log lines on stderr: plain or json (else [logging] format)")] = None,
+        metrics_port: Annotated[Optional[int], typer.Option(
+            "--metrics-port", help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")] = None) -> None:
     """Take the inbox and run steps (a live view shows running sessions; log lines go to stderr)."""
     from engine import logs
     from engine.doors.live import run_with_view
 
     cfg = _config(config)
     logs.configure(cfg.get("logging", "level"), log_format or cfg.get("logging", "format"))
+    if metrics_port is not None:
+        from engine import metrics
+        from engine.store import Store
+
+        metrics.serve_metrics(Store.from_config(cfg), metrics_port)
     done = run_with_view(cfg, until_idle=until_idle, console=out, live=not quiet and out.is_terminal,
                          runner_id=runner_id)
     out.print(f"{done} step{'' if done == 1 else 's'} done")
@@ -198,6 +208,8 @@ def run(config: ConfigOption = None,
 @command
 def worker(stdio: Annotated[bool, typer.Option("--stdio", help="JSON lines on stdin and stdout (the only transport)")] = False,
            no_runner: Annotated[bool, typer.Option("--no-runner", help="only submit and read: a runner runs elsewhere")] = False,
+           client_id: Annotated[Optional[str], typer.Option(
+               "--client-id", help="the owner of what this client submits (fair share, limits)")] = None,
            config: ConfigOption = None) -> None:
     """The design notes' PROCESSING worker: one JSON request a line on stdin, one response a line
     on stdout, logs on stderr (see the README's transcript)."""
@@ -208,7 +220,7 @@ def worker(stdio: Annotated[bool, typer.Option("--stdio", help="JSON lines on st
         raise ValidationError("engine worker needs --stdio (JSON lines on stdin and stdout)")
     cfg = _config(config)
     logs.configure(cfg.get("logging", "level"), cfg.get("logging", "format"))
-    run_stdio(cfg, _state.get("case", Case.snake).value, with_runner=not no_runner)
+    run_stdio(cfg, _state.get("case", Case.snake).value, with_runner=not no_runner, client_id=client_id)
 
 
 @app.command()
@@ -442,14 +454,15 @@ def events(target: str, config: ConfigOption = None,
 
 # controlling -------------------------------------------------------------------------------
 
-def _control(action: str, target: str, config: Path | None, as_json: bool) -> None:
+def _control(action: str, target: str, config: Path | None, as_json: bool, priority: int | None = None) -> None:
     from engine import commands
 
     with _opened(config) as engine:  # result.json of what it ended is written before this returns
-        target_type, target_id, appended = commands.control(engine.store, target, action)
+        target_type, target_id, appended = commands.control(engine.store, target, action, priority)
     if as_json:
         _print_json({"target_type": target_type, "target_id": target_id, "action": action,
-                          "events": [e.type for e in appended]})
+                     **({"priority": priority} if action == "priority" else {}),
+                     "events": [e.type for e in appended]})
     else:
         out.print(f"{action}: {target_type} {target_id} ({', '.join(e.type for e in appended)})", highlight=False)
 
@@ -474,6 +487,14 @@ def cancel(target: str, config: ConfigOption = None, as_json: JsonOption = False
     """Cancel a session or batch; a running step is interrupted."""
     _confirm(f"cancel {target}", yes)
     _control("cancel", target, config, as_json)
+
+
+@app.command()
+@command
+def priority(target: str, value: int = typer.Argument(..., help="the new priority, 0 to 1000 (higher runs first)"),
+             config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Give a session or batch (every item not yet ended) a new priority: the next claim sees it."""
+    _control("priority", target, config, as_json, value)
 
 
 @app.command()
@@ -577,7 +598,7 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
     if ctx.invoked_subcommand:
         _state["models_config"] = config
         return
-    from engine.domains.catalogue import ModelRegistry
+    from engine.domains.catalogue import ModelRegistry, default_precision
 
     cfg = _config(config)
     registry = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle"), cfg.get("models", "default"))
@@ -593,10 +614,51 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
                   "demo/models/tiny-sdxl --id tiny` registers here.", highlight=False)
         return
     default_compile = "on" if cfg.get("compile", "default") else "off"
-    _table(["id", "kind", "default", "format", "family", "context_dim", "compile", "path", "configs_from"],
+    precision = f"{default_precision(cfg)} (default)"
+    _table(["id", "kind", "default", "format", "family", "context_dim", "compile", "precision", "path", "configs_from"],
            [(e.id, e.kind, e.id == default_id, e.format, e.family or "unknown", e.context_dim or None,
-             (e.compile or f"{default_compile} (default)") if e.kind == "pipeline" else None, e.path, e.configs_from)
+             (e.compile or f"{default_compile} (default)") if e.kind == "pipeline" else None,
+             (e.precision or precision) if e.kind == "pipeline" else None, e.path, e.configs_from)
             for e in entries], as_json)
+
+
+@notify_app.command("list")
+@command
+def notify_list(status: Annotated[Optional[str], typer.Option(help="pending, delivered or dead")] = None,
+                target: Annotated[Optional[str], typer.Option(help="one session or batch id")] = None,
+                limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 100,
+                config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Webhook deliveries: the event, the URL, attempts, the last answer, the next attempt."""
+    from engine import queries
+
+    with _opened(config) as engine:
+        rows = queries.deliveries(engine.store, status, limit, target)
+    columns = ["id", "event", "target_id", "url", "status", "attempts", "last_status", "last_error", "next_attempt"]
+    _table(columns, [tuple(r[c] for c in columns) for r in rows], as_json)
+
+
+@notify_app.command("retry")
+@command
+def notify_retry(delivery_id: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Send a dead (or waiting) delivery again now, with a fresh budget of attempts."""
+    from engine.notify.deliver import retry
+
+    with _opened(config) as engine:
+        appended = retry(engine.store, delivery_id)
+    if as_json:
+        _print_json({"delivery_id": delivery_id, "events": [e.type for e in appended]})
+    else:
+        out.print(f"delivery {delivery_id} is due again (a runner sends it)", highlight=False)
+
+
+@notify_app.command("new-secret")
+@command
+def notify_new_secret() -> None:
+    """Print a new signing secret for [notify] secret (whsec_ and 32 random bytes in base64)."""
+    import base64
+    import secrets
+
+    print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
 
 
 @models_app.command("add")
@@ -609,6 +671,8 @@ def models_add(path: Path, model_id: Annotated[str, typer.Option("--id", help="t
                replace: Annotated[bool, typer.Option("--replace", help="replace a model already registered under this id")] = False,
                compile_setting: Annotated[Optional[str], typer.Option(
                    "--compile", help="the compiled fast path for this pipeline: on or off (else [compile] default)")] = None,
+               precision: Annotated[Optional[str], typer.Option(
+                   help="fp16, bf16, fp32, or fp8 (float8 attention layers; else [models] precision)")] = None,
                config: ConfigOption = None) -> None:
     """Register a diffusers folder or a .safetensors file under an id."""
     with _opened(config or _state.get("models_config")) as engine:
@@ -618,7 +682,7 @@ def models_add(path: Path, model_id: Annotated[str, typer.Option("--id", help="t
                                   "pass --replace to replace it")
         if compile_setting not in (None, "on", "off"):
             raise ValidationError(f"--compile {compile_setting!r}: on or off")
-        entry = registry.add(path, model_id, kind, configs_from, compile_setting or "")
+        entry = registry.add(path, model_id, kind, configs_from, compile_setting or "", precision or "")
     out.print(f"added {entry.id}: {entry.kind} ({entry.format}) at {entry.path}", highlight=False)
 
 

@@ -72,9 +72,11 @@ def parse_request(line: str) -> Request:
 class StdioWorker:
     """Serves requests from `source` to `sink` until EOF."""
 
-    def __init__(self, engine, case: str = "snake", sink: TextIO = sys.stdout) -> None:
-        """`engine`: the installation (engine.app.Engine) the requests are served from."""
+    def __init__(self, engine, case: str = "snake", sink: TextIO = sys.stdout, client_id: str | None = None) -> None:
+        """`engine`: the installation (engine.app.Engine) the requests are served from.
+        `client_id`: the owner of what this client submits (a request's own "owner" wins)."""
         self.engine = engine
+        self.client_id = client_id
         self.config, self.store, self.intake = engine.config, engine.store, engine.intake
         self.case = case
         self.sink = sink
@@ -87,7 +89,8 @@ class StdioWorker:
             "execute_workflow": self.execute_workflow, "get_session_status": self.get_session_status,
             "control_session": self.control_session, "delete_session": self.delete_session,
             "execute_batch": self.execute_batch, "get_batch_status": self.get_batch_status,
-            "delete_batch": self.delete_batch, "get_capabilities": self.get_capabilities,
+            "control_batch": self.control_batch, "delete_batch": self.delete_batch,
+            "get_capabilities": self.get_capabilities,
             "get_session_events": self.get_session_events, "subscribe": self.subscribe,
         }
 
@@ -165,7 +168,7 @@ class StdioWorker:
         else:
             _refuse_unknown(data, WORKFLOW_FIELDS)
         job = {"job_id": data.get("job_id") or data.get("session_id"), "workflow": data.get("workflow_id") or "txt2img",
-               "params": params, "hold": bool(data.get("hold"))}
+               "params": params, "hold": bool(data.get("hold")), "owner": data.get("owner") or self.client_id}
         if data.get("priority") is not None:
             job["priority"] = data["priority"]
         submitted = self._submit(job)
@@ -178,10 +181,17 @@ class StdioWorker:
         return self._session(_required(data, "session_id"))
 
     def control_session(self, data: dict) -> dict:
+        return self._control_action(_required(data, "session_id"), data)
+
+    def control_batch(self, data: dict) -> dict:
+        return self._control_action(data.get("batch_tracking_id") or _required(data, "batch_id"), data)
+
+    def _control_action(self, target: str, data: dict) -> dict:
+        """pause, resume, cancel, restart, delete, or priority with "priority": the new value."""
         action = str(_required(data, "action") if "action" in data else data.get("control", "")).lower()
         if action not in ACTIONS:
             raise ValidationError(f"action {action!r}: one of {', '.join(ACTIONS)}", [{"loc": "action"}])
-        return self._control(_required(data, "session_id"), action)
+        return self._control(target, action, _required(data, "priority") if action == "priority" else None)
 
     def delete_session(self, data: dict) -> dict:
         return self._control(_required(data, "session_id"), "delete")
@@ -214,7 +224,8 @@ class StdioWorker:
                 batch[name.replace("_processing", "")] = config[name]
         job = {"kind": "batch", "job_id": data.get("batch_id") or data.get("job_id"), "name": data.get("name"),
                "workflow": data.get("workflow_id") or "txt2img", "items": overrides, "batch": batch,
-               "params": data.get("parameters") or {}, "hold": bool(data.get("hold"))}
+               "params": data.get("parameters") or {}, "hold": bool(data.get("hold")),
+               "owner": data.get("owner") or self.client_id}
         if data.get("priority") is not None:
             job["priority"] = data["priority"]
         submitted = self._submit(job)
@@ -279,8 +290,8 @@ class StdioWorker:
                                commands.Source("worker", uuid.uuid4().hex, f"worker:{uuid.uuid4().hex}"),
                                resent_is_same=True)
 
-    def _control(self, target: str, action: str) -> dict:
-        target_type, target_id, appended = commands.control(self.store, str(target), action)
+    def _control(self, target: str, action: str, priority: int | None = None) -> dict:
+        target_type, target_id, appended = commands.control(self.store, str(target), action, priority)
         return {"target_type": target_type, "target_id": target_id, "action": action,
                 "events": [e.type for e in appended], "effective_at": appended[-1].created_at if appended else None}
 
@@ -293,9 +304,9 @@ class StdioWorker:
 
 # What execute_workflow and execute_batch take beside params (the notes' fields and the envelope's).
 WORKFLOW_FIELDS = ("action", "session_id", "job_id", "workflow_id", "parameters", "priority", "background", "hold", "step_id",
-                   "model_id")
+                   "model_id", "owner")
 BATCH_FIELDS = ("action", "batch_id", "job_id", "name", "type", "workflow_id", "items", "generation_params", "parameters",
-                "configuration", "batch_config", "priority", "hold", "callback_config", "total_images")
+                "configuration", "batch_config", "priority", "hold", "callback_config", "total_images", "owner")
 CONFIG_FIELDS = ("total_images", "preferred_batch_size", "max_batch_size", "enable_dynamic_sizing", "dynamic_sizing",
                  "memory_threshold", "parallel_processing", "max_parallel_batches")
 
@@ -347,14 +358,14 @@ def _request_id_of(line: str) -> str | None:
 
 
 def run_stdio(config, case: str = "snake", with_runner: bool = True, source=None,
-              sink: TextIO = sys.stdout) -> None:
+              sink: TextIO = sys.stdout, client_id: str | None = None) -> None:
     """Serve stdin until EOF, with a runner in this process unless told not to. At EOF the runner
     stops after its current step's record; anything unfinished is left to the next runner."""
     from engine.app import Engine, require_installation
 
     require_installation(config)
     engine = Engine.create(config)
-    worker = StdioWorker(engine, case, sink)
+    worker = StdioWorker(engine, case, sink, client_id)
     done = threading.Event()
     threads = []
     runner = engine.runner() if with_runner else None

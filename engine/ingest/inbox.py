@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from engine import commands
+from engine import commands, metrics
 from engine.errors import EngineError, ValidationError
 from engine.files import atomic_write_json
 from engine.ingest.seen import SeenFile, display_name, look_at, refusal
@@ -208,6 +208,7 @@ class Inbox:
             self._finish(seen, self._known(seen))
             return None
         self._move(seen, destination, source.file_key, None)
+        metrics.INBOX.labels(outcome="accepted").inc()
         if submitted.target_type == "control":
             log.info("accepted %s: %s %s", seen.name, job.action, submitted.target_id)
         else:
@@ -274,6 +275,7 @@ class Inbox:
         self._write_error(destination.with_name(destination.name + ".error.json"), body)
         self._move(seen, destination, source.file_key, None)
         log.warning("rejected %s: %s %s", seen.name, error.code, error.message)
+        metrics.INBOX.labels(outcome="rejected").inc()
         return Outcome(seen.name, False, code=error.code, message=error.message)
 
     def _write_error(self, path: Path, body: dict) -> None:
@@ -317,6 +319,7 @@ class Inbox:
                 message = f"could not be moved out of the inbox: {exc.strerror or exc}; it stays there and is skipped"
                 log.warning("%s %s", seen.name, message)
                 commands.record_stranded(self.store, job_key, seen.name, message)
+                metrics.INBOX.labels(outcome="stranded").inc()
 
     def _failed(self, path: Path, exc: Exception) -> Outcome | None:
         """Taking a file raised something that is not a verdict on its content. The database's or

@@ -18,7 +18,7 @@ from engine.ingest.inputs import InputImage, digest_key, read_image
 from engine.ingest.jobs import (MAX_SEED, BatchJob, GenerationParams, SessionJob, StepParams, check_limits,
                                 validate_params)
 from engine.paths import resolve_inside
-from engine.domains.catalogue import ModelEntry, ModelRegistry, describe_family, fits
+from engine.domains.catalogue import ModelEntry, ModelRegistry, describe_family, fits, precision_of
 from engine.workflows import Workflow, get_workflow, load_workflows
 
 log = logging.getLogger("engine.intake")
@@ -75,9 +75,32 @@ class Intake:
 
     def session(self, job: SessionJob) -> ResolvedSession:
         self.check_priority(job.priority)
+        self.check_notify(job.notify)
         workflow = self.workflow(job.workflow)
         params = self.resolve_params(workflow, job.params, "params")
         return ResolvedSession(workflow.id, self.steps(workflow, params), params)
+
+    def check_notify(self, notify) -> None:
+        """A webhook needs the signing secret, and may not name an address the deliverer refuses
+        (an IP written in the URL is checked now; a name when it is sent)."""
+        if notify is None:
+            return
+        if not self.config.get("notify", "secret"):
+            raise ValidationError("notify: [notify] secret is not set, and every delivery is signed with it; "
+                                  "`engine notify new-secret` makes one", [{"loc": "notify"}])
+        import ipaddress
+        from urllib.parse import urlsplit
+
+        from engine.notify.rules import address_refused
+
+        host = urlsplit(notify.url).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return
+        why = address_refused(host, bool(self.config.get("notify", "allow_private")))
+        if why:
+            raise ValidationError(f"notify.url: {why}", [{"loc": "notify.url"}])
 
     def steps(self, workflow: Workflow, params: dict[str, Any]) -> list[dict[str, Any]]:
         """The workflow's steps for these params; a step whose handler serves groups records its
@@ -91,6 +114,7 @@ class Intake:
 
     def batch(self, job: BatchJob) -> list[ResolvedSession]:
         self.check_priority(job.priority)
+        self.check_notify(job.notify)
         workflow = self.workflow(job.workflow)
         max_items = self.config.get("inbox", "max_batch_items")
         if len(job.items) > max_items:
@@ -134,6 +158,10 @@ class Intake:
         for index, lora in enumerate(params.loras):
             entry = self.models.get(lora.model, "lora", f"{where}.loras[{index}].model")
             self.check_fits(entry, pipeline, f"{where}.loras[{index}].model")
+        if params.loras and pipeline is not None and precision_of(pipeline, self.config) == "fp8":
+            raise ValidationError(f"{where}.loras: {pipeline.id!r} runs in float8 (precision fp8), and a LoRA needs its "
+                                  "attention layers as they were: register the model again with --precision fp16 or "
+                                  "bf16 to use LoRAs", [{"loc": f"{where}.loras"}])
         if params.vae:
             self.models.get(params.vae, "vae", f"{where}.vae")
         if params.controlnet:

@@ -12,13 +12,13 @@ import re
 import typing
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from engine.errors import ValidationError
 
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpm++2m", "dpm++2m_karras", "dpm++sde", "pndm", "lms", "heun", "unipc")
-ACTIONS = ("pause", "resume", "cancel", "restart", "delete")
+ACTIONS = ("pause", "resume", "cancel", "restart", "delete", "priority")
 MAX_SEED = 2**32 - 1
 
 
@@ -104,15 +104,34 @@ class StepParams(GenerationParams):
 
 
 JOB_ID = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$")
+OWNER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"
+OWNER = Field(None, pattern=OWNER_PATTERN, description='who the job is for (fair share and limits); "default" when absent')
+DEFAULT_OWNER = "default"
+NOTIFIABLE = ("session.started", "session.completed", "session.failed", "session.cancelled", "session.paused",
+              "session.resumed", "session.restarted", "batch.started", "batch.completed", "batch.failed",
+              "batch.cancelled", "batch.paused", "batch.resumed", "batch.restarted", "item.completed", "item.failed",
+              "item.cancelled")
+
+
+class Notify(Strict):
+    """Where to send a job's events (Standard Webhooks: signed with [notify] secret), and which."""
+
+    url: str = Field(min_length=1, max_length=2048, pattern=r"^https?://[^\s/?#]+[^\s]*$",
+                     description="an http or https URL")
+    events: list[Literal[NOTIFIABLE]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["session.completed", "session.failed", "session.cancelled", "batch.completed",
+                                 "batch.failed", "batch.cancelled"], min_length=1, max_length=len(NOTIFIABLE))
 
 
 class SessionJob(Strict):
     kind: Literal["session"] = "session"
     job_id: str | None = JOB_ID
+    owner: str | None = OWNER
     workflow: str = Field("txt2img", min_length=1, max_length=128)
     priority: int = Field(5, ge=0, le=1000)
     hold: bool = False
     params: GenerationParams = Field(default_factory=GenerationParams)
+    notify: Notify | None = Field(None, description="webhook: a URL and the events to send it")
 
 
 class BatchConfig(Strict):
@@ -136,6 +155,7 @@ class Matrix(Strict):
 class BatchJob(Strict):
     kind: Literal["batch"]
     job_id: str | None = JOB_ID
+    owner: str | None = OWNER
     name: str = Field("", max_length=256, description="a label to show (any text, not an id; the notes' Name)")
     workflow: str = Field("txt2img", min_length=1, max_length=128)
     priority: int = Field(5, ge=0, le=1000)
@@ -144,6 +164,7 @@ class BatchJob(Strict):
     items: list[dict[str, Any]] = Field(default_factory=list, max_length=1_000_000)
     matrix: Matrix | None = Field(None, description="params expanded into items (crossed with items, if any)")
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    notify: Notify | None = Field(None, description="webhook: a URL and the batch events (item.* too) to send it")
 
     def expanded(self, max_items: int) -> list[dict[str, Any]]:
         """Every item's overrides: `items` (or one empty item) crossed with the matrix's rows."""
@@ -182,6 +203,15 @@ class ControlJob(Strict):
     job_id: str | None = JOB_ID
     target: str = Field(min_length=1, max_length=256)
     action: Literal[ACTIONS]  # type: ignore[valid-type]
+    priority: int | None = Field(default=None, ge=0, le=1000, description='the new priority, with action "priority"')
+
+    @model_validator(mode="after")
+    def _priority_with_its_action(self) -> "ControlJob":
+        if self.action == "priority" and self.priority is None:
+            raise ValidationError('priority: action "priority" needs the new value (0 to 1000)', [{"loc": "priority"}])
+        if self.action != "priority" and self.priority is not None:
+            raise ValidationError(f'priority: goes with action "priority", not {self.action!r}', [{"loc": "priority"}])
+        return self
 
 
 Job = Annotated[Union[SessionJob, BatchJob, ControlJob], Field(discriminator="kind")]

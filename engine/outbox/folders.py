@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from engine.files import atomic_write_json
 from engine.outbox.sheets import contact_sheet, seed_label
+from engine.outbox.thumbs import make_thumbnail
 from engine.store import Store
 from engine.store.tables import batches, items, sessions, steps
 
@@ -116,6 +117,8 @@ class Outbox:
             "error": {"code": session["error_code"], "message": session["error_message"]}
             if session["error_code"] else None,
         }
+        for name in images:  # before result.json: a listed image has its thumbnail
+            _thumbnail(folder / name)
         path = folder / "result.json"
         atomic_write_json(path, result)
         ended = "%s %s%s" % (session["status"], f"{len(images)} image(s) in {folder}" if images else f"see {path}",
@@ -156,3 +159,12 @@ class Outbox:
             for name in json.loads((runs[-1] / "result.json").read_text()).get("images", []):
                 tiles.append((runs[-1] / name, f"#{row.item_index} {seed_label(name)}"))
         contact_sheet(tiles, self.batch_dir(batch_id) / "contact-sheet.png")
+
+
+def _thumbnail(png: Path) -> None:
+    """A published image's thumbnail; one that cannot be made (a file removed by hand, say) is
+    made on demand when it is asked for."""
+    try:
+        make_thumbnail(png)
+    except (OSError, ValueError) as exc:
+        log.warning("no thumbnail of %s: %s", png, exc)

@@ -71,6 +71,12 @@ def _tile(image_path: Path, thumb: int) -> Image.Image:
         return image.convert("RGB").resize((thumb, thumb))
 
 
+def seed_of(name: str) -> int | None:
+    """The seed an image file named as the engine names them (…-<seed>.png) was made with."""
+    found = _SEED.search(name)
+    return int(found.group(1)) if found else None
+
+
 def seed_label(name: str) -> str:
     """'seed N' from an image file named as the engine names them (…-<seed>.png), else ''."""
     found = _SEED.search(name)

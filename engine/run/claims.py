@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, select, text, update
 
 from engine.run.affinity import Candidate, Offer, choose
 from engine import ending
@@ -19,7 +18,9 @@ from engine.errors import StaleLease
 from engine.run.grouping import call_limit, images_of, take_partners
 from engine.machines import ITEM
 from engine.store import Store, Tx
-from engine.store.tables import leases, sessions, steps
+from engine.store.events import epoch_of
+from engine.store.tables import leases, owner_shares, sessions, steps
+from engine.run import fairshare
 
 
 ANYWHERE = Offer(lookahead=1)  # a claim that is no device's worker's: any session, no model preference
@@ -69,22 +70,140 @@ class Policy:
         return min(self.backoff_base * 2 ** (attempt - 1), self.backoff_max)
 
 
-def _best_ready(tx: Tx, now: float, offer: Offer) -> dict | None:
-    """The ready session this worker takes next (see engine.run.affinity): the queue's head, unless its
-    model is not warm here and another of the head's priority within `lookahead` places suits better.
-    Only then are more rows than the head read (and, on PostgreSQL, locked)."""
+def _best_ready(tx: Tx, now: float, offer: Offer, share: "FairShare | None" = None) -> dict | None:
+    """The ready session this worker takes next: the queue's head (priority, then age); with fair
+    share, the head of the owner whose turn it is among those with ready sessions of the head's
+    priority (engine.run.fairshare); within that, model affinity (engine.run.affinity): another
+    session of the same priority within `lookahead` places whose model is warm here. Only then
+    are more rows than the head read (and, on PostgreSQL, locked)."""
     dialect = tx.store.dialect
     where = {"now": now, **offer.claim_filter()}
     head = dialect.fetch_one(tx.conn, dialect.claim_query, {**where, "n": 1})
-    if head is None or not head["model"] or head["model"] in offer.warm or offer.lookahead <= 1:
+    if head is None:
+        return None
+    if share is not None and share.enabled:
+        return share.turn(tx, head, where, offer)
+    return _with_affinity(tx, head, dialect.claim_query, where, offer)
+
+
+def _with_affinity(tx: Tx, head: dict, query, where: dict, offer: Offer) -> dict:
+    if not head["model"] or head["model"] in offer.warm or offer.lookahead <= 1:
         return head
-    rows = dialect.fetch_all(tx.conn, dialect.claim_query, {**where, "n": offer.lookahead})
+    rows = tx.store.dialect.fetch_all(tx.conn, query, {**where, "n": offer.lookahead})
     candidates = [Candidate(r["session_id"], r["priority"], r["model"] or "") for r in rows]
-    return rows[choose(candidates, offer.warm, offer.lookahead)] if rows else None
+    return rows[choose(candidates, offer.warm, offer.lookahead)] if rows else head
+
+
+ACTIVE_OWNERS = text("""
+    WITH RECURSIVE o(owner) AS (
+        SELECT MIN(owner) FROM sessions WHERE ready = 1 AND priority = :priority
+        UNION ALL
+        SELECT (SELECT MIN(s.owner) FROM sessions s WHERE s.ready = 1 AND s.priority = :priority AND s.owner > o.owner)
+        FROM o WHERE o.owner IS NOT NULL)
+    SELECT owner FROM o WHERE owner IS NOT NULL""")
+
+
+class FairShare:
+    """The claim's fair share between owners ([runner] fair_share, [owners.NAME] weight and
+    max_running): whose turn it is (engine.run.fairshare.order) and, once claimed, its charge."""
+
+    ACTIVE_TTL = 2.0  # seconds the owners with ready sessions are remembered, while no session is created
+
+    def __init__(self, owners: dict, enabled: bool = True) -> None:
+        self.owners, self.enabled = owners, enabled
+        self._active: dict[int, tuple[int, float, list[str]]] = {}  # priority -> (newest session, when, owners)
+        self._tags: tuple[dict[str, float], float, float, set[str]] | None = None  # finish, clock, read at, unknown
+
+    def active(self, tx: Tx, priority: int) -> list[str]:
+        """The owners with ready sessions of this priority: one index seek per owner, remembered
+        until a session is created or ACTIVE_TTL passes (a session resumed or retried meanwhile
+        is seen then; an owner remembered whose sessions are gone is skipped at its turn)."""
+        newest = tx.conn.execute(select(func.max(sessions.c.created_event))).scalar() or 0
+        known = self._active.get(priority)
+        now = time.monotonic()
+        if known is not None and known[0] == newest and now - known[1] < self.ACTIVE_TTL:
+            return known[2]
+        found = [r.owner for r in tx.conn.execute(ACTIVE_OWNERS, {"priority": priority})]
+        self._active[priority] = (newest, now, found)
+        return found
+
+    @classmethod
+    def from_config(cls, config) -> "FairShare":
+        return cls(dict(config.values.get("owners") or {}), bool(config.get("runner", "fair_share")))
+
+    def limits(self, owner: str) -> fairshare.Limits:
+        return fairshare.limits_of(self.owners, owner)
+
+    def turn(self, tx: Tx, head: dict, where: dict, offer: Offer) -> dict | None:
+        dialect = tx.store.dialect
+        active = self.active(tx, head["priority"])
+        if head["owner"] not in active:  # the head's owner came since it was remembered
+            active = [*active, head["owner"]]
+        if len(active) <= 1 and not any(self.limits(o).max_running for o in active):
+            return _with_affinity(tx, head, dialect.claim_query, where, offer)
+        finish, clock = self.tags(tx, active)
+        running = self._running(tx, active)
+        for owner in fairshare.order(active, finish, clock):
+            cap = self.limits(owner).max_running
+            query = dialect.owner_running_query if cap and running.get(owner, 0) >= cap else dialect.owner_query
+            params = {**where, "owner": owner, "priority": head["priority"]}
+            first = dialect.fetch_one(tx.conn, query, {**params, "n": 1})
+            if first is not None:
+                return _with_affinity(tx, first, query, params, offer)
+        return None  # every owner of this priority is at its max_running or has nothing this worker may run
+
+    def _running(self, tx: Tx, active: list[str]) -> dict[str, int]:
+        capped = [o for o in active if self.limits(o).max_running]
+        if not capped:
+            return {}
+        rows = tx.conn.execute(select(sessions.c.owner, func.count()).where(
+            sessions.c.owner.in_(capped), sessions.c.status == "running").group_by(sessions.c.owner))
+        return dict(rows.all())
+
+    TAGS_TTL = 0.5  # seconds this runner's copy of the tags is used before it is read again
+
+    def tags(self, tx: Tx, owners: list[str]) -> tuple[dict[str, float], float]:
+        """The owners' finish tags and the virtual time: this runner's copy, read again from the
+        store when older than TAGS_TTL or missing an owner (other runners' charges are seen then;
+        this runner's own are written through)."""
+        copy = self._tags
+        now = time.monotonic()
+        if copy is None or now - copy[2] > self.TAGS_TTL or not set(owners) <= copy[0].keys() | copy[3]:
+            rows = dict(tx.conn.execute(select(owner_shares.c.owner, owner_shares.c.finish)
+                                        .where(owner_shares.c.owner.in_([fairshare.CLOCK, *owners]))).all())
+            finish = {o: f for o, f in rows.items() if o != fairshare.CLOCK}
+            copy = (finish, rows.get(fairshare.CLOCK, 0.0), now, set(owners) - finish.keys())
+            self._tags = copy
+        return copy[0], copy[1]
+
+    def charge(self, tx: Tx, chosen: str, served: dict[str, float]) -> None:
+        """Record a claim that served `served` (owner -> cost) in `chosen`'s turn."""
+        finish, clock = self.tags(tx, list(served))
+        weights = {o: self.limits(o).weight for o in served}
+        updated, clock = fairshare.charge(finish, clock, served, weights, chosen)
+        for owner, tag in {**updated, fairshare.CLOCK: clock}.items():
+            if not tx.conn.execute(update(owner_shares).where(owner_shares.c.owner == owner)
+                                   .values(finish=tag)).rowcount:
+                tx.conn.execute(insert(owner_shares).values(owner=owner, finish=tag))
+        copy = self._tags
+        self._tags = ({**copy[0], **updated}, clock, copy[2], copy[3] - updated.keys())
 
 
 def claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, Any],
-                   offer: Offer = ANYWHERE) -> list[Claim]:
+                   offer: Offer = ANYWHERE, share: FairShare | None = None) -> list[Claim]:
+    claimed = _claim_group_in(tx, runner_id, policy, batching, offer, share)
+    if claimed and share is not None and share.enabled:
+        served: dict[str, float] = {}
+        for claim in claimed:
+            session = tx.get("sessions", (claim.session_id,))
+            images = images_of(json.loads(session["params"])) if claim.domain == "inference" else 0
+            served[session["owner"]] = served.get(session["owner"], 0.0) + fairshare.cost_of(images)
+        share.charge(tx, tx.get("sessions", (claimed[0].session_id,))["owner"], served)
+    return claimed
+
+
+def _claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, Any],
+                    offer: Offer, share: FairShare | None) -> list[Claim]:
     """The best runnable step for this worker (the leader: highest priority, then oldest, with model
     affinity within the lookahead) and, when its handler serves groups, compatible ready steps that
     join its call, in queue order, up to the call's image limit. Each keeps its own lease, attempt
@@ -95,7 +214,7 @@ def claim_group_in(tx: Tx, runner_id: str, policy: Policy, batching: dict[str, A
     now = time.time()
     tx.projection.flush()
     dialect = tx.store.dialect
-    found = _best_ready(tx, now, offer)
+    found = _best_ready(tx, now, offer, share)
     if found is None:
         return []
     leader_id, key = found["session_id"], found["group_key"]
@@ -133,7 +252,7 @@ def _profile(tx: Tx, session: dict) -> dict | None:
 
 def waited_ms(updated_at: str, now: float) -> float:
     """How long ago (ms) a session last changed: for a ready step, how long it has waited."""
-    then = datetime.strptime(updated_at, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
+    then = epoch_of(updated_at)
     return max(0.0, (now - then) * 1000.0)
 
 
@@ -178,8 +297,8 @@ def _item_started(tx: Tx, session: dict) -> None:
 
 
 def claim_group(store: Store, runner_id: str, policy: Policy, batching: dict[str, Any],
-                offer: Offer = ANYWHERE) -> list[Claim]:
-    return store.write(lambda tx: claim_group_in(tx, runner_id, policy, batching, offer))
+                offer: Offer = ANYWHERE, share: FairShare | None = None) -> list[Claim]:
+    return store.write(lambda tx: claim_group_in(tx, runner_id, policy, batching, offer, share))
 
 
 _HELD = and_(leases.c.session_id == bindparam("sid"), leases.c.step_index == bindparam("idx"),

@@ -71,10 +71,13 @@ def register(store: Store, runner_id: str, lease_seconds: float, version: str, d
     store.write(write)
 
 
-def beat(store: Store, runner_id: str, lease_seconds: float, warm_models: list[str] | None = None) -> None:
+def beat(store: Store, runner_id: str, lease_seconds: float, warm_models: list[str] | None = None,
+         memory: dict | None = None) -> None:
     values = {"last_heartbeat": now_iso(), "expires_at": time.time() + lease_seconds, "status": "running"}
     if warm_models is not None:
         values["warm_models"] = json.dumps(warm_models)
+    if memory is not None:
+        values["memory"] = json.dumps(memory)
     store.write(lambda tx: tx.conn.execute(update(runners).where(runners.c.runner_id == runner_id).values(**values)))
 
 
@@ -121,12 +124,13 @@ def listing(conn) -> list[dict]:
     not only when its heartbeat lapses."""
     rows = [dict(r) for r in conn.execute(text(
         "SELECT s.runner_id, s.host, s.pid, s.status, s.devices, s.warm_models, s.last_heartbeat, s.version, "
-        "r.process_started FROM runner_status s JOIN runners r ON r.runner_id = s.runner_id "
+        "r.process_started, r.memory FROM runner_status s JOIN runners r ON r.runner_id = s.runner_id "
         "ORDER BY s.status = 'running' DESC, s.last_heartbeat DESC")).mappings()]
     dead = set(dead_on_this_host([RunnerRow(r["runner_id"], r["host"], r["pid"], r["process_started"], r["status"])
                                   for r in rows], HOST, process_started, me=""))
     for row in rows:
         row.pop("process_started")
+        row["memory"] = json.loads(row["memory"]) if row["memory"] else {}
         if row["runner_id"] in dead:
             row["status"] = "gone"
     return rows

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from sqlalchemy import func, select
 
-from engine import __version__
+from engine import __version__, metrics
 from engine.run import claims, fleet
 from engine.run.affinity import Offer
 from engine.errors import Cancelled, EngineError, StaleLease
@@ -71,10 +71,12 @@ class Runner:
         runner works with. `devices`: the DeviceInfo of each worker; by default `[runner] devices`
         resolved here."""
         config = engine.config
+        self.engine = engine
         self.config = config
         self.store = engine.store
         self.runner_id = runner_id or default_runner_id()
         self.policy = Policy.from_config(config)
+        self.share = claims.FairShare.from_config(config)
         self.outbox = engine.outbox
         self.results = engine.results
         registry = engine.handlers
@@ -91,6 +93,10 @@ class Runner:
         # Set by a stop that interrupts running steps (Ctrl-C, SIGTERM): each is handed back at its
         # handler's next check (a denoising step), its attempt not used.
         self.interrupting = threading.Event()
+        # The tokens of every call running now, so that a stop reaches them at once, whatever their
+        # lane's thread is waiting for (a write lock, a slow disk, a database that is away).
+        self._running: set[CancellationToken] = set()
+        self._running_lock = threading.Lock()
         self.on_step = on_step or (lambda claim, outcome: None)
         self.steps_done = 0
         self._counting = threading.Lock()
@@ -116,6 +122,18 @@ class Runner:
         """`model@worker` for each model a worker keeps warm."""
         return [f"{model}@{lane.name}" for lane in self.lanes for model in lane.registry.warm_models()]
 
+    def memory(self) -> dict[str, dict]:
+        """Each worker's device memory now (see engine.domains.memory.usage)."""
+        from engine.domains.memory import usage
+
+        found = {}
+        for lane in self.lanes:
+            try:
+                found[lane.name] = usage(lane.device)
+            except Exception as exc:  # a device that will not say: its heartbeat still goes out
+                found[lane.name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return found
+
     def count_step(self) -> None:
         with self._counting:
             self.steps_done += 1
@@ -128,27 +146,58 @@ class Runner:
         return recover(self.store, self.outbox, self.policy, [self.runner_id, *dead])
 
     def run(self, until_idle: bool = False, before_idle_check: Callable[[], bool] | None = None) -> int:
-        """Run steps until stopped (or, with until_idle, until nothing is left to do): the first
-        worker's loop in this thread, the others' in their own.
+        """Run steps until stopped (or, with until_idle, until nothing is left to do): each worker's
+        loop in a thread of its own, this one waiting.
 
         Nothing that goes wrong in one turn of a loop (the database, the disk) stops the runner:
         it is logged, the worker waits a moment and goes on; a step it held is taken back when its
         lease expires, as after a crash."""
         if not self._start_up(until_idle):
             return self.steps_done
+        from engine.notify.deliver import Deliverer
+
+        deliverer = Deliverer(self.engine, self.runner_id)
+        deliverer.start()
+        try:
+            return self._run_lanes(until_idle, before_idle_check, deliverer)
+        finally:
+            deliverer.stop()
+
+    def _run_lanes(self, until_idle: bool, before_idle_check, deliverer) -> int:
+        """Every worker's loop in a thread of its own; this thread only waits for the first one, so
+        that it stays free for signals (a Python signal handler runs in the main thread, and not
+        while that thread is inside a database call). The first worker's loop says when to stop (it
+        alone knows until_idle); what it raised is raised here."""
         done = threading.Event()
-        others = [threading.Thread(target=lane.loop, args=(done,), name=f"engine-lane-{lane.name}", daemon=True)
-                  for lane in self.lanes[1:]]
-        for thread in others:
+        raised: list[BaseException] = []
+
+        def first() -> None:
+            try:
+                self.lanes[0].loop(done, until_idle, before_idle_check)
+            except BaseException as exc:  # handed to the waiting thread
+                raised.append(exc)
+
+        threads = [threading.Thread(target=first, name=f"engine-lane-{self.lanes[0].name}", daemon=True)]
+        threads += [threading.Thread(target=lane.loop, args=(done,), name=f"engine-lane-{lane.name}", daemon=True)
+                    for lane in self.lanes[1:]]
+        for thread in threads:
             thread.start()
         try:
-            self.lanes[0].loop(done, until_idle, before_idle_check)
+            while threads[0].is_alive():
+                threads[0].join(0.5)
+        except BaseException:  # KeyboardInterrupt where no handler is installed: stop as a signal would
+            self.interrupt()
+            raise
         finally:
             done.set()
-            for thread in others:
+            for thread in threads:
                 thread.join()
+        if raised:
+            raise raised[0]
         if until_idle and not self.stop_event.is_set():
             self.results.caught_up()  # every result.json is written before we say idle
+            while deliverer.send_due(wait=True):  # what is due now gets its attempt before we exit
+                pass
             self.results.retry()
             if self.results.pending():  # a full or read-only outbox: the next start writes them
                 log.warning("some outbox files could not be written; the next start of a runner writes them")
@@ -163,6 +212,7 @@ class Runner:
             try:
                 fleet.register(self.store, self.runner_id, self.policy.lease_seconds, __version__, self.devices)
                 self.recover()
+                self._log_controls()  # from here on, each control made anywhere gets its line
                 outage.ok()
                 return True
             except STORE_ERRORS as exc:
@@ -186,7 +236,8 @@ class Runner:
             now = time.monotonic()
             if now - self._last_beat >= self.heartbeat_every:
                 self._last_beat = now
-                fleet.beat(self.store, self.runner_id, self.policy.lease_seconds, self.warm_models())
+                fleet.beat(self.store, self.runner_id, self.policy.lease_seconds, self.warm_models(),
+                           self.memory())
                 dead = fleet.find_dead_here(self.store, self.runner_id)
                 if dead:
                     fleet.mark_gone(self.store, dead)
@@ -223,9 +274,28 @@ class Runner:
 
     def interrupt(self) -> None:
         """Stop now: running steps are interrupted at their handler's next check and handed back
-        (their attempts not used); one that finishes first is recorded. Leases are renewed until then."""
+        (their attempts not used); one that finishes first is recorded. Leases are renewed until then.
+        The running calls' tokens are set here, at once: no database round trip stands between a
+        stop and the handler."""
         self.interrupting.set()
         self.stop_event.set()
+        with self._running_lock:
+            for token in self._running:
+                if not token.is_set:
+                    token.set("stopping")
+
+    def running(self, tokens: list[CancellationToken]) -> None:
+        """A call with these tokens started (one set at once when a stop came first)."""
+        with self._running_lock:
+            self._running.update(tokens)
+            if self.interrupting.is_set():
+                for token in tokens:
+                    if not token.is_set:
+                        token.set("stopping")
+
+    def ended(self, tokens: list[CancellationToken]) -> None:
+        with self._running_lock:
+            self._running.difference_update(tokens)
 
     def abandon(self) -> int:
         """The last thing before exiting at once: this runner's running steps are taken back now
@@ -238,6 +308,10 @@ class Runner:
         for lane in self.lanes:
             lane.handler_thread.close()
         self.results.caught_up()
+        try:
+            self._log_controls()  # a control that ended the last session, before the next beat
+        except STORE_ERRORS:
+            pass
         try:
             fleet.stopped(self.store, self.runner_id)
         except Exception:
@@ -272,8 +346,8 @@ class _Lane:
 
     def claim(self, tx: Tx | None = None) -> list[Claim]:
         if tx is not None:
-            return claims.claim_group_in(tx, self.runner_id, self.policy, self.batching, self.offer())
-        return claims.claim_group(self.store, self.runner_id, self.policy, self.batching, self.offer())
+            return claims.claim_group_in(tx, self.runner_id, self.policy, self.batching, self.offer(), self.runner.share)
+        return claims.claim_group(self.store, self.runner_id, self.policy, self.batching, self.offer(), self.runner.share)
 
     def loop(self, done: threading.Event, until_idle: bool = False,
              before_idle_check: Callable[[], bool] | None = None) -> None:
@@ -326,6 +400,7 @@ class _Lane:
             context.progress, context.notify = progress.set, lambda kind, data: notices.append((kind, data))
         _log_starts(group)
         grouped = self.registry.serves_groups(group[0].step_type)
+        self.runner.running([context.token for context in contexts])
         ticket = self.handler_thread.start(self.registry.get(group[0].step_type), contexts if grouped else contexts[0])
         return _Call(group, contexts, progress, notices, ticket, time.monotonic(), grouped)
 
@@ -336,11 +411,13 @@ class _Lane:
         the next group is claimed and started on the device before they are waited for."""
         group, contexts = call.group, call.contexts
         work_dirs = lambda: [_written(c) for c in contexts]  # noqa: E731 (read after the handler ran)
+        tokens = [c.token for c in contexts]
         try:
             try:
-                results = self._wait(call.ticket, group, [c.token for c in contexts], call.progress)
+                results = self._wait(call.ticket, group, tokens, call.progress)
                 results = results if call.grouped else [results]
             finally:
+                self.runner.ended(tokens)
                 self._record_notices(call.notices)
         except Cancelled:
             for claim, context in zip(group, contexts):
@@ -413,6 +490,7 @@ class _Lane:
                 return self.handler_thread.result(ticket, timeout=self.control_every)
             except queue.Empty:
                 pass
+            # A stop (Ctrl-C, SIGTERM) sets the tokens itself (Runner.interrupt), not this loop.
             now = time.monotonic()
             value = progress.take_if_due(self.progress_every)
             beat = now - last_beat >= self.heartbeat_every
@@ -437,8 +515,6 @@ class _Lane:
                     token.set("cancelled")
                 elif status == "paused":
                     token.set("paused")
-                elif self.runner.interrupting.is_set() and not token.is_set:
-                    token.set("stopping")
             if value is not None or beat:
                 last_beat = now
 
@@ -487,6 +563,11 @@ class _Lane:
         with self.runner.results.deferred():
             next_group = self.store.write(record)
             self._publish(group, outputs, work_dirs, stale)
+        for number, (claim, output) in enumerate(zip(group, outputs)):
+            if number not in stale:
+                metrics.step_completed(claim.domain, duration, output["data"], len(output["images"]))
+        if outputs and outputs[0]["data"].get("call_id"):
+            metrics.call_made(outputs[0]["data"])
         return next_group
 
     def _publish(self, group: list[Claim], outputs: list[dict], work_dirs, stale: dict[int, str]) -> None:
@@ -523,6 +604,8 @@ class _Lane:
         retried = {e.stream_id for e in events if e.type == "step.retried"}
         for number, claim in enumerate(group):
             if number not in stale:
+                metrics.STEPS.labels(domain=claim.domain,
+                                     outcome="retried" if claim.session_id in retried else "failed").inc()
                 log.warning("step %d (%s) of session %s (job %s) failed, attempt %d: %s: %s; %s", claim.step_index,
                             claim.step_type, claim.session_id, claim.job_id or "-", claim.attempt, failure.code,
                             failure.message, "it will be retried" if claim.session_id in retried else "the session failed")

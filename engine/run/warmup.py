@@ -56,7 +56,8 @@ def warmup(config, store: Store, shared: dict, model_id: str, sizes: list[tuple[
         cached.accelerated = accelerated_or_none(cached.value, config, device)
     if cached.accelerated is None:
         raise ValidationError(f"{model_id}: the compiled path cannot run on {device.id}")
-    accelerated = replace(cached.accelerated, sizes=sorted(set(batch_sizes) | set(cached.accelerated.sizes)))
+    accelerated = replace(cached.accelerated, sizes=sorted(set(batch_sizes) | set(cached.accelerated.sizes)),
+                          background=False)  # warming up is compiling in the foreground
     cached.accelerated = accelerated
     pipe, report = cached.value, []
     for width, height in sizes:

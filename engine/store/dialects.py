@@ -36,11 +36,19 @@ def claim_candidates() -> Select:
     created_event) makes this the first rows of one index scan."""
     return (
         select(sessions.c.session_id, sessions.c.current_step.label("step_index"), sessions.c.group_key,
-               sessions.c.updated_at, sessions.c.priority, sessions.c.model)
+               sessions.c.updated_at, sessions.c.priority, sessions.c.model, sessions.c.owner)
         .where(sessions.c.ready == 1, sessions.c.ready_at <= bindparam("now"), runs_here())
         .order_by(sessions.c.priority.desc(), sessions.c.created_event.asc())
         .limit(bindparam("n"))
     )
+
+
+def owner_candidates(running_only: bool = False) -> Select:
+    """claim_candidates of one owner (bound `owner`) at one priority (bound `priority`): its turn in
+    the fair share. `running_only`: an owner at its max_running starts no new session, but the
+    sessions it has in progress go on."""
+    query = claim_candidates().where(sessions.c.owner == bindparam("owner"), sessions.c.priority == bindparam("priority"))
+    return query.where(sessions.c.status == "running") if running_only else query
 
 
 def partner_candidates() -> Select:
@@ -166,6 +174,8 @@ class SqliteDialect(Dialect):
 
     # The writer already holds SQLite's single write lock: no row locking needed.
     claim_query = claim_candidates()
+    owner_query = owner_candidates()
+    owner_running_query = owner_candidates(running_only=True)
     partners_query = partner_candidates()
     followers_query = follower_candidates()
 
@@ -182,6 +192,8 @@ class PostgresDialect(Dialect):
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": number})
 
     claim_query = claim_candidates().with_for_update(of=sessions, skip_locked=True)
+    owner_query = owner_candidates().with_for_update(of=sessions, skip_locked=True)
+    owner_running_query = owner_candidates(running_only=True).with_for_update(of=sessions, skip_locked=True)
     partners_query = partner_candidates().with_for_update(of=sessions, skip_locked=True)
     followers_query = follower_candidates().with_for_update(of=sessions, skip_locked=True)
 

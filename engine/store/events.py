@@ -13,6 +13,11 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
+def epoch_of(text: str) -> float:
+    """Epoch seconds of a timestamp `now_iso` wrote."""
+    return datetime.strptime(str(text), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     stream_type: str

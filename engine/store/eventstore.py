@@ -74,6 +74,9 @@ class Store:
         # Called with the events of each committed write, after its commit (the outbox's result
         # files: engine.outbox.results). A hook's failure is logged; the write stays committed.
         self.after_commit: list[Callable[[list[Event]], None]] = []
+        # Called with each writing transaction before it commits, once its own events are emitted:
+        # what a hook emits commits with them or not at all (webhook deliveries: engine.notify).
+        self.before_commit: list[Callable[[Tx], None]] = []
 
     def _engine(self, writer: bool) -> Engine:
         kwargs: dict[str, Any] = {}
@@ -133,6 +136,8 @@ class Store:
                 with conn.begin():
                     tx = Tx(conn, self)
                     result = fn(tx)
+                    for hook in self.before_commit:
+                        hook(tx)
                     tx.projection.flush()
                     committing = True
                 if waited_since is not None:

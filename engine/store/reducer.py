@@ -29,7 +29,7 @@ class ReplayError(Exception):
     """The log does not fold: an event out of sequence or for an entity that does not exist."""
 
 
-STREAM_ROWS = {"session": "sessions", "batch": "batches", "job": "jobs", "model": "models"}
+STREAM_ROWS = {"session": "sessions", "batch": "batches", "job": "jobs", "model": "models", "delivery": "deliveries"}
 
 
 def stream_version(projection: Projection, stream_type: str, stream_id: str) -> int:
@@ -71,6 +71,7 @@ def _session_created(p: Projection, e: Event) -> None:
         "created_event": e.event_id or 0, "created_at": e.created_at, "started_at": None,
         "updated_at": e.created_at, "finished_at": None, "last_seq": e.seq,
         "device": pin_of(d["params"]), "model": str(d["params"].get("model") or ""),
+        "notify": dumps(d["notify"]) if d.get("notify") else None, "owner": d.get("owner") or "default",
     }
     _set_ready(p, session)
     p.put("sessions", session)
@@ -171,7 +172,9 @@ def _batch_created(p: Projection, e: Event) -> None:
         "run": 1, "priority": d.get("priority", 0), "config": dumps(d.get("config", {})),
         "total_items": len(d["items"]), "completed_items": 0, "failed_items": 0, "cancelled_items": 0,
         "created_at": e.created_at, "started_at": None, "updated_at": e.created_at, "finished_at": None,
-        "last_seq": e.seq, "name": d.get("name") or "", **_NO_CALLS,
+        "last_seq": e.seq, "name": d.get("name") or "", "notify": dumps(d["notify"]) if d.get("notify") else None,
+        "owner": d.get("owner") or "default",
+        **_NO_CALLS,
     })
     for index, session_id in enumerate(d["items"]):
         p.put("items", {"batch_id": e.stream_id, "item_index": index, "session_id": session_id,
@@ -199,6 +202,43 @@ def _batch_transition(p: Projection, e: Event) -> None:
         p.delete("batches", (e.stream_id,))
         return
     p.put("batches", batch)
+
+
+# webhook deliveries (engine.notify) ---------------------------------------------------------
+
+def _delivery_event(p: Projection, e: Event) -> None:
+    """A delivery's life: created with the event it reports; each attempt sending (its lease: not
+    due again until the send has had its time) and attempted (delivered, failed with its next
+    attempt, or dead); retried by hand."""
+    d = e.data
+    if e.type == "delivery.created":
+        p.put("deliveries", {
+            "delivery_id": e.stream_id, "target_type": d["target_type"], "target_id": d["target_id"],
+            "event_id": d["event_id"], "event_type": d["event_type"], "url": d["url"], "status": "pending",
+            "attempts": 0, "retry_base": 0, "last_status": None, "last_error": None,
+            "next_attempt_at": d["next_attempt_at"], "created_at": e.created_at, "updated_at": e.created_at,
+            "delivered_at": None, "last_seq": e.seq})
+        return
+    delivery = _require(p, "deliveries", (e.stream_id,))
+    delivery.update(updated_at=e.created_at, last_seq=e.seq)
+    if e.type == "delivery.sending":
+        delivery.update(attempts=d["attempt"], next_attempt_at=d["until"])
+    elif e.type == "delivery.attempted":
+        delivery.update(status=d["outcome"], last_status=d.get("status"), last_error=d.get("error"),
+                        next_attempt_at=d.get("next_attempt_at"))
+        if d["outcome"] == "delivered":
+            delivery["delivered_at"] = e.created_at
+    elif e.type == "delivery.retried":
+        delivery.update(status="pending", next_attempt_at=d["next_attempt_at"], retry_base=delivery["attempts"])
+    p.put("deliveries", delivery)
+
+
+def _reprioritized(p: Projection, e: Event) -> None:
+    """A new priority (session.reprioritized, batch.reprioritized): the next claim sees it."""
+    table = "sessions" if e.stream_type == "session" else "batches"
+    row = _require(p, table, (e.stream_id,))
+    row.update(priority=e.data["priority"], updated_at=e.created_at, last_seq=e.seq)
+    p.put(table, row)
 
 
 _COUNTERS = {"completed": "completed_items", "failed": "failed_items", "cancelled": "cancelled_items"}
@@ -309,7 +349,10 @@ _HANDLERS = {
     **{f"session.{verb}": _session_transition for verb in
        ("started", "paused", "resumed", "completed", "failed", "cancelled", "restarted", "deleted")},
     **{f"step.{verb}": _step_event for verb in ("claimed", "completed", "retried", "released", "failed")},
+    "session.reprioritized": _reprioritized,
     "batch.created": _batch_created,
+    "batch.reprioritized": _reprioritized,
+    **{f"delivery.{verb}": _delivery_event for verb in ("created", "sending", "attempted", "retried")},
     **{f"batch.{verb}": _batch_transition for verb in
        ("started", "paused", "resumed", "completed", "failed", "cancelled", "restarted", "deleted")},
     **{f"item.{verb}": _item_event for verb in ("started", "completed", "failed", "cancelled", "restarted")},
@@ -321,4 +364,10 @@ _HANDLERS = {
     "model.measured": _model_measured,
     "model.compiled": _model_noted,
     "model.compile_failed": _model_noted,
+    "model.compile_started": _model_noted,
 }
+
+
+def event_types() -> list[str]:
+    """Every event type the log may hold."""
+    return sorted(_HANDLERS)

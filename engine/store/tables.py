@@ -72,11 +72,18 @@ sessions = Table(
     # only what its device may run, and prefers the models it has warm (see engine.run.affinity).
     Column("device", String(32), nullable=False, server_default=""),
     Column("model", String(256), nullable=False, server_default=""),
+    # The job's own webhook ({url, events} as JSON), if it named one (engine.notify).
+    Column("notify", Text),
+    # Who it is for: fair share between owners and their limits (engine.run.fairshare, engine.owners).
+    Column("owner", String(64), nullable=False, server_default="default"),
 )
 Index("ix_sessions_status", sessions.c.status)
 Index("ix_sessions_ready", sessions.c.ready, sessions.c.priority.desc(), sessions.c.created_event)
 Index("ix_sessions_job_id", sessions.c.job_id)
 Index("ix_sessions_batch", sessions.c.batch_id)
+Index("ix_sessions_owner_ready", sessions.c.ready, sessions.c.priority, sessions.c.owner, sessions.c.created_event)
+Index("ix_sessions_owner_status", sessions.c.owner, sessions.c.status)
+Index("ix_sessions_created_event", sessions.c.created_event)
 Index("ix_sessions_group", sessions.c.group_key, sessions.c.ready, sessions.c.priority.desc(), sessions.c.created_event)
 
 steps = Table(
@@ -127,6 +134,8 @@ batches = Table(
     Column("memory_peak", BigInteger),
     Column("last_call_id", String(32)),
     Column("name", Text, nullable=False, server_default=""),  # a client's label; not an id
+    Column("notify", Text),
+    Column("owner", String(64), nullable=False, server_default="default"),
 )
 Index("ix_batches_job_id", batches.c.job_id)
 
@@ -223,6 +232,39 @@ runners = Table(
     Column("started_at", String(32), nullable=False),
     Column("last_heartbeat", String(32), nullable=False),
     Column("expires_at", Float, nullable=False),
+    Column("memory", Text),  # per worker, as of the last heartbeat (JSON; see engine.domains.memory.usage)
+)
+
+# Webhook deliveries (engine.notify): one per event reported to a URL, with its attempts.
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("delivery_id", String(64), primary_key=True),  # the webhook-id every attempt carries
+    Column("target_type", String(16), nullable=False),
+    Column("target_id", String(128), nullable=False),
+    Column("event_id", EventId, nullable=False),
+    Column("event_type", String(48), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # pending, delivered, dead
+    Column("attempts", Integer, nullable=False),
+    Column("retry_base", Integer, nullable=False, server_default="0"),  # attempts before the last retry by hand
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("next_attempt_at", Float),
+    Column("created_at", String(32), nullable=False),
+    Column("updated_at", String(32), nullable=False),
+    Column("delivered_at", String(32)),
+    Column("last_seq", Integer, nullable=False),
+)
+Index("ix_deliveries_due", deliveries.c.status, deliveries.c.next_attempt_at)
+
+# Operational, like leases: each owner's place in the fair share (engine.run.fairshare), its
+# "finish tag"; the row of owner "" holds the queue's virtual time. Not rebuilt from events.
+owner_shares = Table(
+    "owner_shares",
+    metadata,
+    Column("owner", String(64), primary_key=True),
+    Column("finish", Float, nullable=False),
 )
 
 PROJECTIONS = {
@@ -233,4 +275,5 @@ PROJECTIONS = {
     "jobs": jobs,
     "models": models,
     "memory_profiles": memory_profiles,
+    "deliveries": deliveries,
 }

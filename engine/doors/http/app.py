@@ -5,45 +5,24 @@ OpenAPI document it writes at /openapi.json."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import __version__, queries
 from engine.doors.http import a1111, native, openai_images
-from engine.doors.http.shared import HttpError, Stopping, Writes, status_of
+from engine.doors.web import pages
+from engine.doors.web import auth
+from engine.doors.web.auth import token_of
+from engine.doors.http.shared import REQUEST_OWNER, HttpError, Stopping, Writes, status_of, token_owners
 from engine.errors import EngineError
 from engine.store import StoreError
-
-OPEN_PATHS = ("/healthz",)
-
-
-def token_ok(header: str | None, tokens: list[str]) -> bool:
-    """Whether an Authorization header carries one of the tokens: `Bearer <token>` (how the openai
-    client sends its api_key), or HTTP Basic with the token as the password (AUTOMATIC1111's
-    --api-auth clients). Compared in constant time."""
-    if not header:
-        return False
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "basic":
-        import base64
-        import binascii
-
-        try:
-            value = base64.b64decode(value.strip(), validate=True).decode("utf-8", "replace").partition(":")[2]
-        except (binascii.Error, ValueError):
-            return False
-    elif scheme.lower() != "bearer":
-        return False
-    given = value.strip().encode()
-    return any(hmac.compare_digest(given, token.encode()) for token in tokens)
-
 
 def _error(code: str, message: str, details=None, retry_after: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after else {}
@@ -54,19 +33,34 @@ def _error(code: str, message: str, details=None, retry_after: int | None = None
 
 
 class Guard:
-    """Every request but /healthz needs a token when tokens are set; no body may be larger than
-    [server] max_body_bytes (a declared length is refused at once, a streamed one when it passes)."""
+    """Every request but /healthz, the login form and its styles needs a token when tokens are set
+    (in the Authorization header, or the cookie the login form set); a page asked for without one
+    leads to the login form. No request that changes anything may come from another site's page.
+    No body may be larger than [server] max_body_bytes (a declared length is refused at once, a
+    streamed one when it passes)."""
 
-    def __init__(self, app: ASGIApp, tokens: list[str], max_body: int) -> None:
-        self.app, self.tokens, self.max_body = app, tokens, max_body
+    def __init__(self, app: ASGIApp, tokens: dict[str, str | None], max_body: int, trusted_origins: list[str]) -> None:
+        self.app, self.tokens, self.max_body, self.trusted = app, tokens, max_body, trusted_origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.tokens and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS" \
-                and not token_ok(headers.get("authorization"), self.tokens):
+        path, method = scope["path"], scope["method"]
+        header_token = token_of(headers.get("authorization"), self.tokens)
+        cookie_token = None if header_token or not self.tokens else token_of(
+            f"Bearer {auth.cookie_token(headers.get('cookie')) or ''}", self.tokens)
+        by_header, by_cookie = header_token is not None, cookie_token is not None
+        REQUEST_OWNER.set(self.tokens.get(header_token or cookie_token) if self.tokens else None)
+        if self.tokens and not (by_header or by_cookie) and not auth.is_open(path) and method != "OPTIONS":
+            if auth.is_page(path) and method in ("GET", "HEAD"):
+                target = path + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
+                return await RedirectResponse(f"/login?{urlencode({'next': target})}", 303)(scope, receive, send)
             return await _error("UNAUTHORIZED", "a token is needed: Authorization: Bearer <token>")(scope, receive, send)
+        refused = auth.cross_site(method, headers.get("host"), headers.get("origin"), headers.get("referer"),
+                                  self.trusted, by_cookie)
+        if refused:
+            return await _error("FORBIDDEN", refused)(scope, receive, send)
         declared = headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body:
             return await _error("TOO_LARGE", f"the body is {declared} bytes, over [server] max_body_bytes "
@@ -133,13 +127,25 @@ def create_app(engine, stopping: Stopping | None = None, runner_live=lambda: Tru
             return _error("STOPPING", f"not ready: {why}", retry_after=5)
         return {"status": "ready", "runners": len(live)}
 
+    from engine import metrics
+
+    exposed = metrics.registry_for(engine.store)
+
+    @app.get("/metrics", summary="Prometheus metrics: the queue from the store, this process's counters")
+    def get_metrics():
+        from fastapi.responses import Response
+
+        body, kind = metrics.exposition(exposed)
+        return Response(body, media_type=kind)
+
     writes = Writes()
     app.include_router(native.router(engine, stopping, writes))
     app.include_router(openai_images.router(engine, stopping, writes))
     app.include_router(a1111.router(engine, stopping, writes))
+    pages.mount(app, engine)
     origins = list(engine.config.get("server", "cors_origins") or [])
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(Guard, tokens=list(engine.config.get("server", "tokens") or []),
-                       max_body=int(engine.config.get("server", "max_body_bytes")))
+    app.add_middleware(Guard, tokens=token_owners(engine.config.get("server", "tokens")),
+                       max_body=int(engine.config.get("server", "max_body_bytes")), trusted_origins=origins)
     return app

@@ -7,19 +7,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
+from pydantic import BaseModel, Field
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from engine import queries
-from engine.doors.http.shared import control, idempotency_key, submit, target_or_404
+from engine.doors.http.shared import control, idempotency_key, save_upload, submit, target_or_404
 from engine.errors import NotFound, ValidationError
-from engine.ingest.jobs import ACTIONS, SCHEDULERS
+from engine.ingest.jobs import ACTIONS, SCHEDULERS, job_schema
 from engine.machines import RUN_STATES
+from engine.outbox.thumbs import make_thumbnail
 
 CONTROLS = tuple(action for action in ACTIONS if action != "delete")
+
+
+class NewPriority(BaseModel):
+    priority: int = Field(ge=0, le=1000, description="0 to 1000; higher runs first")
 
 
 def router(engine, stopping, writes) -> APIRouter:
@@ -64,6 +71,36 @@ def router(engine, stopping, writes) -> APIRouter:
         if not 0 <= number < len(report["images"]):
             raise NotFound(f"session {report['session_id']} has {len(report['images'])} image(s); no image {number}")
         return FileResponse(report["images"][number], media_type="image/png")
+
+    @api.get("/sessions/{session_id}/images/{number}/thumbnail",
+             summary="A session's image as a small WebP (made when published, or now)")
+    def get_thumbnail(session_id: str, number: int):
+        report = queries.session_report(engine.store, engine.outbox, session_id)
+        if not 0 <= number < len(report["images"]):
+            raise NotFound(f"session {report['session_id']} has {len(report['images'])} image(s); no image {number}")
+        thumb = make_thumbnail(Path(report["images"][number]))
+        return FileResponse(thumb, media_type="image/webp", headers={"Cache-Control": "private, max-age=86400"})
+
+    @api.post("/uploads", status_code=201, summary="An init or mask image (the body, or multipart `file`); "
+              "answers the path a job names it by")
+    async def post_upload(request: Request):
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ValidationError("multipart: send the image as the field `file`", [{"loc": "file"}])
+            data = await upload.read()
+        else:
+            data = await request.body()
+        if not data:
+            raise ValidationError("the body is empty: send the image's bytes", [{"loc": "body"}])
+        path = await run_in_threadpool(save_upload, engine, data, "file")
+        return {"path": path}
+
+    @api.get("/schema", summary="The JSON Schema of a job file (`engine schema`)")
+    def get_schema():
+        return job_schema()
 
     # batches -------------------------------------------------------------------------------
 
@@ -127,6 +164,11 @@ def _control_routes(api: APIRouter, engine, writes, kind: str) -> None:
     """POST /v1/{sessions|batches}/{id}/{action} and DELETE /v1/{sessions|batches}/{id}."""
     plural = "sessions" if kind == "session" else "batches"
 
+    @api.post(f"/{plural}/{{target}}/priority", summary=f"Give a {kind} a new priority (the next claim sees it)",
+              name=f"priority_{kind}")
+    def priority_one(target: str, body: NewPriority):
+        return control(engine, writes, target_or_404(engine, target, kind), "priority", body.priority)
+
     @api.post(f"/{plural}/{{target}}/{{action}}", summary=f"pause, resume, cancel or restart a {kind}",
               name=f"control_{kind}")
     def control_one(target: str, action: str):
@@ -139,7 +181,7 @@ def _control_routes(api: APIRouter, engine, writes, kind: str) -> None:
 
 
 def _control(engine, writes, target: str, action: str) -> dict[str, Any]:
-    if action not in ACTIONS:
+    if action not in ACTIONS or action == "priority":
         raise NotFound(f"no action {action!r}; one of {', '.join(CONTROLS)} (POST), or DELETE")
     return control(engine, writes, target, action)
 

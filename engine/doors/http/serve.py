@@ -50,6 +50,8 @@ def serve(config: Config, host: str | None = None, port: int | None = None, with
     if engine is None:
         return
     stopping = Stopping()
+    if not config.get("notify", "public_url"):  # image links in webhook bodies point here
+        config.values["notify"]["public_url"] = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     runner = engine.runner(runner_id=runner_id) if with_runner else None
     inbox = engine.inbox() if with_runner else None
     worker = threading.Thread(target=runner.run, name="engine-runner", daemon=True) if runner else None

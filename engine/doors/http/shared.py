@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import binascii
 import hashlib
 import re
@@ -28,7 +29,7 @@ STATUS = {
     "VALIDATION_ERROR": 422, "UNKNOWN_WORKFLOW": 422, "UNKNOWN_MODEL": 422, "UNSAFE_PATH": 422,
     "UNSAFE_MODEL_FORMAT": 422, "DUPLICATE_JOB": 409, "NOT_FOUND": 404, "INVALID_TRANSITION": 409,
     "DATABASE_UNAVAILABLE": 503, "DEVICE_UNAVAILABLE": 503, "TOO_LARGE": 413, "BAD_REQUEST": 400,
-    "UNAUTHORIZED": 401, "TIMEOUT": 504, "STOPPING": 503, "RATE_LIMITED": 429,
+    "UNAUTHORIZED": 401, "FORBIDDEN": 403, "QUOTA_EXCEEDED": 429, "TIMEOUT": 504, "STOPPING": 503, "RATE_LIMITED": 429,
 }
 
 
@@ -73,6 +74,18 @@ class Writes:
         self.pool.shutdown(wait=True)
 
 
+# The owner of this request's token ([server.tokens] maps a token to an owner), set by the Guard.
+REQUEST_OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar("engine_request_owner", default=None)
+
+
+def token_owners(configured) -> dict[str, str | None]:
+    """[server] tokens as {token: owner}: a list names tokens whose jobs say their own owner; a
+    table ([server.tokens], token = "owner") gives each token the owner it submits as."""
+    if isinstance(configured, dict):
+        return {str(token): str(owner) for token, owner in configured.items()}
+    return {str(token): None for token in configured or []}
+
+
 def idempotency_key(header: str | None) -> str | None:
     """An Idempotency-Key header, checked: it becomes the job's job_id."""
     if header is None:
@@ -89,6 +102,11 @@ def submit(engine, writes: Writes, job: dict[str, Any], key: str | None, door: s
     if not isinstance(job, dict):
         raise ValidationError(f"the body is one JSON object, not {type(job).__name__}")
     job = normalise_keys(job)
+    owner = REQUEST_OWNER.get()
+    if owner is not None:
+        if job.get("owner") not in (None, owner):
+            raise HttpError("FORBIDDEN", f"owner: this token submits as {owner!r}, not {job['owner']!r}")
+        job["owner"] = owner
     if key is not None:
         if job.get("job_id") not in (None, key):
             raise ValidationError("job_id and Idempotency-Key differ; give one", [{"loc": "job_id"}])
@@ -99,10 +117,10 @@ def submit(engine, writes: Writes, job: dict[str, Any], key: str | None, door: s
     return writes(commands.submit, engine.store, engine.intake, parsed, source, resent_is_same=True)
 
 
-def control(engine, writes: Writes, target: str, action: str) -> dict[str, Any]:
-    target_type, target_id, appended = writes(commands.control, engine.store, target, action)
+def control(engine, writes: Writes, target: str, action: str, priority: int | None = None) -> dict[str, Any]:
+    target_type, target_id, appended = writes(commands.control, engine.store, target, action, priority)
     return {"target_type": target_type, "target_id": target_id, "action": action,
-            "events": [e.type for e in appended]}
+            **({"priority": priority} if action == "priority" else {}), "events": [e.type for e in appended]}
 
 
 async def wait_for(engine, session_id: str, seconds: float, stopping: Stopping) -> dict[str, Any]:
@@ -111,14 +129,18 @@ async def wait_for(engine, session_id: str, seconds: float, stopping: Stopping) 
 
     from engine.run.claims import session_statuses
 
-    deadline = time.monotonic() + seconds
+    deadline, folder = time.monotonic() + seconds, None
     while True:
         # One status read a look; the whole report only once the session has ended.
         (status,) = await run_in_threadpool(session_statuses, engine.store, [session_id])
         if status in ENDED or status is None:  # None: deleted meanwhile (the report says NOT_FOUND)
-            report = await run_in_threadpool(queries.session_report, engine.store, engine.outbox, session_id)
-            if (Path(report["outbox"]) / "result.json").exists():
-                return report  # its result.json is written: the images are in place
+            if folder is None:  # where its result.json will be
+                folder = Path((await run_in_threadpool(queries.session_report, engine.store, engine.outbox,
+                                                       session_id))["outbox"])
+            if (folder / "result.json").exists():
+                # Read after its result.json is in place, so the report's images are those in it (a
+                # report read just before the file was written has none).
+                return await run_in_threadpool(queries.session_report, engine.store, engine.outbox, session_id)
         stopping.check()
         if time.monotonic() > deadline:
             raise HttpError("TIMEOUT", f"session {session_id} has not ended after {seconds:g} s; it goes on: "

@@ -1,0 +1,248 @@
+"""The starts of the compiled path and the float8 precision, through `engine run` as a user runs it
+(each phase a new `engine run --until-idle` process on one installation, read back from its store):
+
+    python bench/bench_fast_gpu.py                      # on a GPU: $OUT/fast_gpu.json
+    python bench/bench_fast_gpu.py --tiny --size 64 --steps 2 --items 16 --backend eager   # the script, on a CPU
+
+cold: no compile cache, calls of 8 compiled (`[compile] batch_sizes = [8]`). A batch of --items is
+queued; the runner makes images eagerly while the call size compiles in the background, and
+switches when it is done. Reported: the first call's end in seconds from the process's start, the
+switch (seconds from the start, the compile's seconds, the eager calls meanwhile), images/s of the
+eager and of the compiled calls (inside calls, and from the first such call's start to the last
+one's end). The process is stopped after --cold-seconds. warm: a new process, caches present: a
+single image (priority 90, eager: one image a call is not a compiled size here) and a batch of 24. fp8: the batch's first 8 seeds with the same model
+registered `--precision fp8` (compile off): seconds a call, and the PSNR against the cold phase's
+fp16 eager images at the same seeds, with the share of pixels off by more than 8/255.
+The model is SDXL's architecture with random weights (bench_gpu.build_sdxl), fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu import ensure_model  # noqa: E402
+
+PROMPT = "a lighthouse at dusk"
+
+
+class Installation:
+    def __init__(self, root: Path, model: Path, args) -> None:
+        from engine import app
+        from engine.config import load_config
+
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "config.toml").write_text(
+            "[batching]\ncoalesce = true\nmax_batch_size = 8\n"
+            f'[compile]\nbatch_sizes = [8]\nbackend = "{args.backend}"\nmode = "{args.mode}"\n'
+            f'cache = "{root / "compile-cache"}"\nbackground = {str(args.background).lower()}\n')
+        self.config_path = root / "config.toml"
+        self.config = load_config(self.config_path)
+        self.engine = app.Engine.create(self.config)
+        self.store = self.engine.store
+        models = self.engine.models
+        if "sdxl" not in models.entries():
+            models.add(model, "sdxl", compile_setting="on")
+            models.add(model, "sdxl-fp8", compile_setting="off", precision="fp8")
+
+    def submit(self, job: dict) -> str:
+        from engine import commands
+        from engine.ingest.jobs import parse_job
+
+        return commands.submit(self.store, self.engine.intake, parse_job(job), commands.Source("bench.json", "x")).target_id
+
+    def query(self, sql: str, **params) -> list:
+        from sqlalchemy import text
+
+        with self.store.read() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+
+    def run(self, seconds: float) -> dict:
+        """`engine run --until-idle` in a process of its own, stopped (SIGINT) after `seconds`."""
+        env = {**os.environ, "ENGINE_CONFIG": str(self.config_path)}
+        started = time.time()
+        process = subprocess.Popen([sys.executable, "-m", "engine", "run", "--until-idle", "--quiet"], env=env,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            _, errors = process.communicate(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+            try:
+                _, errors = process.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                _, errors = process.communicate()
+        return {"started": started, "seconds": round(time.time() - started, 1), "returncode": process.returncode,
+                "log_tail": errors[-1500:]}
+
+
+def calls(install: Installation, since: float) -> list[dict]:
+    """Each generation call finished since `since`: when (seconds after it), images, seconds inside, compiled."""
+    from engine.store.events import epoch_of
+
+    found = {}
+    for output, finished in install.query("SELECT output, finished_at FROM steps WHERE step_type = "
+                                          "'inference_generation' AND status = 'completed'"):
+        data = json.loads(output)["data"]
+        at = epoch_of(finished) - since
+        if at >= 0:
+            found[data["call_id"]] = {"at": round(at, 2), "images": data["call_images"], "inside": data["group_seconds"],
+                                      "compiled": data["compiled"], "precision": data["precision"]}
+    return sorted(found.values(), key=lambda c: c["at"])
+
+
+def rates(made: list[dict]) -> dict:
+    """images/s of eager and of compiled calls: inside the calls, and over the wall clock."""
+    figures = {}
+    for compiled in (False, True):
+        chosen = [c for c in made if c["compiled"] is compiled and c["images"] == 8]
+        if chosen:
+            images, inside = sum(c["images"] for c in chosen), sum(c["inside"] for c in chosen)
+            span = chosen[-1]["at"] - (chosen[0]["at"] - chosen[0]["inside"])
+            figures["compiled" if compiled else "eager"] = {
+                "calls": len(chosen), "images_per_s_inside": round(images / inside, 3),
+                "images_per_s_wall": round(images / span, 3) if span > 0 else None}
+    return figures
+
+
+def switches(install: Installation, since: float) -> list[dict]:
+    from engine.store.events import epoch_of
+
+    found = []
+    for kind, data, at in install.query("SELECT type, data, created_at FROM event_log WHERE type LIKE "
+                                        "'model.compile%' ORDER BY event_id"):
+        data, moment = json.loads(data), epoch_of(at) - since
+        if moment >= 0:
+            found.append({"event": kind, "at": round(moment, 1), "shape": data.get("shape"),
+                          **{k: data[k] for k in ("seconds", "eager_calls", "first_call_seconds", "error") if k in data}})
+    return found
+
+
+def first_image(install: Installation, session_id: str, since: float) -> float | None:
+    from engine.store.events import epoch_of
+
+    row = install.query("SELECT finished_at FROM sessions WHERE session_id = :s AND status = 'completed'", s=session_id)
+    return round(epoch_of(row[0][0]) - since, 1) if row else None
+
+
+def phase(install: Installation, args, name: str, items: int, seconds: float, seed0: int, single: bool) -> dict:
+    params = {"model": "sdxl", "width": args.size, "height": args.size, "steps": args.steps, "guidance_scale": 7.0}
+    single = install.submit({"workflow": "txt2img", "priority": 90, "params": {**params, "prompt": "first",
+                                                                                "seed": seed0 - 1}}) if single else None
+    install.submit({"kind": "batch", "workflow": "txt2img", "params": {**params, "prompt": PROMPT},
+                    "matrix": {"product": {"seed": list(range(seed0, seed0 + items))}},
+                    "batch": {"preferred_batch_size": 8, "max_batch_size": 8}})
+    ran = install.run(seconds)
+    made = calls(install, ran["started"])
+    return {"phase": name, "process": ran, "single_image_seconds_from_process_start": first_image(
+        install, single, ran["started"]) if single else None,
+        "first_call_done_seconds_from_process_start": made[0]["at"] if made else None,
+        "compile_events": switches(install, ran["started"]), "rates": rates(made), "calls": made}
+
+
+def psnr_and_off(first: Path, second: Path) -> tuple[float, float]:
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(first), dtype=np.float64)
+    b = np.asarray(Image.open(second), dtype=np.float64)
+    mse = ((a - b) ** 2).mean()
+    return (float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse)),
+            float((np.abs(a - b) > 8).mean()))
+
+
+def fp8_phase(install: Installation, args, seeds: list[int], seconds: float) -> dict:
+    from engine import commands
+
+    for (batch_id,) in install.query("SELECT batch_id FROM batches WHERE status NOT IN ('completed', 'failed', "
+                                     "'cancelled')"):  # what the earlier phases left: not this phase's work
+        commands.control(install.store, batch_id, "cancel")
+    params = {"model": "sdxl-fp8", "width": args.size, "height": args.size, "steps": args.steps,
+              "guidance_scale": 7.0, "prompt": PROMPT}
+    batch = install.submit({"kind": "batch", "workflow": "txt2img", "params": params,
+                            "matrix": {"product": {"seed": seeds}},
+                            "batch": {"preferred_batch_size": 8, "max_batch_size": 8}})
+    ran = install.run(seconds)
+    made = calls(install, ran["started"])
+    pairs, fp16, eager_fp16 = [], {}, set()
+    for result in install.config.outbox.glob("batches/*/item-*/result.json"):  # every batch item's image
+        report = json.loads(result.read_text())
+        p = report["params"]
+        if report["status"] == "completed" and p.get("prompt") == PROMPT:
+            fp16[(p["model"], p["seed"])] = result.parent / report["images"][0]
+            generation = next(s["data"] for s in report["steps"] if s["type"] == "inference_generation")
+            if p["model"] == "sdxl" and not generation["compiled"]:
+                eager_fp16.add(p["seed"])  # the cold phase's images made eagerly: the fp16 reference
+    for seed in seeds:
+        if ("sdxl", seed) in fp16 and ("sdxl-fp8", seed) in fp16:
+            value, off = psnr_and_off(fp16[("sdxl", seed)], fp16[("sdxl-fp8", seed)])
+            pairs.append({"seed": seed, "psnr": round(value, 2), "share_off_by_more_than_8": round(off, 4),
+                          "reference_eager": seed in eager_fp16})
+    return {"phase": "fp8", "batch": batch, "process": ran, "calls": made, "pairs": pairs,
+            "psnr_median": sorted(p["psnr"] for p in pairs)[len(pairs) // 2] if pairs else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/engine-fast-gpu"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--items", type=int, default=136, help="the cold phase's batch")
+    parser.add_argument("--cold-seconds", type=float, default=250)
+    parser.add_argument("--warm-seconds", type=float, default=100)
+    parser.add_argument("--fp8-seconds", type=float, default=60)
+    parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--mode", default="reduce-overhead")
+    parser.add_argument("--phases", default="cold,warm,fp8")
+    parser.add_argument("--foreground", dest="background", action="store_false",
+                        help="[compile] background = false: the first call of a size waits for its compile")
+    parser.add_argument("--tiny", action="store_true", help="a tiny SDXL instead (to try the script on a CPU)")
+    args = parser.parse_args()
+    import shutil
+
+    started = time.perf_counter()
+    model = ensure_model(args.folder, args.tiny)
+    result: dict = {"model_seconds": round(time.perf_counter() - started, 1), "size": args.size, "steps": args.steps,
+                    "mode": args.mode, "backend": args.backend}
+    try:
+        import torch
+
+        result.update(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+    except Exception:
+        pass
+    shutil.rmtree(args.folder / "engine", ignore_errors=True)
+    install = Installation(args.folder / "engine", model, args)
+    out = Path(os.environ.get("OUT", args.folder))
+    phases = args.phases.split(",")
+
+    def save() -> None:
+        (out / "fast_gpu.json").write_text(json.dumps(result, indent=1, default=str))
+
+    if "cold" in phases:
+        result["cold"] = phase(install, args, "cold", args.items, args.cold_seconds, 100, single=False)
+        save()
+    if "warm" in phases:
+        result["warm"] = phase(install, args, "warm", 24, args.warm_seconds, 5000, single=True)
+        save()
+    if "fp8" in phases:
+        result["fp8"] = fp8_phase(install, args, list(range(100, 108)), args.fp8_seconds)
+        save()
+    brief = {name: {k: v for k, v in part.items() if k not in ("calls", "process")}
+             for name, part in result.items() if isinstance(part, dict)}
+    print(json.dumps(brief, indent=1, default=str))
+    for name in ("cold", "warm", "fp8"):
+        if name in result:
+            print(name, "returncode", result[name]["process"]["returncode"], result[name]["process"]["log_tail"][-400:])
+
+
+if __name__ == "__main__":
+    main()
