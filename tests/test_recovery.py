@@ -102,3 +102,27 @@ def test_a_kill_between_commit_and_publish_is_finished_at_start(tmp_path):
     output, _ = final.communicate(timeout=60)
     assert final.returncode == 0, output.decode()
     assert_everything_done_once(install, [session_id])
+
+
+def test_a_sweep_between_the_two_mkdirs_of_a_work_folder_does_not_fail_the_step(tmp_path, monkeypatch):
+    """A step's work folder is made with its parent, the session's folder under .attempts, which
+    a sweep (or the discard of the session's previous step, published while this one starts)
+    removes whenever it is empty. A real sweep forced into the instant between the two mkdirs
+    used to fail the step with ENOENT, classified as a missing file: not retried."""
+    from engine.outbox.folders import make_empty
+    from engine.run.recovery import sweep_attempts
+
+    install = Installation(tmp_path / "engine")
+    folder = install.engine.outbox.attempt_dir("ses-raced", 1, 0, 1)
+    real_mkdir, swept = os.mkdir, []
+
+    def mkdir_then_sweep(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        if os.fspath(path) == os.fspath(folder.parent) and not swept:
+            sweep_attempts(install.engine.store, install.engine.outbox)
+            swept.append(folder.parent.exists())
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_sweep)
+    assert make_empty(folder).is_dir()
+    assert swept == [False]  # the sweep ran in the window and removed the session's empty folder
+    install.engine.close()

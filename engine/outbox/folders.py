@@ -27,6 +27,24 @@ ATTEMPTS = ".attempts"
 log = logging.getLogger("engine.outbox")
 
 
+def make_empty(folder: Path, tries: int = 20) -> Path:
+    """`folder` made anew and empty (whatever an earlier life of its attempt left is removed).
+
+    Its parent, the session's folder under .attempts, is removed whenever it is empty: by the
+    discard of the session's last step (whose files may still be published while its next step
+    starts) or by another runner's sweep. Between the parent's mkdir and the folder's own such a
+    removal makes mkdir fail with ENOENT, so it is made again."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for _ in range(tries - 1):
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileNotFoundError:
+            continue
+    folder.mkdir(parents=True)
+    return folder
+
+
 class Outbox:
     def __init__(self, root: Path) -> None:
         self.root = root

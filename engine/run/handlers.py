@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib
-import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Callable
 
 from engine.errors import Cancelled, EngineError
 from engine.ingest.jobs import StepParams
+from engine.outbox.folders import make_empty
 
 
 class CancellationToken:
@@ -67,8 +67,7 @@ class StepContext:
     def work_dir(self) -> Path:
         """This attempt's private folder, made empty on first use (steps that write nothing cost nothing)."""
         if not self.work_dir_made:
-            shutil.rmtree(self.attempt_dir, ignore_errors=True)  # anything an earlier life of it left
-            self.attempt_dir.mkdir(parents=True)
+            make_empty(self.attempt_dir)
             self.work_dir_made = True
         return self.attempt_dir
 
