@@ -4,13 +4,15 @@
     python bench/bench_fast_gpu.py                      # on a GPU: $OUT/fast_gpu.json
     python bench/bench_fast_gpu.py --tiny --size 64 --steps 2 --items 16 --backend eager   # the script, on a CPU
 
-cold: no compile cache, calls of 8 compiled (`[compile] batch_sizes = [8]`). A batch of --items is
-queued; the runner makes images eagerly while the call size compiles in the background, and
-switches when it is done. Reported: the first call's end in seconds from the process's start, the
+cold: no compile cache, calls of 1 and 8 compiled (--batch-sizes), the whole denoiser or its
+repeated blocks (--scope). A single image (priority 90) and a batch of --items are queued; the
+runner makes images eagerly while each call size compiles in another process (`engine warmup`),
+and switches when it is done. Reported: the first call's end in seconds from the process's start, the
 switch (seconds from the start, the compile's seconds, the eager calls meanwhile), images/s of the
 eager and of the compiled calls (inside calls, and from the first such call's start to the last
 one's end). The process is stopped after --cold-seconds. warm: a new process, caches present: a
-single image (priority 90, eager: one image a call is not a compiled size here) and a batch of 24. fp8: the batch's first 8 seeds with the same model
+single image (priority 90; compiled when 1 is among --batch-sizes), timed from the process's start,
+and a batch of 24. fp8: the batch's first 8 seeds with the same model
 registered `--precision fp8` (compile off): seconds a call, and the PSNR against the cold phase's
 fp16 eager images at the same seeds, with the share of pixels off by more than 8/255.
 The model is SDXL's architecture with random weights (bench_gpu.build_sdxl), fp16.
@@ -43,8 +45,9 @@ class Installation:
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.toml").write_text(
             "[batching]\ncoalesce = true\nmax_batch_size = 8\n"
-            f'[compile]\nbatch_sizes = [8]\nbackend = "{args.backend}"\nmode = "{args.mode}"\n'
-            f'cache = "{root / "compile-cache"}"\nbackground = {str(args.background).lower()}\n')
+            f'[compile]\nbatch_sizes = [{args.batch_sizes}]\nbackend = "{args.backend}"\nmode = "{args.mode}"\n'
+            f'scope = "{args.scope}"\ncache = "{root / "compile-cache"}"\n'
+            f'background = {str(args.background).lower()}\n')
         self.config_path = root / "config.toml"
         self.config = load_config(self.config_path)
         self.engine = app.Engine.create(self.config)
@@ -127,6 +130,16 @@ def switches(install: Installation, since: float) -> list[dict]:
     return found
 
 
+def loads(install: Installation, since: float) -> list[dict]:
+    """Each model load since `since`: when it ended, its seconds, by which runner."""
+    from engine.store.events import epoch_of
+
+    return [{"at": round(epoch_of(at) - since, 1), "seconds": json.loads(data).get("seconds"),
+             "runner": json.loads(data).get("runner_id")}
+            for data, at in install.query("SELECT data, created_at FROM event_log WHERE type = 'model.loaded' "
+                                          "ORDER BY event_id") if epoch_of(at) >= since]
+
+
 def first_image(install: Installation, session_id: str, since: float) -> float | None:
     from engine.store.events import epoch_of
 
@@ -146,7 +159,8 @@ def phase(install: Installation, args, name: str, items: int, seconds: float, se
     return {"phase": name, "process": ran, "single_image_seconds_from_process_start": first_image(
         install, single, ran["started"]) if single else None,
         "first_call_done_seconds_from_process_start": made[0]["at"] if made else None,
-        "compile_events": switches(install, ran["started"]), "rates": rates(made), "calls": made}
+        "compile_events": switches(install, ran["started"]), "model_loads": loads(install, ran["started"]),
+        "rates": rates(made), "calls": made}
 
 
 def psnr_and_off(first: Path, second: Path) -> tuple[float, float]:
@@ -203,6 +217,8 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--mode", default="reduce-overhead")
     parser.add_argument("--phases", default="cold,warm,fp8")
+    parser.add_argument("--scope", default="whole", choices=("whole", "regional"))
+    parser.add_argument("--batch-sizes", default="1, 8", help="[compile] batch_sizes")
     parser.add_argument("--foreground", dest="background", action="store_false",
                         help="[compile] background = false: the first call of a size waits for its compile")
     parser.add_argument("--tiny", action="store_true", help="a tiny SDXL instead (to try the script on a CPU)")
@@ -212,7 +228,8 @@ def main() -> None:
     started = time.perf_counter()
     model = ensure_model(args.folder, args.tiny)
     result: dict = {"model_seconds": round(time.perf_counter() - started, 1), "size": args.size, "steps": args.steps,
-                    "mode": args.mode, "backend": args.backend}
+                    "mode": args.mode, "backend": args.backend, "scope": args.scope, "batch_sizes": args.batch_sizes,
+                    "background": args.background}
     try:
         import torch
 
@@ -228,7 +245,7 @@ def main() -> None:
         (out / "fast_gpu.json").write_text(json.dumps(result, indent=1, default=str))
 
     if "cold" in phases:
-        result["cold"] = phase(install, args, "cold", args.items, args.cold_seconds, 100, single=False)
+        result["cold"] = phase(install, args, "cold", args.items, args.cold_seconds, 100, single=True)
         save()
     if "warm" in phases:
         result["warm"] = phase(install, args, "warm", 24, args.warm_seconds, 5000, single=True)

@@ -6,8 +6,11 @@ is measured by bench/bench_compile_gpu.py."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,10 +33,12 @@ def tiny(tmp_path_factory):
     return folder
 
 
-def studio(tmp_path, tiny, backend: str = "eager", background: bool = False, coalesce: bool = True) -> Installation:
-    install = Installation(tmp_path / "engine", settings={"handlers": {"modules": ["engine.domains"]},
+def studio(tmp_path, tiny, backend: str = "eager", background: bool = False, coalesce: bool = True,
+           scope: str = "whole") -> Installation:
+    install = Installation(tmp_path / "engine", settings={"handlers": {"modules": ["engine.domains",
+                                                                                  "tests.compile_backends"]},
                                                          "compile": {"backend": backend, "batch_sizes": [1, 2],
-                                                                     "background": background},
+                                                                     "background": background, "scope": scope},
                                                          "batching": {"coalesce": coalesce}})
     registry = ModelRegistry(install.config.models_dir)
     registry.add(tiny, "plain")
@@ -48,7 +53,7 @@ def pictures(install, session_id: str) -> list[np.ndarray]:
 
 
 def events(install, kind: str) -> list[dict]:
-    return [json.loads(row[0]) for row in query(install, "SELECT data FROM event_log WHERE type = :t ORDER BY seq",
+    return [json.loads(row[0]) for row in query(install, "SELECT data FROM event_log WHERE type = :t ORDER BY event_id",
                                                 t=kind)]
 
 
@@ -80,12 +85,6 @@ def test_the_compiled_path_makes_the_same_images_and_records_what_it_compiled(tm
 
 
 def test_a_compile_that_fails_falls_back_to_the_eager_call_and_the_image_is_made(tmp_path, tiny):
-    import torch
-
-    @torch._dynamo.register_backend(name="engine_test_broken")
-    def broken(graph, example_inputs):
-        raise RuntimeError("this backend cannot compile anything")
-
     install = studio(tmp_path, tiny, backend="engine_test_broken")
     first = submit(install, {"workflow": "txt2img", "params": {**SIZE, "model": "fast", "prompt": "owl", "seed": 5}})
     second = submit(install, {"workflow": "txt2img", "params": {**SIZE, "model": "plain", "prompt": "owl", "seed": 5}})
@@ -103,34 +102,54 @@ def _generation_data(install, session_id: str) -> dict:
     return next(step["data"] for step in steps if step["type"] == "inference_generation")
 
 
-def test_a_shape_compiles_in_the_background_while_its_calls_go_on_eagerly_and_then_switches(tmp_path, tiny):
-    import threading
-    import time
+def _feed_until(install, params: dict, done, seconds: float = 240.0) -> list[str]:
+    """A real `engine run` fed single sessions (always a few waiting) until `done()`, then the rest
+    run; returns the sessions in the order submitted."""
+    runner = subprocess.Popen([sys.executable, "-m", "engine", "run", "--quiet"], env=install.env(),
+                              cwd=install.folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sessions: list[str] = []
+    try:
+        deadline = time.monotonic() + seconds
+        while not done():
+            assert runner.poll() is None, runner.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the background compile did not switch in time"
+            waiting = query(install, "SELECT count(*) FROM sessions WHERE status = 'pending'")[0][0]
+            for _ in range(max(0, 3 - waiting)):
+                sessions.append(submit(install, {"workflow": "txt2img", "priority": 50, "params": {
+                    **params, "seed": 40 + len(sessions)}}).target_id)
+            time.sleep(0.05)
+        for _ in range(3):  # calls after the switch
+            sessions.append(submit(install, {"workflow": "txt2img", "priority": 50, "params": {
+                **params, "seed": 40 + len(sessions)}}).target_id)
+        while query(install, "SELECT count(*) FROM sessions WHERE status NOT IN ('completed', 'failed')")[0][0]:
+            assert time.monotonic() < deadline + 60, "the sessions did not end"
+            time.sleep(0.1)
+    finally:
+        runner.send_signal(signal.SIGINT)
+        runner.wait(timeout=60)
+    return sessions
 
-    import torch
 
-    compiling = threading.Event()
+def _switched(install) -> list[dict]:
+    return [e for e in events(install, "model.compiled") if e.get("background")]
 
-    @torch._dynamo.register_backend(name="engine_test_slow")
-    def slow(graph, example_inputs):
-        if not compiling.is_set():  # the first graph takes a while, as a real compile does
-            compiling.set()
-            time.sleep(3.0)
-        return graph.forward
 
+def test_a_shape_compiles_in_another_process_while_its_calls_go_on_eagerly_and_then_switches(tmp_path, tiny):
     install = studio(tmp_path, tiny, backend="engine_test_slow", background=True, coalesce=False)
-    params = {**SIZE, "steps": 12, "model": "fast", "prompt": "a heron"}
-    sessions = [submit(install, {"workflow": "txt2img", "priority": 50 - n,
-                                 "params": {**params, "seed": 40 + n}}).target_id for n in range(40)]
-    reference = submit(install, {"workflow": "txt2img", "priority": 0,
+    params = {**SIZE, "steps": 6, "model": "fast", "prompt": "a heron"}
+    reference = submit(install, {"workflow": "txt2img", "priority": 90,
                                  "params": {**params, "model": "plain", "seed": 40}}).target_id
-    run_until_idle(install)
+    sessions = _feed_until(install, params, lambda: _switched(install))
     assert query(install, "SELECT DISTINCT status FROM sessions") == [("completed",)]
     started, = events(install, "model.compile_started")
-    assert started["background"] is True and started["shape"] == ["txt2img", 1, 64, 64]
-    assert started["modules"] == ["unet", "vae.decoder"]
-    switched, = events(install, "model.compiled")
-    assert switched["background"] is True and switched["seconds"] >= 3.0 and switched["eager_calls"] >= 2
+    assert started["background"] is True and started["shape"] == ["txt2img", 1, 64, 64] and started["pid"] > 0
+    assert started["scope"] == "whole"
+    assert "1 x 64x64" in Path(started["log"]).read_text(), "the other process's own words, kept in its log"
+    # the other process compiled and recorded it (as `engine warmup` does), then this one switched
+    warmed = [e for e in events(install, "model.compiled") if not e.get("background")]
+    assert [e["shape"] for e in warmed] == [["txt2img", 1, 64, 64]]
+    switched, = _switched(install)
+    assert switched["seconds"] >= 3.0 and switched["eager_calls"] >= 1 and switched["first_call_seconds"] > 0
     ran = [_generation_data(install, session_id)["compiled"] for session_id in sessions]
     assert ran[0] is False, "the first call is made eagerly: no image waits for the compile"
     assert ran[-1] is True, "calls after the compile run compiled"
@@ -138,26 +157,46 @@ def test_a_shape_compiles_in_the_background_while_its_calls_go_on_eagerly_and_th
     assert ran.count(False) == switched["eager_calls"]
     assert np.abs(pictures(install, sessions[0])[0] - pictures(install, reference)[0]).max() <= 2
     assert not events(install, "model.compile_failed")
+    # a later process: the shape is known compiled here, so it compiles from the caches at once
+    later = submit(install, {"workflow": "txt2img", "params": {**params, "seed": 7}}).target_id
+    engine_process(install, "run", "--until-idle", "--quiet")
+    assert _generation_data(install, later)["compiled"] is True
+    assert len(events(install, "model.compile_started")) == 1, "no second background compile"
+    assert [e.get("background", False) for e in events(install, "model.compiled")][-1] is False
 
 
 def test_a_background_compile_that_fails_leaves_the_shape_eager_and_every_image_is_made(tmp_path, tiny):
-    import torch
-
-    @torch._dynamo.register_backend(name="engine_test_broken_behind")
-    def broken(graph, example_inputs):
-        raise RuntimeError("this backend cannot compile anything")
-
-    install = studio(tmp_path, tiny, backend="engine_test_broken_behind", background=True, coalesce=False)
-    sessions = [submit(install, {"workflow": "txt2img", "priority": 50 - n,
-                                 "params": {**SIZE, "steps": 8, "model": "fast", "prompt": "a crane", "seed": n}}).target_id
-                for n in range(12)]
-    run_until_idle(install)
+    install = studio(tmp_path, tiny, backend="engine_test_broken", background=True, coalesce=False)
+    params = {**SIZE, "steps": 4, "model": "fast", "prompt": "a crane"}
+    sessions = _feed_until(install, params, lambda: [
+        e for e in events(install, "model.compile_failed") if e.get("background")])
     assert query(install, "SELECT DISTINCT status FROM sessions") == [("completed",)]
     assert len(events(install, "model.compile_started")) == 1
-    failed = events(install, "model.compile_failed")
-    assert [(f["background"], "cannot compile" in f["error"]) for f in failed] in ([], [(True, True)])
+    failed = [e for e in events(install, "model.compile_failed") if e.get("background")]
+    assert len(failed) == 1 and "exited with 1" in failed[0]["error"] and "cannot compile" in failed[0]["error"]
     assert not any(_generation_data(install, s)["compiled"] for s in sessions)
-    assert not events(install, "model.compiled")
+    assert not _switched(install)
+
+
+def test_regional_scope_compiles_each_kind_of_repeated_block_and_makes_the_same_images(tmp_path, tiny):
+    from engine.domains import accelerate
+
+    install = studio(tmp_path, tiny, scope="regional")
+    job = {"workflow": "txt2img", "params": {**SIZE, "prompt": "a fox", "seed": 11, "num_images": 2}}
+    plain = submit(install, {**job, "params": {**job["params"], "model": "plain"}}).target_id
+    fast = submit(install, {**job, "params": {**job["params"], "model": "fast"}}).target_id
+    engine_process(install, "run", "--until-idle", "--quiet")
+    for eager, compiled in zip(pictures(install, plain), pictures(install, fast)):
+        assert np.abs(eager - compiled).max() <= 2, "the regional path makes the same picture"
+    compiled, = events(install, "model.compiled")
+    assert compiled["scope"] == "regional" and compiled["shape"][1] == 2
+    # what it compiles: every transformer block of the tiny UNet, by its place in the module tree
+    from diffusers import StableDiffusionPipeline
+
+    unet = StableDiffusionPipeline.from_pretrained(str(tiny)).unet
+    blocks = accelerate.repeated_blocks(unet)
+    assert blocks and all(type(m).__name__ == "BasicTransformerBlock" for m in blocks.values())
+    assert len(blocks) == sum(1 for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")
 
 
 def test_warmup_compiles_ahead_and_refuses_what_is_not_a_size(tmp_path, tiny):

@@ -14,13 +14,19 @@ inputs of the compiled code, never part of it). `engine warmup` compiles ahead.
 
 Compiling never costs an image: a call whose compiled run fails (a compile error, a shape it
 cannot take) is made again eagerly, and that shape is not tried compiled again in this process.
-With `[compile] background` (off by default) it need not hold images up either: the first call of
-a shape is made eagerly, and its modules' inputs in that call are kept; a thread compiles the
-modules with them while later calls of the shape go on eagerly, and the first call after it is
-done switches to the compiled path (`model.compile_started`, then `model.compiled` with
-`background: true`, the compile's seconds and the eager calls made meanwhile). The thread shares
-the interpreter with the calls: while it traces, they slow down (measured in the README).
-`engine warmup` compiles in the foreground.
+With `[compile] background` (off by default) it need not hold images up either: a shape not yet
+compiled is compiled by `engine warmup` in a process of its own (its own interpreter, so the calls
+that go on eagerly meanwhile do not wait for it), which fills this machine's caches; the first
+call after that process ends switches to the compiled path, compiling from the caches
+(`model.compile_started`, then `model.compiled` with `background: true`, the compile's seconds and
+the eager calls made meanwhile). A shape compiled once on this machine (by a runner or `engine
+warmup`, noted beside the caches for the model's file hash) compiles from the caches in the
+foreground in a later process. `engine warmup` compiles in the foreground.
+
+`[compile] scope = "regional"` compiles only the denoiser's repeated blocks (diffusers'
+`_repeated_blocks`: the SDXL UNet's 70 transformer blocks are one graph per kind of block and
+call size, traced once and shared by every block of that kind) and the VAE decoder: a fraction of
+the whole UNet's compile, so a new process with the caches present is compiled in seconds.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import functools
 import logging
 import os
 import re
-import threading
+import signal
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +47,7 @@ from typing import Any, Callable, Iterator
 log = logging.getLogger("engine.compile")
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SCOPES = ("whole", "regional")
 Shape = tuple[str, int, int, int]  # mode, images in the call, width, height
 
 
@@ -90,8 +99,32 @@ class Accelerated:
     cache: Path | None
     done: set = field(default_factory=set)  # shapes that ran compiled
     failed: dict = field(default_factory=dict)  # shape -> why it runs eagerly
-    background: bool = False  # compile a new shape in a thread while its calls go on eagerly
+    scope: str = "whole"  # or "regional": the denoiser's repeated blocks only
+    background: Callable[[Shape], "Behind"] | None = None  # starts a shape's compile in another process
     behind: dict = field(default_factory=dict)  # shape -> its Behind (a background compile)
+    fingerprint: str = ""  # the model's file hash and dtype: what the caches of a shape are for
+
+    def marker(self, shape: Shape) -> Path | None:
+        """The file that says this shape of this model was compiled on this machine (its caches
+        are in `cache`): written after its first compiled call, by any process."""
+        if self.cache is None or not self.fingerprint:
+            return None
+        mode, images, width, height = shape
+        name = f"{self.fingerprint}-{self.scope}-{self.mode}-{self.backend}-{mode}-{images}x{width}x{height}"
+        return self.cache / "compiled" / re.sub(r"[^A-Za-z0-9.=-]+", "_", name)
+
+    def cached(self, shape: Shape) -> bool:
+        marker = self.marker(shape)
+        return marker is not None and marker.exists()
+
+    def mark(self, shape: Shape) -> None:
+        marker = self.marker(shape)
+        if marker is not None:
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            except OSError as exc:  # the next process compiles this shape in the background again
+                log.warning("could not note the compiled shape in %s: %s", marker, exc)
 
     def compiles(self, shape: Shape) -> bool:
         return shape[1] in self.sizes and shape not in self.failed
@@ -110,70 +143,81 @@ class Accelerated:
 
 
 class Behind:
-    """A background compile of one shape: each compiled module called once, in a thread of its
-    own, with the inputs its eager twin had in the shape's first call."""
+    """A background compile of one shape: `command` (an `engine warmup` of the model for that
+    shape) in a process of its own, which writes this machine's compile caches. Its output is kept
+    in a file; the process ends with this one (it is killed when the runner exits)."""
 
-    def __init__(self, accelerated: Accelerated, shape: Shape, inputs: dict[str, tuple]) -> None:
-        self.inputs = inputs
+    def __init__(self, command: list[str], env: dict[str, str], log_file: Path) -> None:
+        self.started = time.perf_counter()
         self.seconds: float | None = None
         self.error: str | None = None
-        self.eager_calls = 1  # the call whose inputs it compiles with
-        self.finished = threading.Event()
-        self.thread = threading.Thread(target=self._compile, args=(accelerated,), daemon=True,
-                                       name=f"engine-compile-{shape[1]}x{shape[2]}x{shape[3]}")
+        self.eager_calls = 0
+        self.log_file = log_file
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "wb") as output:
+            self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        _BEHIND.append(self)
 
-    def _compile(self, accelerated: Accelerated) -> None:
-        import torch
+    def done(self) -> bool:
+        """Whether the process has ended (its seconds or its error then known)."""
+        if self.seconds is not None or self.error is not None:
+            return True
+        code = self.process.poll()
+        if code is None:
+            return False
+        if code == 0:
+            self.seconds = round(time.perf_counter() - self.started, 3)
+        else:
+            said = [line for line in self.log_file.read_text(errors="replace").splitlines() if line.strip()]
+            self.error = f"the background compile exited with {code}: {' / '.join(said[-2:])[:400]}"
+        return True
 
-        started = time.perf_counter()
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+_BEHIND: list[Behind] = []  # every background compile of this process, stopped when it exits
+
+
+def stop_background_compiles() -> None:
+    for behind in _BEHIND:
+        behind.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, be killed when the runner dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
         try:
-            with torch.no_grad(), _on_device_of(self.inputs):
-                for name, (args, kwargs) in self.inputs.items():
-                    accelerated.compiled[name](*args, **kwargs)
-                if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    torch.cuda.synchronize()
-            self.seconds = round(time.perf_counter() - started, 3)
-        except Exception as exc:  # a compile error or out of memory: the shape stays eager
-            self.error = _described(exc)
-        finally:
-            self.inputs = {}
-            self.finished.set()
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
-def record_inputs(modules: dict[str, Any]) -> tuple[dict[str, tuple], Callable[[], None]]:
-    """Hooks that keep a copy of each module's inputs in its first call; the copies (filled as the
-    modules run) and a function that removes the hooks."""
-    import torch
-    from torch.utils._pytree import tree_map
+def warmup_elsewhere(config, model_id: str, device_index: int | None) -> Callable[[Shape], Behind]:
+    """What starts a shape's background compile: `engine warmup MODEL` for that one shape, on the
+    same installation and GPU (CUDA_VISIBLE_DEVICES), in a process of its own."""
+    import atexit
 
-    kept: dict[str, tuple] = {}
-    handles = []
+    atexit.register(stop_background_compiles)
 
-    def keeper(name):
-        def hook(module, args, kwargs):
-            if name not in kept:
-                kept[name] = tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v,
-                                      (args, kwargs))
-        return hook
+    def start(shape: Shape) -> Behind:
+        _, images, width, height = shape
+        command = [sys.executable, "-m", "engine"] + (["--config", str(config.source)] if config.source else []) + [
+            "warmup", model_id, "--sizes", f"{width}x{height}", "--batch-sizes", str(images), "--steps", "2"]
+        env = dict(os.environ)
+        if device_index is not None:
+            visible = env.get("CUDA_VISIBLE_DEVICES")
+            listed = [v.strip() for v in visible.split(",")] if visible else None
+            env["CUDA_VISIBLE_DEVICES"] = listed[device_index] if listed and device_index < len(listed) else str(device_index)
+        folder = config.base_dir / "logs"
+        return Behind(command, env, folder / f"compile-{model_id}-{images}x{width}x{height}-{os.getpid()}.log")
 
-    for name, module in modules.items():
-        handles.append(module.register_forward_pre_hook(keeper(name), with_kwargs=True))
-    return kept, lambda: [handle.remove() for handle in handles]
-
-
-@contextmanager
-def _on_device_of(inputs: dict[str, tuple]) -> Iterator[None]:
-    """The CUDA device of the first tensor in `inputs` as this thread's current device (each
-    thread has its own), or nothing for other devices."""
-    import torch
-    from torch.utils._pytree import tree_leaves
-
-    device = next((v.device for v in tree_leaves(inputs) if isinstance(v, torch.Tensor)), None)
-    if device is not None and device.type == "cuda":
-        with torch.cuda.device(device):
-            yield
-    else:
-        yield
+    return start
 
 
 def _described(exc: BaseException) -> str:
@@ -187,11 +231,20 @@ def _described(exc: BaseException) -> str:
 
 
 def _set(pipe, name: str, module) -> None:
+    """Put `module` at the dotted path `name` below `pipe` ("unet", "vae.decoder",
+    "unet.down_blocks.1.attentions.0.transformer_blocks.0")."""
     owner, _, attribute = name.rpartition(".")
-    setattr(pipe if not owner else getattr(pipe, owner), attribute, module)
+    parent = functools.reduce(getattr, owner.split("."), pipe) if owner else pipe
+    setattr(parent, attribute, module)
 
 
-def prepare(pipe, config, gpu_name: str) -> Accelerated:
+def repeated_blocks(denoiser) -> dict[str, Any]:
+    """The denoiser's repeated blocks (diffusers' `_repeated_blocks`), by their dotted path below it."""
+    kinds = set(getattr(denoiser, "_repeated_blocks", None) or ())
+    return {name: module for name, module in denoiser.named_modules() if name and type(module).__name__ in kinds}
+
+
+def prepare(pipe, config, gpu_name: str, fingerprint: str = "") -> Accelerated:
     """channels_last on the pipeline's denoiser and VAE, and their compiled twins (compiled by
     torch at their first call of each shape)."""
     import torch
@@ -199,14 +252,27 @@ def prepare(pipe, config, gpu_name: str) -> Accelerated:
     mode, backend = str(config.get("compile", "mode")), str(config.get("compile", "backend"))
     if mode not in MODES:
         raise ValueError(f"[compile] mode {mode!r}: one of {', '.join(MODES)}")
-    cache = None
+    cache = cache_folder(config, gpu_name, torch.__version__)  # inductor's caches, and which shapes compiled
     if backend == "inductor":
-        cache = cache_folder(config, gpu_name, torch.__version__)
         use_cache(cache)
     denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
     for module in (getattr(pipe, denoiser), pipe.vae):
         module.to(memory_format=torch.channels_last)
-    eager = {denoiser: getattr(pipe, denoiser), "vae.decoder": pipe.vae.decoder}
+    scope = str(config.get("compile", "scope"))
+    if scope not in SCOPES:
+        raise ValueError(f"[compile] scope {scope!r}: one of {', '.join(SCOPES)}")
+    blocks = repeated_blocks(getattr(pipe, denoiser)) if scope == "regional" else {}
+    if scope == "regional" and not blocks:
+        log.warning("%s has no repeated blocks to compile regionally; it is compiled whole", denoiser)
+        scope = "whole"
+    if blocks:
+        # One graph per kind of block and call size, shared by its blocks; more than dynamo's
+        # default room for one function's graphs (8) once there are several sizes.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        eager = {f"{denoiser}.{name}": module for name, module in blocks.items()}
+    else:
+        eager = {denoiser: getattr(pipe, denoiser)}
+    eager["vae.decoder"] = pipe.vae.decoder
     options = {"backend": backend, "fullgraph": False, "dynamic": False}
     if backend == "inductor":
         options["mode"] = mode
@@ -218,7 +284,8 @@ def prepare(pipe, config, gpu_name: str) -> Accelerated:
         decoder = copy.deepcopy(pipe.vae.decoder).to(decode_dtype)
         compiled["vae.decoder"] = decoder_in(torch.compile(decoder, **options), decode_dtype)
     return Accelerated(pipe, eager, compiled, sorted({int(s) for s in config.get("compile", "batch_sizes")}),
-                       mode, backend, cache, background=bool(config.get("compile", "background")))
+                       mode, backend, cache, scope=scope,
+                       fingerprint=f"{fingerprint[:16]}-{str(pipe.dtype).removeprefix('torch.')}" if fingerprint else "")
 
 
 def upcast_decode_dtype(pipe, setting: str):
@@ -274,10 +341,11 @@ def run_call(accelerated: Accelerated | None, pipe, shape: Shape, call: Callable
         call()
         return False
     described = {"model_id": model_id, "device": device_id, "shape": list(shape)}
-    behind = None
-    if accelerated.background and shape not in accelerated.done:
-        behind = accelerated.behind.get(shape)
-        if behind is None or not behind.finished.is_set():
+    # In the background: a shape this process has not run compiled, whose compile is under way
+    # elsewhere or whose caches are not known to be here.
+    behind = accelerated.behind.get(shape)
+    if accelerated.background and shape not in accelerated.done and (behind or not accelerated.cached(shape)):
+        if behind is None or not behind.done():
             _eagerly_while_compiling(accelerated, shape, call, notify, described)
             return False
         if behind.error is not None:
@@ -301,8 +369,10 @@ def run_call(accelerated: Accelerated | None, pipe, shape: Shape, call: Callable
     if error is None:
         if shape not in accelerated.done:
             accelerated.done.add(shape)
+            accelerated.mark(shape)
             data = {**described, "seconds": round(time.perf_counter() - started, 3), "mode": accelerated.mode,
-                    "backend": accelerated.backend, "cache": str(accelerated.cache) if accelerated.cache else None}
+                    "backend": accelerated.backend, "scope": accelerated.scope,
+                    "cache": str(accelerated.cache) if accelerated.cache else None}
             if behind is not None:  # the switch: compiled behind calls that went on eagerly
                 data.update(background=True, first_call_seconds=data["seconds"], seconds=behind.seconds,
                             eager_calls=behind.eager_calls)
@@ -318,21 +388,19 @@ def run_call(accelerated: Accelerated | None, pipe, shape: Shape, call: Callable
 
 def _eagerly_while_compiling(accelerated: Accelerated, shape: Shape, call: Callable[[], None],
                              notify: Callable[[str, dict], None], described: dict) -> None:
-    """An eager call of a shape whose compile is under way, or the shape's first call, whose
-    modules' inputs start its compile in the background once the call is made."""
+    """An eager call of a shape whose compile is under way elsewhere; the shape's first call
+    starts that compile (`model.compile_started`) before it is made."""
     behind = accelerated.behind.get(shape)
-    if behind is not None:
-        behind.eager_calls += 1
-        call()
-        return
-    inputs, unhook = record_inputs(accelerated.eager)
-    try:
-        call()
-    finally:
-        unhook()
-    if not inputs:  # the call used none of the modules (a cancelled call, say): the next one tries
-        return
-    behind = accelerated.behind[shape] = Behind(accelerated, shape, inputs)
-    notify("model.compile_started", {**described, "background": True, "mode": accelerated.mode,
-                                     "backend": accelerated.backend, "modules": sorted(inputs)})
-    behind.thread.start()
+    if behind is None:
+        try:
+            behind = accelerated.behind[shape] = accelerated.background(shape)
+        except OSError as exc:  # no process could be started: compile here, in the foreground
+            log.warning("could not start a background compile (%s); %s compiles in the foreground", exc, shape)
+            accelerated.background = None
+            call()
+            return
+        notify("model.compile_started", {**described, "background": True, "mode": accelerated.mode,
+                                         "backend": accelerated.backend, "scope": accelerated.scope,
+                                         "pid": behind.process.pid, "log": str(behind.log_file)})
+    behind.eager_calls += 1
+    call()

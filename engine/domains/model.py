@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from engine.domains import accelerate, float8, memory
-from engine.domains.device import DeviceInfo, device_of, dtype_for, torch_device
+from engine.domains.device import CUDA_API, DeviceInfo, device_of, dtype_for, torch_device
 from engine.errors import EngineError, ModelLoadFailed
 from engine.run.handlers import StepContext, StepResult
 from engine.domains.catalogue import ModelEntry, ModelRegistry, file_sha256, folder_fingerprint, precision_of
@@ -177,21 +177,26 @@ def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceI
                                        device, load, path, ctx.notify,
                                        precision="fp8" if precision == "fp8" else str(dtype).removeprefix("torch."))
     if loaded and accelerate.wanted(entry.compile, ctx.config):
-        cached.accelerated = accelerated_or_none(cached.value, ctx.config, device)
+        cached.accelerated = accelerated_or_none(cached.value, ctx.config, device, model_id, cached.file_hash)
     return cached, loaded, device
 
 
-def accelerated_or_none(pipe, config, device: DeviceInfo):
+def accelerated_or_none(pipe, config, device: DeviceInfo, model_id: str | None = None, fingerprint: str = ""):
     """The compiled path for this pipeline, or None where it cannot run (DirectML, MPS) or could
-    not be prepared (logged): the model then runs eagerly, as without the flag."""
+    not be prepared (logged): the model then runs eagerly, as without the flag. With `model_id`
+    and `[compile] background`, a shape not yet compiled is compiled by another process."""
     if device.kind in ("directml", "mps"):
         log.warning("the compiled path is for CUDA and CPU devices; %s runs eagerly", device.id)
         return None
     try:
-        return accelerate.prepare(pipe, config, device.name)
+        accelerated = accelerate.prepare(pipe, config, device.name, fingerprint)
     except Exception as exc:
         log.warning("could not prepare the compiled path (%s: %s); the model runs eagerly", type(exc).__name__, exc)
         return None
+    if model_id is not None and config.get("compile", "background"):
+        accelerated.background = accelerate.warmup_elsewhere(config, model_id,
+                                                             device.index if device.kind in CUDA_API else None)
+    return accelerated
 
 
 def component_for(ctx: StepContext, model_id: str, kind: str, loader: Callable[[ModelEntry, Any], Any]) -> Any:

@@ -717,6 +717,10 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
         report = warm(cfg, engine.store, engine.handlers.shared, model_id, shapes, counts, steps, done)
     if as_json:
         _print_json(report)
+    failed = [r for r in report if not r["compiled"]]
+    if failed:  # the calls were made eagerly; a caller (a runner's background compile) must know
+        err.print(f"could not compile {model_id}: {failed[0]['error']}", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -53,11 +53,11 @@ def warmup(config, store: Store, shared: dict, model_id: str, sizes: list[tuple[
     ctx = _context(config, shared, model_id, notices)
     cached, _, device = pipeline_for(ctx, model_id)
     if cached.accelerated is None:  # the model does not ask for it: warm up is asking
-        cached.accelerated = accelerated_or_none(cached.value, config, device)
+        cached.accelerated = accelerated_or_none(cached.value, config, device, fingerprint=cached.file_hash)
     if cached.accelerated is None:
         raise ValidationError(f"{model_id}: the compiled path cannot run on {device.id}")
     accelerated = replace(cached.accelerated, sizes=sorted(set(batch_sizes) | set(cached.accelerated.sizes)),
-                          background=False)  # warming up is compiling in the foreground
+                          background=None)  # warming up is compiling in the foreground
     cached.accelerated = accelerated
     pipe, report = cached.value, []
     for width, height in sizes:
