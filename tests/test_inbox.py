@@ -20,7 +20,7 @@ import pytest
 
 from engine import commands
 from tests.conftest import Installation
-from tests.helpers import query, submit
+from tests.helpers import query
 
 SETTINGS = {"limits": {"max_size": 2048}, "inbox": {"max_file_bytes": 65536, "max_batch_items": 50}}
 
