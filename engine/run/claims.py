@@ -103,6 +103,11 @@ ACTIVE_OWNERS = text("""
     SELECT owner FROM o WHERE owner IS NOT NULL""")
 
 
+NEWEST_SESSION = select(func.max(sessions.c.created_event))
+SET_TAG = update(owner_shares).where(owner_shares.c.owner == bindparam("o")).values(finish=bindparam("f"))
+ADD_TAG = insert(owner_shares).values(owner=bindparam("o"), finish=bindparam("f"))
+
+
 class FairShare:
     """The claim's fair share between owners ([runner] fair_share, [owners.NAME] weight and
     max_running): whose turn it is (engine.run.fairshare.order) and, once claimed, its charge."""
@@ -111,6 +116,7 @@ class FairShare:
 
     def __init__(self, owners: dict, enabled: bool = True) -> None:
         self.owners, self.enabled = owners, enabled
+        self._limits: dict[str, fairshare.Limits] = {}
         self._active: dict[int, tuple[int, float, list[str]]] = {}  # priority -> (newest session, when, owners)
         self._tags: tuple[dict[str, float], float, float, set[str]] | None = None  # finish, clock, read at, unknown
 
@@ -118,7 +124,7 @@ class FairShare:
         """The owners with ready sessions of this priority: one index seek per owner, remembered
         until a session is created or ACTIVE_TTL passes (a session resumed or retried meanwhile
         is seen then; an owner remembered whose sessions are gone is skipped at its turn)."""
-        newest = tx.conn.execute(select(func.max(sessions.c.created_event))).scalar() or 0
+        newest = next(iter(tx.store.dialect.fetch_one(tx.conn, NEWEST_SESSION, {}).values())) or 0
         known = self._active.get(priority)
         now = time.monotonic()
         if known is not None and known[0] == newest and now - known[1] < self.ACTIVE_TTL:
@@ -132,7 +138,10 @@ class FairShare:
         return cls(dict(config.values.get("owners") or {}), bool(config.get("runner", "fair_share")))
 
     def limits(self, owner: str) -> fairshare.Limits:
-        return fairshare.limits_of(self.owners, owner)
+        found = self._limits.get(owner)
+        if found is None:
+            found = self._limits[owner] = fairshare.limits_of(self.owners, owner)
+        return found
 
     def turn(self, tx: Tx, head: dict, where: dict, offer: Offer) -> dict | None:
         dialect = tx.store.dialect
@@ -181,10 +190,10 @@ class FairShare:
         finish, clock = self.tags(tx, list(served))
         weights = {o: self.limits(o).weight for o in served}
         updated, clock = fairshare.charge(finish, clock, served, weights, chosen)
+        dialect = tx.store.dialect
         for owner, tag in {**updated, fairshare.CLOCK: clock}.items():
-            if not tx.conn.execute(update(owner_shares).where(owner_shares.c.owner == owner)
-                                   .values(finish=tag)).rowcount:
-                tx.conn.execute(insert(owner_shares).values(owner=owner, finish=tag))
+            if not dialect.execute(tx.conn, SET_TAG, {"o": owner, "f": tag}):
+                dialect.execute(tx.conn, ADD_TAG, {"o": owner, "f": tag})
         copy = self._tags
         self._tags = ({**copy[0], **updated}, clock, copy[2], copy[3] - updated.keys())
 
