@@ -250,10 +250,12 @@ def owner_status(store: Store) -> list[dict[str, Any]]:
         return [dict(r) for r in conn.execute(text("SELECT * FROM owner_status ORDER BY owner")).mappings()]
 
 
-def queue(store: Store, rows: int = QUEUE_ROWS, recent: int = 20, now: float | None = None) -> dict[str, Any]:
+def queue(store: Store, rows: int = QUEUE_ROWS, recent: int = 20, now: float | None = None,
+          owners: dict | None = None) -> dict[str, Any]:
     """The queue as one read: the counts by status; running sessions with their live progress and
-    who runs them; pending ones in the order they will be claimed (priority, then age), each with
-    why it waits; paused (held) ones; and the sessions that ended last."""
+    who runs them; pending ones in the order they will be claimed (priority, then age; with
+    `owners`, the [owners] table of a fair share, owners' turns among one priority), each with why
+    it waits; paused (held) ones; and the sessions that ended last."""
     now = time.time() if now is None else now
     columns = ("s.session_id, s.job_id, s.batch_id, s.workflow_id, s.status, s.current_step, s.total_steps, "
                "s.priority, s.owner, s.device, s.model, s.created_at, s.started_at, s.finished_at, s.error_code, "
@@ -265,9 +267,7 @@ def queue(store: Store, rows: int = QUEUE_ROWS, recent: int = 20, now: float | N
             "FROM sessions s LEFT JOIN leases l ON l.session_id = s.session_id AND l.step_index = s.current_step "
             "LEFT JOIN steps st ON st.session_id = s.session_id AND st.step_index = s.current_step "
             "WHERE s.status = 'running' ORDER BY s.started_at LIMIT :rows"), {"rows": rows}).mappings()]
-        pending = [dict(r) for r in conn.execute(text(
-            f"SELECT {columns} FROM sessions s WHERE s.status = 'pending' "
-            "ORDER BY s.ready DESC, s.priority DESC, s.created_event LIMIT :rows"), {"rows": rows}).mappings()]
+        pending = _pending(conn, columns, rows, owners)
         paused = [dict(r) for r in conn.execute(text(
             f"SELECT {columns} FROM sessions s WHERE s.status = 'paused' ORDER BY s.priority DESC, s.created_event "
             "LIMIT :rows"), {"rows": rows}).mappings()]
@@ -284,14 +284,45 @@ def queue(store: Store, rows: int = QUEUE_ROWS, recent: int = 20, now: float | N
                               else waiting_why(row, live_workers, now))
     for place, row in enumerate(pending, start=1):
         row["place"] = place
-        row["waiting"] = waiting_why(row, live_workers, now)
+        row["waiting"] = waiting_why(row, live_workers, now, fair=owners is not None)
     for row in paused:
         row["waiting"] = "paused: resume it to run" if row["started_at"] else "held: resume it to start"
     return {"counts": {status: totals.get(status, 0) for status in RUN_STATES[:-1]}, "running": running,
-            "pending": pending, "paused": paused, "ended": ended, "live_workers": sorted(set(live_workers))}
+            "pending": pending, "paused": paused, "ended": ended, "live_workers": sorted(set(live_workers)),
+            "fair": owners is not None}
 
 
-def waiting_why(row: dict[str, Any], live_workers: list[str], now: float) -> str:
+def _pending(conn, columns: str, rows: int, owners: dict | None) -> list[dict[str, Any]]:
+    """The first `rows` pending sessions in claim order: ready ones first (by priority, then age;
+    with a fair share, by engine.run.fairshare.claim_order over each owner's first `rows`, from the
+    owners' tags as the claim reads them), then those not ready."""
+    from engine.run import fairshare
+    from engine.run.grouping import images_of
+
+    if owners is None:
+        return [dict(r) for r in conn.execute(text(
+            f"SELECT {columns} FROM sessions s WHERE s.status = 'pending' "
+            "ORDER BY s.ready DESC, s.priority DESC, s.created_event LIMIT :rows"), {"rows": rows}).mappings()]
+    ready = [dict(r) for r in conn.execute(text(
+        f"SELECT * FROM (SELECT {columns}, s.params, s.created_event, ROW_NUMBER() OVER (PARTITION BY s.owner "
+        "ORDER BY s.priority DESC, s.created_event) AS nth FROM sessions s WHERE s.status = 'pending' "
+        "AND s.ready = 1) ranked WHERE nth <= :rows ORDER BY priority DESC, created_event"), {"rows": rows}).mappings()]
+    tags = dict(conn.execute(text("SELECT owner, finish FROM owner_shares")).all())
+    clock = tags.pop(fairshare.CLOCK, 0.0)
+    queued = [(r["owner"], r["priority"], fairshare.cost_of(images_of(json.loads(r.pop("params") or "{}"))))
+              for r in ready]
+    weights = {o: fairshare.limits_of(owners, o).weight for o, _, _ in queued}
+    chosen = [ready[i] for i in fairshare.claim_order(queued, tags, clock, weights, rows)]
+    for row in chosen:
+        row.pop("nth", None), row.pop("created_event", None)
+    if len(chosen) < rows:
+        chosen += [dict(r) for r in conn.execute(text(
+            f"SELECT {columns} FROM sessions s WHERE s.status = 'pending' AND s.ready = 0 "
+            "ORDER BY s.priority DESC, s.created_event LIMIT :rows"), {"rows": rows - len(chosen)}).mappings()]
+    return chosen
+
+
+def waiting_why(row: dict[str, Any], live_workers: list[str], now: float, fair: bool = False) -> str:
     """Why a pending session (or a running one between steps) has not been claimed yet: its retry's
     backoff, no runner for it, or its place in the queue."""
     from engine.run.affinity import waiting_reason
@@ -301,7 +332,10 @@ def waiting_why(row: dict[str, Any], live_workers: list[str], now: float) -> str
     reason = waiting_reason(row.get("device") or "", live_workers)
     if reason:
         return reason
-    return f"queued: #{row['place']} by priority and age" if row.get("place") else "queued for its next step"
+    if not row.get("place"):
+        return "queued for its next step"
+    return f"queued: #{row['place']} by priority, then owners' turns" if fair else \
+        f"queued: #{row['place']} by priority and age"
 
 
 def _progress_of(conn, session_ids: list[str]) -> dict[str, float]:

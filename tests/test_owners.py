@@ -250,6 +250,16 @@ def test_an_owner_back_from_idle_has_no_credit_saved_up():
     assert turns.count("bob") == 5 and turns[0] == "bob"
 
 
+def test_the_claim_order_takes_priority_first_then_turns_and_keeps_each_owners_own_order():
+    queued = [("alice", 5, 1.0)] * 6 + [("bob", 5, 1.0)] * 2 + [("carol", 9, 4.0)] + [("bob", 1, 1.0)]
+    taken = fairshare.claim_order(queued, {}, 0.0, {"alice": 1.0, "bob": 1.0, "carol": 1.0}, first=len(queued))
+    assert sorted(taken) == list(range(len(queued))), "each once"
+    assert taken[0] == 8, "the higher priority first, whoever owns it"
+    assert taken[1:5] == [0, 6, 1, 7] and taken[5:9] == [2, 3, 4, 5] and taken[9] == 9
+    heavy = fairshare.claim_order([("a", 5, 1.0)] * 30 + [("b", 5, 1.0)] * 30, {}, 0.0, {"a": 3.0, "b": 1.0}, first=20)
+    assert len(heavy) == 20 and sum(1 for i in heavy if i < 30) == 15, "weights 3:1 take turns 3:1"
+
+
 def test_a_step_that_makes_no_image_still_costs_a_little():
     assert fairshare.cost_of(0) == fairshare.STEP_COST > 0 and fairshare.cost_of(4) == 4.0
 

@@ -140,6 +140,30 @@ def test_the_queue_lists_pending_sessions_in_the_order_they_are_claimed(modelled
     assert len(running) == len(priorities) and all(s["runner_id"] == "r-1" for s in running)
 
 
+def test_with_fair_share_the_queue_lists_pending_sessions_in_the_owners_turns_the_claim_takes(modelled):
+    from engine.run import claims
+
+    for number in range(8):
+        submit(modelled, {"workflow": "txt2img", "job_id": f"alice-{number}", "owner": "alice",
+                          "params": {"width": 64, "height": 64, "steps": 2}})
+    for number in range(3):
+        submit(modelled, {"workflow": "txt2img", "job_id": f"bob-{number}", "owner": "bob",
+                          "params": {"width": 64, "height": 64, "steps": 2}})
+    submit(modelled, {"workflow": "txt2img", "job_id": "urgent", "owner": "bob", "priority": 9,
+                      "params": {"width": 64, "height": 64, "steps": 2}})
+    fleet.register(modelled.store, "r-1", 30.0, "test", ["cpu"])
+    shown = queries.queue(modelled.store, owners={})
+    order = [s["job_id"] for s in shown["pending"]]
+    assert order[0] == "urgent" and order.index("bob-2") < 8, order  # by age alone: 12th, behind every alice
+    assert all("owners' turns" in s["waiting"] for s in shown["pending"])
+    policy, share = Policy.from_config(modelled.config), claims.FairShare({})
+    batching = {**modelled.config.values["batching"], "coalesce": False}
+    claimed = []
+    while got := claims.claim_group(modelled.store, "r-1", policy, batching, share=share):
+        claimed.append(got[0].session_id)
+    assert [s["session_id"] for s in shown["pending"]] == claimed
+
+
 def test_the_queue_says_why_a_session_waits_when_no_runner_can_take_it(modelled):
     fleet.register(modelled.store, "r-gpu", 30.0, "test", ["cuda:3"])  # a runner that had it, now stopped
     fleet.stopped(modelled.store, "r-gpu")

@@ -57,3 +57,26 @@ def charge(finish: dict[str, float], clock: float, served: dict[str, float], wei
 
 def cost_of(images: int) -> float:
     return float(images) if images > 0 else STEP_COST
+
+
+def claim_order(queued: list[tuple[str, int, float]], finish: dict[str, float], clock: float,
+                weights: dict[str, float], first: int) -> list[int]:
+    """The first `first` of these ready sessions in the order the claim would take them, were
+    nothing else to change: `queued` is (owner, priority, cost) of each, in queue order (priority,
+    then age). Priority first; among one priority owners take turns (`order`, `charge`), each
+    owner's sessions in its own queue order. Returns their indexes in `queued`."""
+    finish, taken = dict(finish), []
+    for priority in sorted({p for _, p, _ in queued}, reverse=True):
+        queues: dict[str, list[int]] = {}
+        for index, (owner, level, _) in enumerate(queued):
+            if level == priority:
+                queues.setdefault(owner, []).append(index)
+        while queues and len(taken) < first:
+            owner = order(list(queues), finish, clock)[0]
+            index = queues[owner].pop(0)
+            updated, clock = charge(finish, clock, {owner: queued[index][2]}, weights, owner)
+            finish.update(updated)
+            taken.append(index)
+            if not queues[owner]:
+                del queues[owner]
+    return taken

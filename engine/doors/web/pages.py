@@ -98,7 +98,9 @@ def mount(app: FastAPI, engine) -> None:
     # the queue -----------------------------------------------------------------------------
 
     def queue_context(request: Request) -> dict[str, Any]:
-        return {"queue": queries.queue(engine.store)}
+        fair = engine.config.get("runner", "fair_share")
+        return {"queue": queries.queue(engine.store, owners=dict(engine.config.values.get("owners") or {})
+                                       if fair else None)}
 
     router.get("/")(page("queue.html", "queue", "queue")(queue_context))
     router.get("/ui/queue")(page("parts/queue.html", "queue", "queue")(queue_context))
