@@ -47,6 +47,10 @@ class Engine:
         store.after_commit.append(self.results.after_commit)
         # Webhook deliveries are recorded in the transaction of the event they report.
         store.before_commit[:] = [h for h in store.before_commit if not isinstance(h, Recorder)] + [Recorder(config)]
+        self.traces = None  # engine.traces.Traces when [telemetry] traces is on
+        from engine import traces
+
+        traces.install(self)
 
     @classmethod
     def create(cls, config: Config) -> "Engine":
@@ -105,9 +109,12 @@ class Engine:
         """Write what is owed to the outbox, then close the store."""
         try:
             self.results.close()
+            if self.traces is not None:
+                self.traces.flush()
         finally:
-            if self.results.after_commit in self.store.after_commit:
-                self.store.after_commit.remove(self.results.after_commit)
+            for hook in (self.results.after_commit, self.traces and self.traces.after_commit):
+                if hook in self.store.after_commit:
+                    self.store.after_commit.remove(hook)
             self.store.close()
 
     def __enter__(self) -> "Engine":

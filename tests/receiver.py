@@ -27,7 +27,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 with receiver.lock:
                     receiver.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                              "body": body.decode(), "at": time.time()})
+                                              "body": body.decode(errors="replace"), "raw": body, "at": time.time()})
                     step = receiver.script.pop(0) if receiver.script else 200
                 if step == "stall":
                     time.sleep(receiver.stall_seconds)
