@@ -160,3 +160,14 @@ def test_version_status_names_and_model_ids_are_checked(cli, tmp_path):
     broken = cli("models", "add", str(tmp_path / "broken.safetensors"), "--id", "broken", code=2)
     assert "VALIDATION_ERROR" in broken and "not a readable .safetensors file" in broken
     assert "Traceback" not in broken and len(broken.strip().splitlines()) <= 3
+
+
+def test_help_texts_name_config_keys_as_they_are_written():
+    from typer.testing import CliRunner
+
+    from engine.doors.cli import app
+
+    shown = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    assert "(else [server] host)" in shown and "(else [server] port, 7860)" in shown
+    secret = CliRunner().invoke(app, ["notify", "new-secret", "--help"], terminal_width=200).output
+    assert "[notify] secret" in secret

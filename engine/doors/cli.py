@@ -23,11 +23,13 @@ from rich.table import Table
 from engine.config import Config, load_config
 from engine.errors import EngineError, ValidationError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Help texts name config keys as [section] key: plain text, not rich markup (which would eat them).
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="A crash-proof job orchestrator for image generation.")
-models_app = typer.Typer(help="The local model registry.", invoke_without_command=True)
+models_app = typer.Typer(rich_markup_mode=None, help="The local model registry.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
-notify_app = typer.Typer(help="Webhook deliveries: list them, retry a dead one, make a signing secret.",
+notify_app = typer.Typer(rich_markup_mode=None,
+                         help="Webhook deliveries: list them, retry a dead one, make a signing secret.",
                          no_args_is_help=True)
 app.add_typer(notify_app, name="notify")
 # Piped output is read by scripts and people alike: wide enough that ids are not cut.
