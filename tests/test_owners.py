@@ -59,19 +59,22 @@ def _submit_many(install, owner: str, count: int, prefix: str) -> list[str]:
     return [submit(install, {**PAINT, "owner": owner, "job_id": f"{prefix}-{n}"}).target_id for n in range(count)]
 
 
+def _until(install, count_sql: str, at_least: int, deadline: float) -> None:
+    """Wait until the count the query gives reaches `at_least` (failing past `deadline`)."""
+    while query(install, count_sql)[0][0] < at_least:
+        assert time.monotonic() < deadline, f"{count_sql}: fewer than {at_least} in time"
+        time.sleep(0.05)
+
+
 def test_a_small_owner_is_served_at_once_behind_a_big_ones_queue(tmp_path, database_url):
     install = Installation(tmp_path / "engine", database_url=database_url)
     _submit_many(install, "alice", 500, "a")
     runners = _runners(install, 2)
     try:
         deadline = time.monotonic() + 120
-        while query(install, "SELECT count(*) FROM sessions WHERE owner = 'alice' AND status = 'completed'")[0][0] < 10:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _until(install, "SELECT count(*) FROM sessions WHERE owner = 'alice' AND status = 'completed'", 10, deadline)
         bobs = _submit_many(install, "bob", 5, "b")
-        while query(install, "SELECT count(*) FROM sessions WHERE owner = 'bob' AND status = 'completed'")[0][0] < 5:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _until(install, "SELECT count(*) FROM sessions WHERE owner = 'bob' AND status = 'completed'", 5, deadline)
     finally:
         _stop(runners)
     claims = _paint_claims(install)
@@ -102,10 +105,8 @@ def test_weights_three_to_one_split_the_images_three_to_one(tmp_path, database_u
     _submit_many(install, "bob", 300, "b")
     runners = _runners(install, 2)
     try:
-        deadline = time.monotonic() + 180
-        while query(install, "SELECT count(*) FROM steps WHERE step_index = 1 AND status = 'completed'")[0][0] < 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _until(install, "SELECT count(*) FROM steps WHERE step_index = 1 AND status = 'completed'", 200,
+               time.monotonic() + 180)
     finally:
         _stop(runners)
     first = [owner for owner, _ in _paint_claims(install)][:200]
