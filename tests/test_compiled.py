@@ -279,3 +279,26 @@ def test_an_upcast_vae_decodes_in_bfloat16_while_the_pipeline_casts_its_vae(tmp_
     assert 10 * np.log10(1 / max(mse, 1e-20)) > 30, "nearly the float32 picture"
     pipe.vae.decoder = eager
     assert np.array_equal(make(), reference), "the eager decoder is untouched"
+
+
+def test_a_background_compile_dies_with_its_runner_even_by_sigkill(tmp_path, tiny):
+    import psutil
+
+    install = studio(tmp_path, tiny, backend="engine_test_slow", background=True, coalesce=False)
+    for n in range(3):
+        submit(install, {"workflow": "txt2img", "params": {**SIZE, "model": "fast", "prompt": "a stork", "seed": n}})
+    env = {**install.env(), "ENGINE_TEST_COMPILE_SECONDS": "600"}  # it would compile for ten minutes
+    runner = subprocess.Popen([sys.executable, "-m", "engine", "run", "--quiet"], env=env, cwd=install.folder,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not events(install, "model.compile_started"):
+            assert time.monotonic() < deadline and runner.poll() is None
+            time.sleep(0.1)
+        compiling = psutil.Process(events(install, "model.compile_started")[0]["pid"])
+        assert "warmup" in compiling.cmdline()
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=30)
+    compiling.wait(timeout=30)  # gone with its runner (psutil raises TimeoutExpired otherwise)
+    assert not compiling.is_running()

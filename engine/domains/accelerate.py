@@ -35,7 +35,6 @@ import functools
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -155,8 +154,8 @@ class Behind:
         self.log_file = log_file
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "wb") as output:
-            self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            self.process = subprocess.Popen(_dying_with_parent(command), env=env, stdin=subprocess.DEVNULL,
+                                            stdout=output, stderr=subprocess.STDOUT)
         _BEHIND.append(self)
 
     def done(self) -> bool:
@@ -187,15 +186,17 @@ def stop_background_compiles() -> None:
         behind.stop()
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, be killed when the runner dies (even by SIGKILL)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+# Run first in the child (no preexec_fn: not safe in a process with threads): on Linux, ask to be
+# killed when the thread that started it ends (the runner's long-lived handler thread, or the
+# runner itself, even by SIGKILL), then become the command.
+_LAUNCH = ("import ctypes, os, signal, sys\n"
+           "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+           "except Exception:\n    pass\n"
+           "os.execv(sys.argv[1], sys.argv[1:])")
 
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+
+def _dying_with_parent(command: list[str]) -> list[str]:
+    return [sys.executable, "-c", _LAUNCH, *command] if sys.platform.startswith("linux") else command
 
 
 def warmup_elsewhere(config, model_id: str, device_index: int | None) -> Callable[[Shape], Behind]:
