@@ -44,7 +44,7 @@ class Installation:
 
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.toml").write_text(
-            "[batching]\ncoalesce = true\nmax_batch_size = 8\n"
+            f"[batching]\ncoalesce = true\nmax_batch_size = {args.call}\n"
             f'[compile]\nbatch_sizes = [{args.batch_sizes}]\nbackend = "{args.backend}"\nmode = "{args.mode}"\n'
             f'scope = "{args.scope}"\ncache = "{root / "compile-cache"}"\n'
             f'background = {str(args.background).lower()}\n')
@@ -103,11 +103,14 @@ def calls(install: Installation, since: float) -> list[dict]:
     return sorted(found.values(), key=lambda c: c["at"])
 
 
+CALL = 8  # images a call (--call)
+
+
 def rates(made: list[dict]) -> dict:
     """images/s of eager and of compiled calls: inside the calls, and over the wall clock."""
     figures = {}
     for compiled in (False, True):
-        chosen = [c for c in made if c["compiled"] is compiled and c["images"] == 8]
+        chosen = [c for c in made if c["compiled"] is compiled and c["images"] == CALL]
         if chosen:
             images, inside = sum(c["images"] for c in chosen), sum(c["inside"] for c in chosen)
             span = chosen[-1]["at"] - (chosen[0]["at"] - chosen[0]["inside"])
@@ -153,7 +156,7 @@ def phase(install: Installation, args, name: str, items: int, seconds: float, se
                                                                                 "seed": seed0 - 1}}) if single else None
     install.submit({"kind": "batch", "workflow": "txt2img", "params": {**params, "prompt": PROMPT},
                     "matrix": {"product": {"seed": list(range(seed0, seed0 + items))}},
-                    "batch": {"preferred_batch_size": 8, "max_batch_size": 8}})
+                    "batch": {"preferred_batch_size": args.call, "max_batch_size": args.call}})
     ran = install.run(seconds)
     made = calls(install, ran["started"])
     return {"phase": name, "process": ran, "single_image_seconds_from_process_start": first_image(
@@ -219,10 +222,13 @@ def main() -> None:
     parser.add_argument("--phases", default="cold,warm,fp8")
     parser.add_argument("--scope", default="whole", choices=("whole", "regional"))
     parser.add_argument("--batch-sizes", default="1, 8", help="[compile] batch_sizes")
+    parser.add_argument("--call", type=int, default=8, help="images a call (a batch's preferred and max size)")
     parser.add_argument("--foreground", dest="background", action="store_false",
                         help="[compile] background = false: the first call of a size waits for its compile")
     parser.add_argument("--tiny", action="store_true", help="a tiny SDXL instead (to try the script on a CPU)")
     args = parser.parse_args()
+    global CALL
+    CALL = args.call
     import shutil
 
     started = time.perf_counter()
