@@ -22,6 +22,7 @@ from engine import commands  # noqa: E402
 from engine.ingest.jobs import parse_job  # noqa: E402
 from engine.run import claims  # noqa: E402
 from tests.conftest import Installation  # noqa: E402
+from tests.helpers import query  # noqa: E402
 
 
 def fill(folder: Path, owners: int, per_owner: int) -> float:
@@ -46,12 +47,7 @@ def timed_claims(folder: Path, count: int, fair: bool) -> dict:
         started = time.perf_counter()
         got = claims.claim_group(install.store, "bench", policy, batching, share=share)
         took.append((time.perf_counter() - started) * 1000)
-        session = install.store.read
-        with session() as conn:
-            from sqlalchemy import text
-
-            owners.append(conn.execute(text("SELECT owner FROM sessions WHERE session_id = :s"),
-                                       {"s": got[0].session_id}).scalar())
+        owners.append(query(install, "SELECT owner FROM sessions WHERE session_id = :s", s=got[0].session_id)[0][0])
     install.engine.close()
     return {"claims": count, "ms_p50": round(statistics.median(took), 3), "ms_mean": round(statistics.mean(took), 3),
             "ms_p99": round(sorted(took)[int(0.99 * (count - 1))], 3), "distinct_owners_served": len(set(owners))}

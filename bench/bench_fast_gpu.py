@@ -103,14 +103,11 @@ def calls(install: Installation, since: float) -> list[dict]:
     return sorted(found.values(), key=lambda c: c["at"])
 
 
-CALL = 8  # images a call (--call)
-
-
-def rates(made: list[dict]) -> dict:
+def rates(made: list[dict], call: int) -> dict:
     """images/s of eager and of compiled calls: inside the calls, and over the wall clock."""
     figures = {}
     for compiled in (False, True):
-        chosen = [c for c in made if c["compiled"] is compiled and c["images"] == CALL]
+        chosen = [c for c in made if c["compiled"] is compiled and c["images"] == call]
         if chosen:
             images, inside = sum(c["images"] for c in chosen), sum(c["inside"] for c in chosen)
             span = chosen[-1]["at"] - (chosen[0]["at"] - chosen[0]["inside"])
@@ -163,7 +160,7 @@ def phase(install: Installation, args, name: str, items: int, seconds: float, se
         install, single, ran["started"]) if single else None,
         "first_call_done_seconds_from_process_start": made[0]["at"] if made else None,
         "compile_events": switches(install, ran["started"]), "model_loads": loads(install, ran["started"]),
-        "rates": rates(made), "calls": made}
+        "rates": rates(made, args.call), "calls": made}
 
 
 def psnr_and_off(first: Path, second: Path) -> tuple[float, float]:
@@ -227,8 +224,6 @@ def main() -> None:
                         help="[compile] background = false: the first call of a size waits for its compile")
     parser.add_argument("--tiny", action="store_true", help="a tiny SDXL instead (to try the script on a CPU)")
     args = parser.parse_args()
-    global CALL
-    CALL = args.call
     import shutil
 
     started = time.perf_counter()

@@ -112,9 +112,8 @@ class Engine:
             if self.traces is not None:
                 self.traces.flush()
         finally:
-            for hook in (self.results.after_commit, self.traces and self.traces.after_commit):
-                if hook in self.store.after_commit:
-                    self.store.after_commit.remove(hook)
+            hooks = [self.results.after_commit] + ([self.traces.after_commit] if self.traces else [])
+            self.store.after_commit[:] = [h for h in self.store.after_commit if h not in hooks]
             self.store.close()
 
     def __enter__(self) -> "Engine":

@@ -314,7 +314,7 @@ def _pending(conn, columns: str, rows: int, owners: dict | None) -> list[dict[st
     weights = {o: fairshare.limits_of(owners, o).weight for o, _, _ in queued}
     chosen = [ready[i] for i in fairshare.claim_order(queued, tags, clock, weights, rows)]
     for row in chosen:
-        row.pop("nth", None), row.pop("created_event", None)
+        del row["nth"], row["created_event"]
     if len(chosen) < rows:
         chosen += [dict(r) for r in conn.execute(text(
             f"SELECT {columns} FROM sessions s WHERE s.status = 'pending' AND s.ready = 0 "

@@ -12,7 +12,6 @@ background: the commit never waits for them, and a collector that is away loses 
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -47,7 +46,7 @@ def session_spans(report: dict[str, Any], timeline: list[dict[str, Any]]) -> tup
             "engine.workflow": report.get("workflow_id"), "engine.owner": report.get("owner"),
             "engine.status": report.get("status"), "engine.run": run, "engine.batch.id": report.get("batch_id"),
             "engine.error.code": report.get("error_code")}),
-        "error": report.get("error_message") or report.get("error_code") if report.get("status") == "failed" else None,
+        "error": (report.get("error_message") or report.get("error_code")) if report.get("status") == "failed" else None,
     }
     steps = []
     for attempt in timeline:
@@ -89,7 +88,6 @@ class Traces:
             endpoint=telemetry["endpoint"], timeout=float(telemetry["timeout_seconds"]))))
         self.tracer = self.provider.get_tracer("engine")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-traces")
-        self._lock = threading.Lock()
 
     def after_commit(self, events) -> None:
         for event in events:

@@ -95,7 +95,7 @@ class Accelerated:
     sizes: list[int]
     mode: str
     backend: str
-    cache: Path | None
+    cache: Path  # torch's caches (inductor's) and the note of which shapes compiled here
     done: set = field(default_factory=set)  # shapes that ran compiled
     failed: dict = field(default_factory=dict)  # shape -> why it runs eagerly
     scope: str = "whole"  # or "regional": the denoiser's repeated blocks only
@@ -106,7 +106,7 @@ class Accelerated:
     def marker(self, shape: Shape) -> Path | None:
         """The file that says this shape of this model was compiled on this machine (its caches
         are in `cache`): written after its first compiled call, by any process."""
-        if self.cache is None or not self.fingerprint:
+        if not self.fingerprint:
             return None
         mode, images, width, height = shape
         name = f"{self.fingerprint}-{self.scope}-{self.mode}-{self.backend}-{mode}-{images}x{width}x{height}"
@@ -373,7 +373,7 @@ def run_call(accelerated: Accelerated | None, pipe, shape: Shape, call: Callable
             accelerated.mark(shape)
             data = {**described, "seconds": round(time.perf_counter() - started, 3), "mode": accelerated.mode,
                     "backend": accelerated.backend, "scope": accelerated.scope,
-                    "cache": str(accelerated.cache) if accelerated.cache else None}
+                    "cache": str(accelerated.cache)}
             if behind is not None:  # the switch: compiled behind calls that went on eagerly
                 data.update(background=True, first_call_seconds=data["seconds"], seconds=behind.seconds,
                             eager_calls=behind.eager_calls)

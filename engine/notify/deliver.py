@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from engine import queries
+from engine import metrics, queries
+from engine.ending import ENDED_SESSION
 from engine.errors import EngineError
 from engine.notify import rules
 from engine.store.events import epoch_of
@@ -30,7 +31,6 @@ from engine.store.tables import deliveries
 
 log = logging.getLogger("engine.notify")
 KEPT_ANSWER = 1024  # bytes of a receiver's answer kept in the log
-ENDED_EVENTS = ("session.completed", "session.failed", "session.cancelled")
 RESULT_WAIT_SECONDS = 10.0
 
 
@@ -206,7 +206,7 @@ class Deliverer:
                 # An ended session's result.json (its images) is written just after the commit
                 # that ended it: a body that lists the images waits for it, a while.
                 result = Path(report["outbox"]) / "result.json"
-                if row["event_type"] in ENDED_EVENTS and not result.exists():
+                if row["event_type"] in ENDED_SESSION and not result.exists():
                     waited = time.monotonic()
                     while not result.exists() and time.monotonic() - waited < RESULT_WAIT_SECONDS \
                             and not self.stopping.is_set():
@@ -246,8 +246,6 @@ class Deliverer:
         note = log.info if outcome == "delivered" else log.warning
         note("delivery %s (%s of %s %s) to %s: attempt %d %s%s", delivery_id, row["event_type"], row["target_type"],
              row["target_id"], row["url"], attempt, outcome, f" ({answer.error})" if answer.error else "")
-        from engine import metrics
-
         metrics.WEBHOOKS.labels(outcome=outcome).inc()
 
 
