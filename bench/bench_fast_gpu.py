@@ -163,6 +163,49 @@ def phase(install: Installation, args, name: str, items: int, seconds: float, se
         "rates": rates(made, args.call), "calls": made}
 
 
+def latency_phase(install: Installation, args, count: int, seconds: float) -> dict:
+    """Single images, one at a time, to a runner that has nothing else to do (a new `engine run`
+    process, caches present): each image's seconds from its submit to its session's end, and its
+    call's seconds inside the pipeline."""
+    from engine.store.events import epoch_of
+
+    env = {**os.environ, "ENGINE_CONFIG": str(install.config_path)}
+    started = time.time()
+    process = subprocess.Popen([sys.executable, "-m", "engine", "run", "--quiet"], env=env, stderr=subprocess.PIPE,
+                               text=True)
+    params = {"model": "sdxl", "width": args.size, "height": args.size, "steps": args.steps, "guidance_scale": 7.0}
+    images = []
+    try:
+        for number in range(count):
+            submitted = time.time()
+            session = install.submit({"workflow": "txt2img", "params": {**params, "prompt": "one at a time",
+                                                                        "seed": 9000 + number}})
+            while time.time() - started < seconds:
+                row = install.query("SELECT status, created_at, finished_at FROM sessions WHERE session_id = :s",
+                                    s=session)
+                if row and row[0][0] in ("completed", "failed", "cancelled"):
+                    break
+                time.sleep(0.02)
+            else:
+                break
+            output = install.query("SELECT output FROM steps WHERE session_id = :s AND step_type = "
+                                   "'inference_generation'", s=session)
+            data = json.loads(output[0][0])["data"] if output and output[0][0] else {}
+            images.append({"status": row[0][0], "submitted_at": round(submitted - started, 2),
+                           "seconds": round(epoch_of(row[0][2]) - epoch_of(row[0][1]), 3) if row[0][2] else None,
+                           "inside": data.get("group_seconds"), "compiled": data.get("compiled")})
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            _, errors = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, errors = process.communicate()
+    done = sorted(i["seconds"] for i in images[1:] if i["status"] == "completed" and i["seconds"])
+    return {"phase": "latency", "images": images, "median_after_first": done[len(done) // 2] if done else None,
+            "log_tail": errors[-1500:]}
+
+
 def psnr_and_off(first: Path, second: Path) -> tuple[float, float]:
     import numpy as np
     from PIL import Image
@@ -214,6 +257,8 @@ def main() -> None:
     parser.add_argument("--cold-seconds", type=float, default=250)
     parser.add_argument("--warm-seconds", type=float, default=100)
     parser.add_argument("--fp8-seconds", type=float, default=60)
+    parser.add_argument("--latency-images", type=int, default=6)
+    parser.add_argument("--latency-seconds", type=float, default=90)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--mode", default="reduce-overhead")
     parser.add_argument("--phases", default="cold,warm,fp8")
@@ -251,15 +296,20 @@ def main() -> None:
     if "warm" in phases:
         result["warm"] = phase(install, args, "warm", 24, args.warm_seconds, 5000, single=True)
         save()
+    if "latency" in phases:
+        result["latency"] = latency_phase(install, args, args.latency_images, args.latency_seconds)
+        save()
     if "fp8" in phases:
         result["fp8"] = fp8_phase(install, args, list(range(100, 108)), args.fp8_seconds)
         save()
-    brief = {name: {k: v for k, v in part.items() if k not in ("calls", "process")}
+    brief = {name: {k: v for k, v in part.items() if k not in ("calls", "process", "log_tail")}
              for name, part in result.items() if isinstance(part, dict)}
     print(json.dumps(brief, indent=1, default=str))
     for name in ("cold", "warm", "fp8"):
         if name in result:
             print(name, "returncode", result[name]["process"]["returncode"], result[name]["process"]["log_tail"][-400:])
+    if "latency" in result:
+        print("latency", result["latency"]["log_tail"][-400:])
 
 
 if __name__ == "__main__":

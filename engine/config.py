@@ -136,5 +136,8 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     if precision and precision not in PRECISIONS:
         raise ValidationError(f"{chosen or 'config'}: models.precision = {precision!r}: one of {', '.join(PRECISIONS)}, "
                               "or empty for [device] dtype")
+    level = values["outbox"]["png_compress_level"]
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
+        raise ValidationError(f"{chosen or 'config'}: outbox.png_compress_level = {level!r}: a whole number from 0 to 9")
     base_dir = chosen.parent if chosen else Path.cwd()
     return Config(base_dir=base_dir, values=values, source=chosen)

@@ -96,6 +96,38 @@ def test_txt2img_end_to_end_with_a1111_parameters_and_one_model_load(studio):
     assert loads[0]["model_id"] == "tiny" and len(loads[0]["file_hash"]) == 64
 
 
+def zlib_level_class(png: Path) -> int:
+    """The compression class zlib wrote into a PNG's image data (its header's FLEVEL): 0 for
+    levels 0-1, 1 for 2-5, 2 for 6, 3 for 7-9."""
+    import struct
+
+    data, at = png.read_bytes(), 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        if kind == b"IDAT":
+            return data[at + 9] >> 6
+        at += 12 + length
+    raise AssertionError(f"{png} has no image data")
+
+
+def test_pngs_are_written_at_the_configured_compression_the_same_pixels_at_every_level(studio, models, tmp_path):
+    fast = submit(studio, {"workflow": "txt2img", "params": {**SIZE, "prompt": "a lighthouse", "seed": 5}})
+    run_until_idle(studio)
+    small = Installation(tmp_path / "small", settings={"outbox": {"png_compress_level": 9}})
+    ModelRegistry(small.config.models_dir).add(models / "tiny", "tiny")
+    smallest = submit(small, {"workflow": "txt2img", "params": {**SIZE, "prompt": "a lighthouse", "seed": 5}})
+    run_until_idle(small)
+    first, second = (install.config.outbox / session / result_of(install, session)["images"][0]
+                     for install, session in ((studio, fast.target_id), (small, smallest.target_id)))
+    assert zlib_level_class(first) == 0 and zlib_level_class(second) == 3  # the default, 1; and 9
+    assert Image.open(first).tobytes() == Image.open(second).tobytes()
+    assert Image.open(first).info["parameters"] == Image.open(second).info["parameters"]
+    small.store.close()
+    for wrong in (10, -1, "fast", True):
+        with pytest.raises(EngineError, match="png_compress_level"):
+            Installation(tmp_path / f"wrong-{wrong}", settings={"outbox": {"png_compress_level": wrong}})
+
+
 # The determinism contract (README): the same seed, params and call composition give bit-identical
 # images; across call compositions an image may differ by numerical noise, at most this much.
 # Measured on the tiny models on CPU (10 seeds, calls of 1, 2 and 4): at most 1/255, PSNR >= 86 dB.
@@ -370,12 +402,13 @@ def test_pickle_models_are_refused_unless_allowed(tmp_path):
         ModelRegistry(tmp_path / "models").get("p")
 
 
-def test_directml_is_preferred_when_present_with_cpu_seeds_and_fp32(monkeypatch):
+def test_directml_is_preferred_when_present_with_cpu_seeds_and_fp32(monkeypatch, request):
     import torch
 
     from engine.domains import device
 
     monkeypatch.syspath_prepend(str(ROOT / "tests" / "standins"))
+    request.addfinalizer(lambda: sys.modules.pop("torch_directml", None))  # the stand-in goes with the test
     found = device.discover()
     assert found[0].id == "directml:0" and found[0].name == "Stand-in DirectML Adapter"
     chosen = device.select("auto", found)

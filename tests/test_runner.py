@@ -181,3 +181,25 @@ def test_a_session_runs_its_steps_back_to_back_before_lower_priorities(backend_i
     order = []
     run_until_idle(install, on_step=lambda claim, outcome: order.append((claim.session_id, claim.step_index)))
     assert order == [(high, 0), (high, 1), (high, 2), (low, 0), (low, 1), (low, 2)]
+
+
+@pytest.mark.parametrize("wake", [0.02, 0.0], ids=["woken", "not-woken"])
+def test_an_idle_runner_takes_a_new_job_when_it_is_submitted_not_at_its_next_look(backend_install, wake):
+    """An idle runner that looks for work once a minute still takes a job submitted meanwhile at
+    once: the event log's newest id, read every wake_poll_seconds, says something happened."""
+    install = backend_install
+    install.config.values["runner"].update(idle_poll_seconds=60.0, wake_poll_seconds=wake)
+    worker = runner(install)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)  # its first look found nothing: it waits
+        session = submit(install, {"workflow": "noop1"}).target_id
+        deadline = time.monotonic() + (20 if wake else 3)
+        while status(install, session) != "completed" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status(install, session) == ("completed" if wake else "pending")
+    finally:
+        worker.stop()
+        thread.join(30)
+        worker.close()

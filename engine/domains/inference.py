@@ -398,7 +398,9 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
                  "Model hash": cached.file_hash[:10] if cached.file_hash else None,
                  "Lora hashes": lora_hashes(context), "VAE": context.params.vae, "Workflow mode": mode,
                  **(hires_fields(context.params) if mode == "hires" else {})}
-        writing = _save_later([(image.picture, context.work_dir / name, a1111_parameters(context.params.model_dump(), image.seed, extra))
+        level = context.config.get("outbox", "png_compress_level")
+        writing = _save_later([(image.picture, context.work_dir / name,
+                                a1111_parameters(context.params.model_dump(), image.seed, extra), level)
                                for image, name in zip(mine, names)])
         record = _record(mine, mode, device, dtype, cached, loaded, scheduler_name, peak, halved, len(contexts),
                          len(wanted), seconds, compiled)

@@ -209,7 +209,8 @@ def processing_step(ctx: StepContext) -> StepResult:
     described = ", ".join(o["op"] + (f" x{o.get('scale', 2.0)}" if o["op"] == "upscale" else "") for o in ops)
     for (stem, _, parameters), image in zip(sources, images):
         name = f"{stem}-s{ctx.step_index}.png"
-        save_png(image, ctx.work_dir / name, ((parameters + ", ") if parameters else "") + f"Postprocess: {described}")
+        save_png(image, ctx.work_dir / name, ((parameters + ", ") if parameters else "") + f"Postprocess: {described}",
+                 ctx.config.get("outbox", "png_compress_level"))
         names.append(name)
     data["sizes"] = [list(image.size) for image in images]
     return StepResult(images=names, data=data)

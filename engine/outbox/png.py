@@ -68,12 +68,13 @@ def a1111_parameters(params: dict[str, Any], seed: int, extra: dict[str, Any] | 
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: Path, parameters: str | None) -> None:
-    """A PNG with a `parameters` text chunk, written under a temporary name and renamed."""
+def save_png(image: Image.Image, path: Path, parameters: str | None, compress_level: int = 6) -> None:
+    """A PNG with a `parameters` text chunk, written under a temporary name and renamed
+    (`compress_level`: zlib's, 0-9; `[outbox] png_compress_level`)."""
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text("parameters", parameters)
     encoded = io.BytesIO()
-    image.save(encoded, format="PNG", pnginfo=info)
+    image.save(encoded, format="PNG", pnginfo=info, compress_level=compress_level)
     atomic_write_bytes(path, encoded.getvalue())
     sheets.tiles.remember(path, image)

@@ -84,6 +84,7 @@ class Runner:
         self.heartbeat_every = runner["heartbeat_seconds"]
         self.control_every = runner["control_poll_seconds"]
         self.idle_sleep = runner["idle_poll_seconds"]
+        self.wake_every = runner["wake_poll_seconds"]
         self.lookahead = max(1, int(runner["affinity_lookahead"]))
         self.progress_every = 1.0 / max(runner["progress_writes_per_second"], 0.01)
         # result.json and summary.json of what a step ended are written off the claim loop, in
@@ -317,6 +318,28 @@ class Runner:
         except Exception:
             log.exception("could not record that runner %s stopped", self.runner_id)
 
+    def wait_for_work(self) -> None:
+        """An idle pause: until the log has a new event (a job submitted by any process on any
+        host, a session resumed, a step handed back), looked for every `wake_poll_seconds` with one
+        cheap read, or at most `idle_poll_seconds` (for what time alone makes ready: a retry's
+        backoff, a lease run out)."""
+        deadline = time.monotonic() + self.idle_sleep
+        try:
+            seen = self.store.newest_event_id() if self.wake_every > 0 else None
+        except STORE_ERRORS:
+            seen = None  # the claim that follows meets the database's trouble and says so
+        while not self.stop_event.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or seen is None:
+                self.stop_event.wait(max(left, 0))
+                return
+            self.stop_event.wait(min(self.wake_every, left))
+            try:
+                if self.store.newest_event_id() != seen:
+                    return
+            except STORE_ERRORS:
+                return
+
     def nothing_left(self) -> bool:
         """No step is running anywhere (each holds a lease) and none is waiting to run, a retry's
         backoff included (paused sessions wait for a user, not for us)."""
@@ -372,7 +395,7 @@ class _Lane:
                 group = []
                 self.stop_event.wait(1.0)
                 continue
-            self.stop_event.wait(self.runner.idle_sleep)
+            self.runner.wait_for_work()
 
     # one step ------------------------------------------------------------------------------
 

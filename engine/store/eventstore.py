@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
-from sqlalchemy import create_engine, delete, insert, select
+from sqlalchemy import create_engine, delete, func, insert, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -211,6 +211,12 @@ class Store:
                 yield conn
         except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
+
+    def newest_event_id(self) -> int:
+        """The log's newest event id (0 when empty): one cheap read, its primary key's end, that
+        says whether anything happened since it was last asked."""
+        with self.read() as conn:
+            return conn.execute(select(func.max(events.c.event_id))).scalar() or 0
 
     def stream(self, stream_type: str, stream_id: str) -> list[Event]:
         with self.read() as conn:
