@@ -78,14 +78,19 @@ class Installation:
         try:
             _, errors = process.communicate(timeout=seconds)
         except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGINT)
-            try:
-                _, errors = process.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                _, errors = process.communicate()
+            errors = stopped(process)
         return {"started": started, "seconds": round(time.time() - started, 1), "returncode": process.returncode,
                 "log_tail": errors[-1500:]}
+
+
+def stopped(process: subprocess.Popen) -> str:
+    """Stop an `engine run` as Ctrl-C does (killed if it has not stopped 30 s later); what it wrote to stderr."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()[1]
 
 
 def calls(install: Installation, since: float) -> list[dict]:
@@ -195,12 +200,7 @@ def latency_phase(install: Installation, args, count: int, seconds: float) -> di
                            "seconds": round(epoch_of(row[0][2]) - epoch_of(row[0][1]), 3) if row[0][2] else None,
                            "inside": data.get("group_seconds"), "compiled": data.get("compiled")})
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            _, errors = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, errors = process.communicate()
+        errors = stopped(process)
     done = sorted(i["seconds"] for i in images[1:] if i["status"] == "completed" and i["seconds"])
     return {"phase": "latency", "images": images, "median_after_first": done[len(done) // 2] if done else None,
             "log_tail": errors[-1500:]}
