@@ -165,6 +165,36 @@ def test_a_shape_compiles_in_another_process_while_its_calls_go_on_eagerly_and_t
     assert [e.get("background", False) for e in events(install, "model.compiled")][-1] is False
 
 
+def test_a_background_compile_starts_only_where_the_device_has_room_for_a_second_copy():
+    from engine.domains.accelerate import BACKGROUND_ROOM, background_room
+
+    weights = 7 * 2**30
+    assert background_room(int(BACKGROUND_ROOM * weights), weights, running=0) == "start"
+    assert background_room(int(BACKGROUND_ROOM * weights), weights, running=1) == "start"
+    assert background_room(weights, weights, running=1) == "wait", "another compile's memory comes back"
+    assert background_room(weights, weights, running=0) == "foreground", "there will never be room"
+
+
+def test_with_no_room_on_the_device_a_shape_compiles_in_the_foreground_and_no_process_starts(tmp_path, tiny,
+                                                                                           monkeypatch, caplog):
+    from engine.domains import accelerate
+
+    install = studio(tmp_path, tiny, background=True, coalesce=False)
+    # The device's real free memory, against a second copy that wants more than any device has.
+    monkeypatch.setattr(accelerate, "BACKGROUND_ROOM", 2.0**50)
+    first = submit(install, {"workflow": "txt2img", "params": {**SIZE, "model": "fast", "prompt": "a wren",
+                                                                "seed": 3}}).target_id
+    second = submit(install, {"workflow": "txt2img", "params": {**SIZE, "model": "fast", "prompt": "a wren",
+                                                                 "seed": 4}}).target_id
+    run_until_idle(install)
+    assert query(install, "SELECT DISTINCT status FROM sessions") == [("completed",)]
+    assert not events(install, "model.compile_started"), "no second copy of the model was started"
+    assert "too little free memory for a second copy" in caplog.text
+    assert [_generation_data(install, s)["compiled"] for s in (first, second)] == [False, True]
+    compiled, = events(install, "model.compiled")
+    assert not compiled.get("background") and compiled["shape"] == ["txt2img", 1, 64, 64]
+
+
 def test_a_background_compile_that_fails_leaves_the_shape_eager_and_every_image_is_made(tmp_path, tiny):
     install = studio(tmp_path, tiny, backend="engine_test_broken", background=True, coalesce=False)
     params = {**SIZE, "steps": 4, "model": "fast", "prompt": "a crane"}

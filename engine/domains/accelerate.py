@@ -101,6 +101,9 @@ class Accelerated:
     scope: str = "whole"  # or "regional": the denoiser's repeated blocks only
     background: Callable[[Shape], "Behind"] | None = None  # starts a shape's compile in another process
     behind: dict = field(default_factory=dict)  # shape -> its Behind (a background compile)
+    # The device's free bytes now, and the model's weights: whether another process has room.
+    free_bytes: Callable[[], int] | None = None
+    weights_bytes: int = 0
     fingerprint: str = ""  # the model's file hash and dtype: what the caches of a shape are for
 
     def marker(self, shape: Shape) -> Path | None:
@@ -197,6 +200,21 @@ _LAUNCH = ("import ctypes, os, signal, sys\n"
 
 def _dying_with_parent(command: list[str]) -> list[str]:
     return [sys.executable, "-c", _LAUNCH, *command] if sys.platform.startswith("linux") else command
+
+
+# A background compile loads its own copy of the model and runs calls of the shape it compiles:
+# room for it is the weights and as much again (a call's activations and the compiler's own).
+BACKGROUND_ROOM = 2.0
+
+
+def background_room(free_bytes: int, weights_bytes: int, running: int) -> str:
+    """Whether a shape's compile may start in another process now: "start" when the device has room
+    for one more copy of the model and its calls (BACKGROUND_ROOM times its weights), else "wait"
+    while another background compile runs (its memory comes back when it ends), else "foreground"
+    (there is never room: the shape compiles in this process, as with background off)."""
+    if free_bytes >= BACKGROUND_ROOM * weights_bytes:
+        return "start"
+    return "wait" if running else "foreground"
 
 
 def warmup_elsewhere(config, model_id: str, device_index: int | None) -> Callable[[Shape], Behind]:
@@ -393,7 +411,18 @@ def _eagerly_while_compiling(accelerated: Accelerated, shape: Shape, call: Calla
     starts that compile (`model.compile_started`) before it is made."""
     behind = accelerated.behind.get(shape)
     if behind is None:
+        room = "start"
+        if accelerated.free_bytes is not None:
+            running = sum(1 for other in accelerated.behind.values() if not other.done())
+            room = background_room(accelerated.free_bytes(), accelerated.weights_bytes, running)
+        if room == "wait":  # another compile holds the room it needs: this call goes on eagerly
+            call()
+            return
         try:
+            if room == "foreground":
+                raise OSError(f"the device has too little free memory for a second copy of the model "
+                              f"({accelerated.free_bytes() / 2**30:.1f} GiB free, "
+                              f"{BACKGROUND_ROOM * accelerated.weights_bytes / 2**30:.1f} GiB wanted)")
             behind = accelerated.behind[shape] = accelerated.background(shape)
         except OSError as exc:  # no process could be started: compile here, in the foreground
             log.warning("could not start a background compile (%s); %s compiles in the foreground", exc, shape)

@@ -177,14 +177,17 @@ def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceI
                                        device, load, path, ctx.notify,
                                        precision="fp8" if precision == "fp8" else str(dtype).removeprefix("torch."))
     if loaded and accelerate.wanted(entry.compile, ctx.config):
-        cached.accelerated = accelerated_or_none(cached.value, ctx.config, device, model_id, cached.file_hash)
+        cached.accelerated = accelerated_or_none(cached.value, ctx.config, device, model_id, cached.file_hash,
+                                                 cached.size)
     return cached, loaded, device
 
 
-def accelerated_or_none(pipe, config, device: DeviceInfo, model_id: str | None = None, fingerprint: str = ""):
+def accelerated_or_none(pipe, config, device: DeviceInfo, model_id: str | None = None, fingerprint: str = "",
+                        weights_bytes: int = 0):
     """The compiled path for this pipeline, or None where it cannot run (DirectML, MPS) or could
     not be prepared (logged): the model then runs eagerly, as without the flag. With `model_id`
-    and `[compile] background`, a shape not yet compiled is compiled by another process."""
+    and `[compile] background`, a shape not yet compiled is compiled by another process, when the
+    device has room for it (accelerate.background_room)."""
     if device.kind in ("directml", "mps"):
         log.warning("the compiled path is for CUDA and CPU devices; %s runs eagerly", device.id)
         return None
@@ -196,6 +199,7 @@ def accelerated_or_none(pipe, config, device: DeviceInfo, model_id: str | None =
     if model_id is not None and config.get("compile", "background"):
         accelerated.background = accelerate.warmup_elsewhere(config, model_id,
                                                              device.index if device.kind in CUDA_API else None)
+        accelerated.free_bytes, accelerated.weights_bytes = (lambda: memory.free_memory(device)), weights_bytes
     return accelerated
 
 
