@@ -7,7 +7,8 @@ machine lets us drop them, read from disk ("cold"):
 raw: every .safetensors file of the folder read straight to the GPU (safetensors' load_file): what
 the disk and the copy allow. to: `from_pretrained` to the CPU then `.to("cuda")` (what the engine
 did). device_map: `from_pretrained(device_map="cuda")`, each tensor read straight to the GPU.
-engine: the engine's own `load_pipeline`. Each reports its imports, its load and the total.
+engine: the engine's own `load_pipeline`. Each reports its imports (torch and CUDA's start; then
+diffusers' SDXL pipeline, apart), its load and the total.
 The model is bench_gpu.build_sdxl's random-weight SDXL (fp16), made once in --folder/model.
 """
 
@@ -34,15 +35,18 @@ def one(variant: str, folder: Path) -> dict:
     torch.cuda.init()
     torch.zeros(1, device="cuda")
     imported = time.perf_counter()
+    imports: dict = {}
     if variant == "raw":
         from safetensors.torch import load_file
 
         tensors = [load_file(str(path), device="cuda") for path in sorted(folder.rglob("*.safetensors"))]
         size = sum(t.numel() * t.element_size() for group in tensors for t in group.values())
     else:
-        from diffusers import DiffusionPipeline
+        from diffusers import DiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401 (its import is timed)
 
-        imported = time.perf_counter()
+        diffusers_imported = time.perf_counter()
+        imports["diffusers_import_s"] = round(diffusers_imported - imported, 2)
+        imported = diffusers_imported
         if variant == "to":
             pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float16, use_safetensors=True,
                                                      local_files_only=True).to("cuda")
@@ -60,7 +64,7 @@ def one(variant: str, folder: Path) -> dict:
         size = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
     torch.cuda.synchronize()
     done = time.perf_counter()
-    return {"variant": variant, "imports_s": round(imported - started, 2), "load_s": round(done - imported, 2),
+    return {"variant": variant, "imports_s": round(imported - started, 2), **imports, "load_s": round(done - imported, 2),
             "total_s": round(done - started, 2), "bytes": size}
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def probe(config_path: Path, device_kind: str, size: int, steps: int) -> dict:
+def probe(config_path: Path, device_kind: str, size: int, steps: int, images: int = 1) -> dict:
     """In this process: load, one eager call, two compiled calls; each part's seconds."""
     started = time.perf_counter()
     import torch
@@ -46,7 +46,7 @@ def probe(config_path: Path, device_kind: str, size: int, steps: int) -> dict:
     def call() -> float:
         begun = time.perf_counter()
         generator = torch.Generator("cpu").manual_seed(0)
-        pipe(prompt="warm", num_inference_steps=steps, width=size, height=size, generator=generator,
+        pipe(prompt="warm", num_images_per_prompt=images, num_inference_steps=steps, width=size, height=size, generator=generator,
              output_type="np")
         if device_kind == "cuda":
             torch.cuda.synchronize()
@@ -76,13 +76,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--scopes", default="whole,regional")
+    parser.add_argument("--images", type=int, default=1, help="images a call")
     parser.add_argument("--mode", default="default")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/engine-warm-start"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        print(json.dumps(probe(args.probe, args.device, args.size, args.steps)))
+        print(json.dumps(probe(args.probe, args.device, args.size, args.steps, args.images)))
         return
     runs = []
     for scope in args.scopes.split(","):
