@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu import in_own_process  # noqa: E402
 
 
 def probe(config_path: Path, device_kind: str, size: int, steps: int, images: int = 1) -> dict:
@@ -80,7 +83,7 @@ def main() -> None:
     parser.add_argument("--mode", default="default")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/engine-warm-start"))
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", "--one", type=Path, help=argparse.SUPPRESS)  # a config: this process probes it
     args = parser.parse_args()
     if args.probe:
         print(json.dumps(probe(args.probe, args.device, args.size, args.steps, args.images)))
@@ -104,11 +107,9 @@ def main() -> None:
                                 text=True)
         run = {"scope": scope, "warmup_process_s": round(time.perf_counter() - begun, 1),
                "warmup": warmed.stdout.strip()[-400:] or warmed.stderr[-800:]}
-        done = subprocess.run([sys.executable, __file__, "--probe", str(config_path), "--device", args.device,
-                               "--size", str(args.size), "--steps", str(args.steps), "--model", str(args.model)],
-                              env=env, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        run.update(json.loads(lines[-1]) if lines else {"error": done.stderr[-1500:]})
+        run.update(in_own_process(__file__, str(config_path), [
+            "--device", args.device, "--size", str(args.size), "--steps", str(args.steps), "--images", str(args.images),
+            "--model", str(args.model)], timeout=1800))
         runs.append(run)
         print(json.dumps(run), flush=True)
     out = args.out or Path(os.environ.get("OUT", args.folder)) / "warm_start.json"

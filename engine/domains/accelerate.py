@@ -413,24 +413,32 @@ def _eagerly_while_compiling(accelerated: Accelerated, shape: Shape, call: Calla
     if behind is None:
         room = "start"
         if accelerated.free_bytes is not None:
+            free = accelerated.free_bytes()
             running = sum(1 for other in accelerated.behind.values() if not other.done())
-            room = background_room(accelerated.free_bytes(), accelerated.weights_bytes, running)
+            room = background_room(free, accelerated.weights_bytes, running)
         if room == "wait":  # another compile holds the room it needs: this call goes on eagerly
             call()
             return
+        if room == "foreground":
+            _in_the_foreground(accelerated, shape, call, (
+                f"the device has too little free memory for a second copy of the model ({free / 2**30:.1f} GiB "
+                f"free, {BACKGROUND_ROOM * accelerated.weights_bytes / 2**30:.1f} GiB wanted)"))
+            return
         try:
-            if room == "foreground":
-                raise OSError(f"the device has too little free memory for a second copy of the model "
-                              f"({accelerated.free_bytes() / 2**30:.1f} GiB free, "
-                              f"{BACKGROUND_ROOM * accelerated.weights_bytes / 2**30:.1f} GiB wanted)")
             behind = accelerated.behind[shape] = accelerated.background(shape)
-        except OSError as exc:  # no process could be started: compile here, in the foreground
-            log.warning("could not start a background compile (%s); %s compiles in the foreground", exc, shape)
-            accelerated.background = None
-            call()
+        except OSError as exc:  # no process could be started
+            _in_the_foreground(accelerated, shape, call, str(exc))
             return
         notify("model.compile_started", {**described, "background": True, "mode": accelerated.mode,
                                          "backend": accelerated.backend, "scope": accelerated.scope,
                                          "pid": behind.process.pid, "log": str(behind.log_file)})
     behind.eager_calls += 1
+    call()
+
+
+def _in_the_foreground(accelerated: Accelerated, shape: Shape, call: Callable[[], None], why: str) -> None:
+    """No background compile after all: this call is made eagerly, and from the next one on every
+    shape compiles in this process, as with `[compile] background` off."""
+    log.warning("could not start a background compile (%s); %s compiles in the foreground", why, shape)
+    accelerated.background = None
     call()

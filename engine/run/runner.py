@@ -328,11 +328,10 @@ class Runner:
             seen = self.store.newest_event_id() if self.wake_every > 0 else None
         except STORE_ERRORS:
             seen = None  # the claim that follows meets the database's trouble and says so
-        while not self.stop_event.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0 or seen is None:
-                self.stop_event.wait(max(left, 0))
-                return
+        if seen is None:
+            self.stop_event.wait(self.idle_sleep)
+            return
+        while not self.stop_event.is_set() and (left := deadline - time.monotonic()) > 0:
             self.stop_event.wait(min(self.wake_every, left))
             try:
                 if self.store.newest_event_id() != seen:
