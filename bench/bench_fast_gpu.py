@@ -12,9 +12,12 @@ switch (seconds from the start, the compile's seconds, the eager calls meanwhile
 eager and of the compiled calls (inside calls, and from the first such call's start to the last
 one's end). The process is stopped after --cold-seconds. warm: a new process, caches present: a
 single image (priority 90; compiled when 1 is among --batch-sizes), timed from the process's start,
-and a batch of 24. fp8: the batch's first 8 seeds with the same model
-registered `--precision fp8` (compile off): seconds a call, and the PSNR against the cold phase's
-fp16 eager images at the same seeds, with the share of pixels off by more than 8/255.
+and a batch of 24. fp8: a new process makes --fp8-items seeds with the fp16 model, then the same
+seeds with the model registered `--precision fp8` (`[models] fp8_scaling` from --fp8-scaling),
+each compiled as --scope says (--fp8-eager: the float8 model eagerly), calls of --call: each
+precision's seconds a call and images/s over its compiled calls after its first (the one that
+compiled), and each seed's PSNR of the float8 picture against the fp16 one, with the share of
+pixels off by more than 8/255.
 The model is SDXL's architecture with random weights (bench_gpu.build_sdxl), fp16.
 """
 
@@ -44,6 +47,7 @@ class Installation:
 
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.toml").write_text(
+            f'[models]\nfp8_scaling = "{args.fp8_scaling}"\n'
             f"[batching]\ncoalesce = true\nmax_batch_size = {args.call}\n"
             f'[compile]\nbatch_sizes = [{args.batch_sizes}]\nbackend = "{args.backend}"\nmode = "{args.mode}"\n'
             f'scope = "{args.scope}"\ncache = "{root / "compile-cache"}"\n'
@@ -55,7 +59,7 @@ class Installation:
         models = self.engine.models
         if "sdxl" not in models.entries():
             models.add(model, "sdxl", compile_setting="on")
-            models.add(model, "sdxl-fp8", compile_setting="off", precision="fp8")
+            models.add(model, "sdxl-fp8", compile_setting="off" if args.fp8_eager else "on", precision="fp8")
 
     def submit(self, job: dict) -> str:
         from engine import commands
@@ -218,34 +222,41 @@ def psnr_and_off(first: Path, second: Path) -> tuple[float, float]:
 
 
 def fp8_phase(install: Installation, args, seeds: list[int], seconds: float) -> dict:
+    """The same seeds in fp16, then in float8, in one new process: each precision's calls and rate,
+    and each seed's PSNR (float8 against fp16)."""
     from engine import commands
 
     for (batch_id,) in install.query("SELECT batch_id FROM batches WHERE status NOT IN ('completed', 'failed', "
                                      "'cancelled')"):  # what the earlier phases left: not this phase's work
         commands.control(install.store, batch_id, "cancel")
-    params = {"model": "sdxl-fp8", "width": args.size, "height": args.size, "steps": args.steps,
-              "guidance_scale": 7.0, "prompt": PROMPT}
-    batch = install.submit({"kind": "batch", "workflow": "txt2img", "params": params,
-                            "matrix": {"product": {"seed": seeds}},
-                            "batch": {"preferred_batch_size": 8, "max_batch_size": 8}})
+    params = {"width": args.size, "height": args.size, "steps": args.steps, "guidance_scale": 7.0, "prompt": "fp8 " + PROMPT}
+    for model, priority in (("sdxl", 60), ("sdxl-fp8", 50)):  # fp16 first, then float8
+        install.submit({"kind": "batch", "workflow": "txt2img", "priority": priority, "params": {**params, "model": model},
+                        "matrix": {"product": {"seed": seeds}},
+                        "batch": {"preferred_batch_size": args.call, "max_batch_size": args.call}})
     ran = install.run(seconds)
     made = calls(install, ran["started"])
-    pairs, fp16, eager_fp16 = [], {}, set()
-    for result in install.config.outbox.glob("batches/*/item-*/result.json"):  # every batch item's image
+    pictures = {}
+    for result in install.config.outbox.glob("batches/*/item-*/result.json"):
         report = json.loads(result.read_text())
         p = report["params"]
-        if report["status"] == "completed" and p.get("prompt") == PROMPT:
-            fp16[(p["model"], p["seed"])] = result.parent / report["images"][0]
-            generation = next(s["data"] for s in report["steps"] if s["type"] == "inference_generation")
-            if p["model"] == "sdxl" and not generation["compiled"]:
-                eager_fp16.add(p["seed"])  # the cold phase's images made eagerly: the fp16 reference
+        if report["status"] == "completed" and p.get("prompt") == params["prompt"]:
+            pictures[(p["model"], p["seed"])] = result.parent / report["images"][0]
+    pairs = []
     for seed in seeds:
-        if ("sdxl", seed) in fp16 and ("sdxl-fp8", seed) in fp16:
-            value, off = psnr_and_off(fp16[("sdxl", seed)], fp16[("sdxl-fp8", seed)])
-            pairs.append({"seed": seed, "psnr": round(value, 2), "share_off_by_more_than_8": round(off, 4),
-                          "reference_eager": seed in eager_fp16})
-    return {"phase": "fp8", "batch": batch, "process": ran, "calls": made, "pairs": pairs,
-            "psnr_median": sorted(p["psnr"] for p in pairs)[len(pairs) // 2] if pairs else None}
+        if ("sdxl", seed) in pictures and ("sdxl-fp8", seed) in pictures:
+            value, off = psnr_and_off(pictures[("sdxl", seed)], pictures[("sdxl-fp8", seed)])
+            pairs.append({"seed": seed, "psnr": round(value, 2), "share_off_by_more_than_8": round(off, 4)})
+    per_precision = {}
+    for precision in sorted({c["precision"] for c in made}):
+        mine = [c for c in made if c["precision"] == precision and c["images"] == args.call]
+        steady = [c for c in mine if c["compiled"]][1:] or mine[1:]  # after the call that compiled (or loaded)
+        per_precision[precision] = {
+            "calls": [round(c["inside"], 3) for c in mine], "compiled": [c["compiled"] for c in mine],
+            "images_per_s_per_call": round(args.call * len(steady) / sum(c["inside"] for c in steady), 4) if steady else None}
+    return {"phase": "fp8", "scaling": args.fp8_scaling, "process": ran, "calls": made, "rates": per_precision,
+            "pairs": pairs, "psnr_median": sorted(p["psnr"] for p in pairs)[len(pairs) // 2] if pairs else None,
+            "share_off_median": sorted(p["share_off_by_more_than_8"] for p in pairs)[len(pairs) // 2] if pairs else None}
 
 
 def main() -> None:
@@ -256,7 +267,10 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=136, help="the cold phase's batch")
     parser.add_argument("--cold-seconds", type=float, default=250)
     parser.add_argument("--warm-seconds", type=float, default=100)
-    parser.add_argument("--fp8-seconds", type=float, default=60)
+    parser.add_argument("--fp8-seconds", type=float, default=240)
+    parser.add_argument("--fp8-items", type=int, default=32, help="the seeds made in each precision")
+    parser.add_argument("--fp8-scaling", default="row", choices=("row", "tensor"))
+    parser.add_argument("--fp8-eager", action="store_true", help="the float8 model eagerly (compile off)")
     parser.add_argument("--latency-images", type=int, default=6)
     parser.add_argument("--latency-seconds", type=float, default=90)
     parser.add_argument("--backend", default="inductor")
@@ -300,7 +314,7 @@ def main() -> None:
         result["latency"] = latency_phase(install, args, args.latency_images, args.latency_seconds)
         save()
     if "fp8" in phases:
-        result["fp8"] = fp8_phase(install, args, list(range(100, 108)), args.fp8_seconds)
+        result["fp8"] = fp8_phase(install, args, list(range(7000, 7000 + args.fp8_items)), args.fp8_seconds)
         save()
     brief = {name: {k: v for k, v in part.items() if k not in ("calls", "process", "log_tail")}
              for name, part in result.items() if isinstance(part, dict)}

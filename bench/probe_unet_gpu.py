@@ -1,13 +1,19 @@
 """A probe of the SDXL UNet alone on a GPU (random weights, 1024x1024, a batch of 8 with CFG: 16
-samples a step), each variant in a process of its own, to plan the float8 and ahead-of-time runs:
+samples a step; PROBE_SAMPLES=2 for one image), each variant in a process of its own, to plan the
+float8 and ahead-of-time runs:
 
-    python bench/probe_unet_gpu.py            # all variants; results in $OUT/probe.json
+    python bench/probe_unet_gpu.py [VARIANT,...]       # results in $OUT/probe.json
 
-eager-fp16, eager-fp8 (engine.domains.float8 on a bfloat16 UNet), compiled-fp8 (torch.compile,
-default mode: the compile's seconds and the step's), aoti-fp16-build (torch.export and
-AOTInductor, weights left out of the package), aoti-fp16-load (a new process: package and weights
-loaded, then steps), aoti-fp8-build/-load likewise. Each variant reports seconds a step (median of
-5 after 2 warm-ups) and, against the fp16 eager output on the same inputs, the relative error.
+A variant is HOW-PRECISION[+ro]. HOW: eager; compiled (torch.compile of the whole UNet); regional
+(its repeated blocks compiled, as `[compile] scope = "regional"`); aoti-...-build / -load /
+-loadcopy (torch.export and AOTInductor, weights left out of the package; a new process loads it).
+PRECISION: fp16, bf16, fp8 (engine.domains.float8 on a bfloat16 UNet, scales per row), fp8tensor
+(one scale per tensor) or ao (torchao's float8 on the same layers, scales per row). +ro: mode
+reduce-overhead (CUDA graphs) instead of default. Each variant reports seconds a step (median of 5
+after 2 warm-ups) and, against the fp16 eager output on the same inputs (run eager-fp16 first), the
+relative error, and what dynamo did (graphs, graph breaks and their reasons, recompiles); with
+PROBE_PROFILE=1, where one step's GPU time goes (matrix products, float8 ones apart, convolutions,
+attention, inductor's fused kernels, the rest) and its largest kernels.
 """
 
 from __future__ import annotations
@@ -36,11 +42,68 @@ def build(precision: str):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**UNET)
     unet = unet.to(torch.float16 if precision == "fp16" else torch.bfloat16).eval()
-    if precision == "fp8":
+    if precision.startswith("fp8"):
         from engine.domains.float8 import to_float8
 
-        to_float8(unet)
+        to_float8(unet, "tensor" if precision == "fp8tensor" else "row")
+    if precision == "ao":  # torchao's float8 (tensor subclasses), one scale per row, on the same layers
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        from engine.domains.float8 import swappable
+
+        quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                  filter_fn=lambda module, name: swappable(name, module))
     return unet.to(memory_format=torch.channels_last)
+
+
+def compile_regionally(unet, mode: str) -> int:
+    """The UNet's repeated blocks compiled in place (as the engine's regional scope); how many."""
+    from engine.domains.accelerate import repeated_blocks
+
+    blocks = repeated_blocks(unet)
+    for block in blocks.values():
+        block.compile(mode=mode, dynamic=False)
+    return len(blocks)
+
+
+KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
+         ("matmul-fp8", ("f8f8", "e4m3", "fp8", "f8_")),
+         ("conv", ("conv", "fprop", "dgrad", "implicit", "winograd", "xmma_fprop")),
+         ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "sm90")),
+         ("fused (triton)", ("triton",)))
+
+
+def dynamo_account() -> dict:
+    """What dynamo did while compiling: graphs, graph breaks (their main reasons), recompiles."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(breaks.values()),
+            "break_reasons": [reason[:160] for reason, _ in breaks.most_common(4)],
+            "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else None}
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, marks in KINDS if any(mark in name for mark in marks)), "other")
+
+
+def profile(call, args) -> dict:
+    """One step's GPU time by kind of kernel, and its largest kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as profiled
+
+    with torch.no_grad(), profiled(activities=[ProfilerActivity.CUDA]) as prof:
+        call(*args)
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.self_device_time_total / 1e3, e.count) for e in prof.key_averages()]
+    total = sum(ms for _, ms, _ in kernels) or 1.0
+    kinds: dict = {}
+    for name, ms, _ in kernels:
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+    top = sorted(kernels, key=lambda k: -k[1])[:25]
+    return {"gpu_ms": round(total, 2), "share": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": name[:110], "ms": round(ms, 3), "count": count} for name, ms, count in top]}
 
 
 def flat(unet):
@@ -87,7 +150,7 @@ def timed(call, args) -> float:
 def reference_error(out) -> float | None:
     import torch
 
-    ref_path = FOLDER / "ref.pt"
+    ref_path = FOLDER / f"ref-{SAMPLES}.pt"
     if not ref_path.exists():
         return None
     ref = torch.load(ref_path).float()
@@ -98,22 +161,30 @@ def one(variant: str) -> dict:
     import torch
 
     started = time.perf_counter()
-    precision = "fp8" if "fp8" in variant else "fp16"
+    how, *rest = variant.partition("+")[0].split("-")
+    precision = next(token for token in rest if token in PRECISIONS)
+    mode = "reduce-overhead" if variant.endswith("+ro") else "default"
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    result: dict = {"variant": variant}
-    module = flat(build(precision))
+    result: dict = {"variant": variant, "samples": SAMPLES}
+    unet = build(precision)
+    module = flat(unet)
     result["build_seconds"] = round(time.perf_counter() - started, 1)
     args = inputs(dtype)
     package = FOLDER / f"unet-{precision}.pt2"
-    if variant.startswith("eager"):
+    if how == "eager":
         call = module
-    elif variant.startswith("compiled"):
-        call = torch.compile(module, mode="default", dynamic=False)
+    elif how in ("compiled", "regional"):
+        if how == "regional":
+            result["blocks_compiled"] = compile_regionally(unet, mode)
+            call = module
+        else:
+            call = torch.compile(module, mode=mode, dynamic=False)
         start = time.perf_counter()
         with torch.no_grad():
             call(*args)
         torch.cuda.synchronize()
         result["compile_seconds"] = round(time.perf_counter() - start, 1)
+        result["dynamo"] = dynamo_account()
     elif variant.endswith("build"):
         start = time.perf_counter()
         with torch.no_grad():
@@ -144,13 +215,16 @@ def one(variant: str) -> dict:
     result["first_call_seconds"] = round(time.perf_counter() - start, 2)
     result["process_to_first_step_seconds"] = round(time.perf_counter() - STARTED, 1)
     if variant == "eager-fp16":
-        torch.save(out.cpu(), FOLDER / "ref.pt")
+        torch.save(out.cpu(), FOLDER / f"ref-{SAMPLES}.pt")
     result["relative_error_vs_fp16_eager"] = reference_error(out.cpu())
     result["step_seconds"] = round(timed(call, args), 4)
+    if os.environ.get("PROBE_PROFILE") == "1" and "+ro" not in variant:
+        result["profile"] = profile(call, args)
     return result
 
 
 STARTED = time.perf_counter()
+PRECISIONS = ("fp16", "bf16", "fp8", "fp8tensor", "ao")
 VARIANTS = ["eager-fp16", "eager-fp8", "compiled-fp8", "aoti-fp16-build", "aoti-fp16-load", "aoti-fp16-loadcopy",
             "compiled-fp16", "aoti-fp8-build", "aoti-fp8-load"]
 

@@ -136,6 +136,9 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     if precision and precision not in PRECISIONS:
         raise ValidationError(f"{chosen or 'config'}: models.precision = {precision!r}: one of {', '.join(PRECISIONS)}, "
                               "or empty for [device] dtype")
+    if values["models"]["fp8_scaling"] not in ("row", "tensor"):
+        raise ValidationError(f"{chosen or 'config'}: models.fp8_scaling = {values['models']['fp8_scaling']!r}: "
+                              "row or tensor")
     level = values["outbox"]["png_compress_level"]
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
         raise ValidationError(f"{chosen or 'config'}: outbox.png_compress_level = {level!r}: a whole number from 0 to 9")

@@ -211,7 +211,7 @@ def test_a_background_compile_that_fails_leaves_the_shape_eager_and_every_image_
 def test_regional_scope_compiles_each_kind_of_repeated_block_and_makes_the_same_images(tmp_path, tiny):
     from engine.domains import accelerate
 
-    install = studio(tmp_path, tiny, scope="regional")
+    install = studio(tmp_path, tiny, scope="regional")  # and the default mode, reduce-overhead
     job = {"workflow": "txt2img", "params": {**SIZE, "prompt": "a fox", "seed": 11, "num_images": 2}}
     plain = submit(install, {**job, "params": {**job["params"], "model": "plain"}}).target_id
     fast = submit(install, {**job, "params": {**job["params"], "model": "fast"}}).target_id
@@ -220,6 +220,9 @@ def test_regional_scope_compiles_each_kind_of_repeated_block_and_makes_the_same_
         assert np.abs(eager - compiled).max() <= 2, "the regional path makes the same picture"
     compiled, = events(install, "model.compiled")
     assert compiled["scope"] == "regional" and compiled["shape"][1] == 2
+    assert compiled["mode"] == "default", "repeated blocks compile without CUDA graphs"
+    assert [accelerate.regional_mode(m) for m in accelerate.MODES] == [
+        "default", "default", "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"]
     # what it compiles: every transformer block of the tiny UNet, by its place in the module tree
     from diffusers import StableDiffusionPipeline
 

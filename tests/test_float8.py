@@ -1,7 +1,7 @@
 """The float8 precision on the CPU (torch._scaled_mm runs there too): the attention layers swapped
-for float8 ones, pictures close to the bfloat16 pipeline's at the same seeds, the precision said
-in the events, the result and `engine models`; what it cannot take refused at submit. GPU speed and
-PSNR against fp16 are measured by bench/bench_fast_gpu.py."""
+for float8 ones (scales per row, or per tensor), pictures close to the bfloat16 pipeline's at the
+same seeds, the precision said in the events, the result and `engine models`; what it cannot take
+refused at submit. GPU speed and PSNR against fp16 are measured by bench/bench_fast_gpu.py."""
 
 from __future__ import annotations
 
@@ -56,14 +56,17 @@ def test_only_the_attention_blocks_linear_layers_are_swapped_and_they_compute_th
     assert {name for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)} == linears - inside, \
         "the time embedding's layers stay as they were"
     layer = torch.nn.Linear(64, 48).to(torch.bfloat16)
-    for trial in range(3):  # fresh inputs each time, three leading dimensions
-        x = torch.randn(2, 5 + trial, 64, dtype=torch.bfloat16) * (10 ** trial)
-        exact = layer(x).float()
-        got = float8_linear(layer)(x).float()
-        assert got.shape == exact.shape
-        assert ((got - exact).norm() / exact.norm()).item() < 0.08, "float8 with per-row scales: a few percent"
-    kept = float8_linear(layer).weight.float()  # what code that reads a layer's weight sees
-    assert ((kept - layer.weight.float()).norm() / layer.weight.float().norm()).item() < 0.05
+    for scaling in ("row", "tensor"):
+        for trial in range(3):  # fresh inputs each time, three leading dimensions
+            x = torch.randn(2, 5 + trial, 64, dtype=torch.bfloat16) * (10 ** trial)
+            exact = layer(x).float()
+            got = float8_linear(layer, scaling)(x).float()
+            assert got.shape == exact.shape
+            assert ((got - exact).norm() / exact.norm()).item() < 0.08, f"float8, scales per {scaling}: a few percent"
+        kept = float8_linear(layer, scaling).weight.float()  # what code that reads a layer's weight sees
+        assert ((kept - layer.weight.float()).norm() / layer.weight.float().norm()).item() < 0.05
+    with pytest.raises(ValueError, match="scaling"):
+        to_float8(unet, "column")
 
 
 def test_a_float8_pipeline_makes_pictures_close_to_the_bfloat16_ones_and_says_its_precision(tmp_path, tiny):
@@ -94,6 +97,18 @@ def test_a_float8_pipeline_makes_pictures_close_to_the_bfloat16_ones_and_says_it
     listed = {m["id"]: m["precision"] for m in json.loads(engine_process(install, "models", "--json"))}
     assert listed == {"b16": "bf16", "f8": "fp8"}
 
+    # One scale per tensor instead of per row: other float8 arithmetic, still close to bfloat16's.
+    other = Installation(tmp_path / "tensor", settings={**CPU, "models": {"fp8_scaling": "tensor"}})
+    ModelRegistry(other.config.models_dir).add(tiny / "tiny15", "f8", precision="fp8")
+    per_tensor = submit(other, {**job, "params": {**job["params"], "model": "f8"}}).target_id
+    run_until_idle(other)
+    result = json.loads((other.config.outbox / per_tensor / "result.json").read_text())
+    assert result["status"] == "completed"
+    for name, row_scaled, plain_picture in zip(result["images"], pictures[fast], pictures[plain]):
+        picture = np.asarray(Image.open(other.config.outbox / per_tensor / name))
+        assert not np.array_equal(picture, row_scaled), "the scaling asked for is the one that ran"
+        assert psnr(picture, plain_picture) > 20
+
 
 def test_what_float8_cannot_take_is_refused_with_its_code(tmp_path, tiny):
     install = Installation(tmp_path / "engine", settings=CPU)
@@ -117,3 +132,7 @@ def test_what_float8_cannot_take_is_refused_with_its_code(tmp_path, tiny):
     listed = subprocess.run([sys.executable, "-m", "engine", "models"], capture_output=True, text=True, timeout=120,
                             env={**install.env(), "ENGINE_CONFIG": str(config)})
     assert listed.returncode == 2 and "models.precision" in listed.stderr
+    config = write_config(tmp_path / "third", "", {"models": {"fp8_scaling": "column"}})
+    listed = subprocess.run([sys.executable, "-m", "engine", "models"], capture_output=True, text=True, timeout=120,
+                            env={**install.env(), "ENGINE_CONFIG": str(config)})
+    assert listed.returncode == 2 and "models.fp8_scaling" in listed.stderr and "VALIDATION_ERROR" in listed.stderr

@@ -26,7 +26,8 @@ foreground in a later process. `engine warmup` compiles in the foreground.
 `[compile] scope = "regional"` compiles only the denoiser's repeated blocks (diffusers'
 `_repeated_blocks`: the SDXL UNet's 70 transformer blocks are one graph per kind of block and
 call size, traced once and shared by every block of that kind) and the VAE decoder: a fraction of
-the whole UNet's compile, so a new process with the caches present is compiled in seconds.
+the whole UNet's compile, so a new process with the caches present is compiled in seconds. They
+compile without CUDA graphs (`regional_mode`).
 """
 
 from __future__ import annotations
@@ -263,6 +264,13 @@ def repeated_blocks(denoiser) -> dict[str, Any]:
     return {name: module for name, module in denoiser.named_modules() if name and type(module).__name__ in kinds}
 
 
+def regional_mode(mode: str) -> str:
+    """The mode repeated blocks compile in: `mode` without CUDA graphs. Every block of a kind replays
+    one compiled graph, so a CUDA graph would overwrite the output one block hands the next (torch
+    refuses to read it): reduce-overhead becomes default, max-autotune max-autotune-no-cudagraphs."""
+    return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+
+
 def prepare(pipe, config, gpu_name: str, fingerprint: str = "") -> Accelerated:
     """channels_last on the pipeline's denoiser and VAE, and their compiled twins (compiled by
     torch at their first call of each shape)."""
@@ -288,6 +296,10 @@ def prepare(pipe, config, gpu_name: str, fingerprint: str = "") -> Accelerated:
         # One graph per kind of block and call size, shared by its blocks; more than dynamo's
         # default room for one function's graphs (8) once there are several sizes.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if regional_mode(mode) != mode:
+            log.info("[compile] mode %s: the regional scope compiles without CUDA graphs (%s)", mode,
+                     regional_mode(mode))
+            mode = regional_mode(mode)
         eager = {f"{denoiser}.{name}": module for name, module in blocks.items()}
     else:
         eager = {denoiser: getattr(pipe, denoiser)}
@@ -304,7 +316,15 @@ def prepare(pipe, config, gpu_name: str, fingerprint: str = "") -> Accelerated:
         compiled["vae.decoder"] = decoder_in(torch.compile(decoder, **options), decode_dtype)
     return Accelerated(pipe, eager, compiled, sorted({int(s) for s in config.get("compile", "batch_sizes")}),
                        mode, backend, cache, scope=scope,
-                       fingerprint=f"{fingerprint[:16]}-{str(pipe.dtype).removeprefix('torch.')}" if fingerprint else "")
+                       fingerprint=f"{fingerprint[:16]}-{numbers_of(pipe, denoiser)}" if fingerprint else "")
+
+
+def numbers_of(pipe, denoiser: str) -> str:
+    """The pipeline's number format as its compiled graphs see it: its dtype, and float8's scaling."""
+    from engine.domains.float8 import scaling_of
+
+    scaling = scaling_of(getattr(pipe, denoiser))
+    return str(pipe.dtype).removeprefix("torch.") + (f"-fp8-{scaling}" if scaling else "")
 
 
 def upcast_decode_dtype(pipe, setting: str):

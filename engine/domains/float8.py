@@ -1,15 +1,19 @@
 """The float8 precision: a denoiser's attention-block linear layers computed in float8 (e4m3).
 
 A plain module swap around `torch._scaled_mm`, no tensor subclasses: each weight is stored in
-float8 with one scale per output row (computed once, when the model is loaded), each input is
-scaled per row at every call (dynamic scaling: no calibration), and the product comes back in
-bfloat16 (so a float8 model runs in bfloat16). Under torch.compile the input's scaling is fused
-into one kernel before the matrix product; eagerly it is a few extra passes.
+float8 with its scales (computed once, when the model is loaded), each input is scaled at every call
+(dynamic scaling: no calibration), and the product comes back in bfloat16 (so a float8 model runs
+in bfloat16), accumulated the fast way (Hopper's fast float8 accumulation: the product of a
+forward pass, never a gradient). Scales are one per row ("row": one per output row of the weight,
+one per row of the input; the finer) or one per tensor ("tensor": cuBLAS's own float8 product).
+Under torch.compile the input's scaling is fused into one kernel before the matrix product;
+eagerly it is a few extra passes.
 
 Only the linear layers inside attention blocks are swapped (projections, feed-forward); the time
 and text embeddings, the convolutions and attention itself stay in bfloat16 (what that gains on a
-GPU is measured in the README: little, for SDXL at 1024x1024). A layer whose sizes are not multiples of 16 stays too (the
-matrix units' rule).
+GPU is measured in the README: little, for SDXL at 1024x1024: the input scaling gives back most of
+what the faster products gain). A layer whose sizes are not multiples of 16 stays too (the matrix
+units' rule).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 log = logging.getLogger("engine.float8")
 
 E4M3_MAX = 448.0  # the largest finite float8 e4m3 value
+SCALINGS = ("row", "tensor")
 SWAPPED_INSIDE = ("attentions.", "transformer_blocks.", "single_transformer_blocks.")
 
 
@@ -31,28 +36,37 @@ def swappable(name: str, module) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def to_float8(denoiser) -> int:
-    """Swap `denoiser`'s swappable linear layers (in place) for float8 ones; the count swapped.
-    The denoiser should already be in bfloat16."""
+def to_float8(denoiser, scaling: str = "row") -> int:
+    """Swap `denoiser`'s swappable linear layers (in place) for float8 ones with `scaling` ("row" or
+    "tensor"); the count swapped. The denoiser should already be in bfloat16."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"float8 scaling {scaling!r}: one of {', '.join(SCALINGS)}")
     targets = [(name, module) for name, module in denoiser.named_modules() if swappable(name, module)]
     for name, module in targets:
         owner, _, attribute = name.rpartition(".")
-        setattr(denoiser.get_submodule(owner) if owner else denoiser, attribute, float8_linear(module))
-    log.info("float8: %d linear layers swapped", len(targets))
+        setattr(denoiser.get_submodule(owner) if owner else denoiser, attribute, float8_linear(module, scaling))
+    log.info("float8: %d linear layers swapped (scales per %s)", len(targets), scaling)
     return len(targets)
 
 
-def float8_linear(linear):
-    """A float8 twin of a torch.nn.Linear (its weight quantized now, per output row)."""
-    return _float8_linear_class()(linear)
+def scaling_of(denoiser) -> str | None:
+    """How `denoiser`'s float8 layers are scaled ("row" or "tensor"), or None if it has none."""
+    return next((module.scaling for module in denoiser.modules() if type(module).__name__ == "Float8Linear"), None)
 
 
-def quantize_rows(values):
-    """`values` (2-D) in float8 e4m3 with one float32 scale per row: (quantized, scales [rows, 1])."""
+def float8_linear(linear, scaling: str = "row"):
+    """A float8 twin of a torch.nn.Linear (its weight quantized now, per output row or per tensor)."""
+    return _float8_linear_class()(linear, scaling)
+
+
+def quantize(values, scaling: str):
+    """`values` (2-D) in float8 e4m3 with float32 scales: one per row ([rows, 1]) for "row", one in
+    all (a 0-d tensor) for "tensor". (quantized, scales)."""
     import torch
 
     wide = values.float()
-    scales = wide.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    amax = wide.abs().amax(dim=1, keepdim=True) if scaling == "row" else wide.abs().amax()
+    scales = amax.clamp(min=1e-12) / E4M3_MAX
     return (wide / scales).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scales
 
 
@@ -61,14 +75,15 @@ def _float8_linear_class():
     import torch
 
     class Float8Linear(torch.nn.Module):
-        """y = x Wᵀ + b with W in float8 (one scale per output row) and x scaled per row each call."""
+        """y = x Wᵀ + b with W in float8 (scales per output row, or one) and x scaled likewise each call."""
 
-        def __init__(self, linear) -> None:
+        def __init__(self, linear, scaling: str = "row") -> None:
             super().__init__()
             self.in_features, self.out_features = linear.in_features, linear.out_features
-            weight, scales = quantize_rows(linear.weight.detach())
+            self.scaling = scaling
+            weight, scales = quantize(linear.weight.detach(), scaling)
             self.register_buffer("weight_fp8", weight)  # [out, in], row-major: its transpose is column-major
-            self.register_buffer("weight_scale", scales.t().contiguous())  # [1, out]
+            self.register_buffer("weight_scale", scales.t().contiguous())  # [1, out], or 0-d
             bias = linear.bias
             self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(torch.bfloat16),
                                                                       requires_grad=False)
@@ -80,15 +95,14 @@ def _float8_linear_class():
 
         def forward(self, x):
             leading = x.shape[:-1]
-            rows, scales = quantize_rows(x.reshape(-1, self.in_features))
+            rows, scales = quantize(x.reshape(-1, self.in_features), self.scaling)
             out = torch._scaled_mm(rows, self.weight_fp8.t(), scale_a=scales, scale_b=self.weight_scale,
-                                   out_dtype=torch.bfloat16)
-            if self.bias is not None:
-                out = out + self.bias
+                                   bias=self.bias, out_dtype=torch.bfloat16, use_fast_accum=True)
             return out.reshape(*leading, self.out_features)
 
         def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, row scales"
+            return (f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, "
+                    f"scales per {self.scaling}")
 
     return Float8Linear
 

@@ -124,10 +124,10 @@ def _hires_inits(ctx: StepContext, size: tuple[int, int]) -> list:
 
 
 def _pipeline_for_mode(ctx: StepContext, base, mode: str, device, dtype):
+    if mode == "txt2img":
+        return base  # diffusers' auto pipelines (their import: every pipeline's mapping) not needed
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
-    if mode == "txt2img":
-        return base
     if mode in ("img2img", "hires"):
         return AutoPipelineForImage2Image.from_pipe(base)
     if mode == "inpaint":

@@ -165,15 +165,17 @@ def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceI
     path = entry.location(ctx.config.models_dir)
     configs = entry.configs_location(ctx.config.models_dir)
 
+    scaling = str(ctx.config.get("models", "fp8_scaling")) if precision == "fp8" else None
+
     def load():
         if why:
             log.warning("%s: float8 needs %s; it runs in bfloat16", model_id, why)
         pipe = load_pipeline(entry, path, device, dtype, configs)
         if precision == "fp8":
-            float8.to_float8(denoiser_of(pipe))
+            float8.to_float8(denoiser_of(pipe), scaling)
         return pipe
 
-    cached, loaded = cache_of(ctx).get(("pipeline", model_id, device.id, str(dtype), precision == "fp8"), entry,
+    cached, loaded = cache_of(ctx).get(("pipeline", model_id, device.id, str(dtype), scaling), entry,
                                        device, load, path, ctx.notify,
                                        precision="fp8" if precision == "fp8" else str(dtype).removeprefix("torch."))
     if loaded and accelerate.wanted(entry.compile, ctx.config):
