@@ -42,7 +42,7 @@ def test_only_the_attention_blocks_linear_layers_are_swapped_and_they_compute_th
     import torch
     from diffusers import UNet2DConditionModel
 
-    from engine.domains.float8 import float8_linear, to_float8
+    from engine.domains.float8 import float8_linear, scaling_of, to_float8
 
     torch.manual_seed(3)
     unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
@@ -51,8 +51,10 @@ def test_only_the_attention_blocks_linear_layers_are_swapped_and_they_compute_th
                                 attention_head_dim=8, norm_num_groups=8).to(torch.bfloat16).eval()
     linears = {name for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear)}
     inside = {name for name in linears if "attentions." in name}
+    assert scaling_of(unet) is None
     swapped = to_float8(unet)
     assert swapped == len(inside) > 0
+    assert scaling_of(unet) == "row", "what the compiled path's caches are keyed by, beside the dtype"
     assert {name for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)} == linears - inside, \
         "the time embedding's layers stay as they were"
     layer = torch.nn.Linear(64, 48).to(torch.bfloat16)

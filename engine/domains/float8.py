@@ -51,7 +51,8 @@ def to_float8(denoiser, scaling: str = "row") -> int:
 
 def scaling_of(denoiser) -> str | None:
     """How `denoiser`'s float8 layers are scaled ("row" or "tensor"), or None if it has none."""
-    return next((module.scaling for module in denoiser.modules() if type(module).__name__ == "Float8Linear"), None)
+    float8_layer = _float8_linear_class()
+    return next((module.scaling for module in denoiser.modules() if isinstance(module, float8_layer)), None)
 
 
 def float8_linear(linear, scaling: str = "row"):
