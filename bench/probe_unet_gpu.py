@@ -11,7 +11,7 @@ PRECISION: fp16, bf16, fp8 (engine.domains.float8 on a bfloat16 UNet, scales per
 (one scale per tensor) or ao (torchao's float8 on the same layers, scales per row). +ro: mode
 reduce-overhead (CUDA graphs) instead of default. Each variant reports seconds a step (median of 5
 after 2 warm-ups) and, against the fp16 eager output on the same inputs (run eager-fp16 first), the
-relative error, and what dynamo did (graphs, graph breaks and their reasons, recompiles); with
+relative error, and what dynamo did (graphs, graph breaks and their reasons); with
 PROBE_PROFILE=1, where one step's GPU time goes (matrix products, float8 ones apart, convolutions,
 attention, inductor's fused kernels, the rest) and its largest kernels.
 """
@@ -74,13 +74,12 @@ KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
 
 
 def dynamo_account() -> dict:
-    """What dynamo did while compiling: graphs, graph breaks (their main reasons), recompiles."""
+    """What dynamo did while compiling: graphs (a recompile is one more), graph breaks (their main reasons)."""
     from torch._dynamo.utils import counters
 
     breaks = counters["graph_break"]
     return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(breaks.values()),
-            "break_reasons": [reason[:160] for reason, _ in breaks.most_common(4)],
-            "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else None}
+            "break_reasons": [reason[:160] for reason, _ in breaks.most_common(4)]}
 
 
 def kind_of(kernel: str) -> str:

@@ -296,10 +296,10 @@ def prepare(pipe, config, gpu_name: str, fingerprint: str = "") -> Accelerated:
         # One graph per kind of block and call size, shared by its blocks; more than dynamo's
         # default room for one function's graphs (8) once there are several sizes.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        if regional_mode(mode) != mode:
-            log.info("[compile] mode %s: the regional scope compiles without CUDA graphs (%s)", mode,
-                     regional_mode(mode))
-            mode = regional_mode(mode)
+        without_graphs = regional_mode(mode)
+        if without_graphs != mode:
+            log.info("[compile] mode %s: the regional scope compiles without CUDA graphs (%s)", mode, without_graphs)
+            mode = without_graphs
         eager = {f"{denoiser}.{name}": module for name, module in blocks.items()}
     else:
         eager = {denoiser: getattr(pipe, denoiser)}
