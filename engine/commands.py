@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 from engine import ending
 from engine.errors import DuplicateJob, InvalidTransition, NotFound, ValidationError
 from engine.ingest.intake import Intake, ResolvedSession
-from engine.ingest.jobs import DEFAULT_OWNER, BatchJob, ControlJob, SessionJob
-from engine.machines import BATCH, SESSION
+from engine.ingest.jobs import ACTIONS, DEFAULT_OWNER, BatchJob, ControlJob, SessionJob
+from engine.machines import ACTIVE, BATCH, SESSION
 from engine.queries import find_target
 from engine.store import Store, Tx
 from engine.ingest import quotas
@@ -25,7 +25,6 @@ from engine.store.events import epoch_of
 from engine.store.projection import DatabaseProjection
 from engine.store.tables import batches, jobs, leases, sessions
 
-ENDED_STATES = ("completed", "failed", "cancelled", "deleted")  # a new priority changes nothing after these
 
 
 def new_id(prefix: str) -> str:
@@ -293,7 +292,7 @@ def reprioritize(tx: Tx, target_type: str, target_id: str, priority: int | None)
             {"batch_id": target_id, "priority": priority, "previous": batch["priority"]})
     for item in tx.projection.children("items", target_id):
         session = tx.get("sessions", (item["session_id"],))
-        if session is not None and session["status"] not in ENDED_STATES and session["priority"] != priority:
+        if session is not None and session["status"] in ACTIVE and session["priority"] != priority:
             tx.emit("session", session["session_id"], "session.reprioritized",
                     {"session_id": session["session_id"], "priority": priority, "previous": session["priority"],
                      "batch_id": target_id})
@@ -302,7 +301,7 @@ def reprioritize(tx: Tx, target_type: str, target_id: str, priority: int | None)
 def _check_reprioritize(row: dict | None, kind: str, target_id: str) -> None:
     if row is None:
         raise NotFound(f"no {kind} {target_id!r}")
-    if row["status"] in ENDED_STATES:
+    if row["status"] not in ACTIVE:  # a new priority changes nothing once it has ended
         raise InvalidTransition(f"{kind} {target_id} has ended ({row['status']}): a new priority would change "
                                 "nothing; restart it first", current_state=row["status"])
 
@@ -331,19 +330,53 @@ def _check_batch_control(view, batch_id: str, action: str) -> list[dict | None]:
     return item_sessions
 
 
+def allowed_session_actions(session: dict) -> list[str]:
+    """The controls this session (a row or report: status, started_at, batch_id) takes now, by the
+    very checks a control meets."""
+    def check(action: str) -> None:
+        if action == "priority":
+            _check_reprioritize(session, "session", session["session_id"])
+        else:
+            _check_session_control(session, session["session_id"], action)
+
+    return _passing(check)
+
+
+def allowed_batch_actions(batch: dict, item_statuses: list[str]) -> list[str]:
+    """The controls this batch takes now, by the very checks a control meets."""
+    def check(action: str) -> None:
+        if action == "priority":
+            _check_reprioritize(batch, "batch", batch["batch_id"])
+            return
+        BATCH.dest(action, batch["status"], started=batch.get("started_at") is not None)
+        if action == "delete" and "running" in item_statuses:
+            raise InvalidTransition("a batch with running items cannot be deleted", current_state=batch["status"])
+
+    return _passing(check)
+
+
+def _passing(check: Callable[[str], None]) -> list[str]:
+    """The actions `check` lets through (it raises InvalidTransition for the others)."""
+    allowed = []
+    for action in ACTIONS:
+        try:
+            check(action)
+        except InvalidTransition:
+            continue
+        allowed.append(action)
+    return allowed
+
+
 def control_session(tx: Tx, session_id: str, action: str, from_batch: bool = False) -> None:
     session = tx.get("sessions", (session_id,))
     _check_session_control(session, session_id, action, from_batch)
-    data: dict[str, Any] = {"session_id": session_id, "run": session["run"]}
-    if action == "restart":
-        data["run"] = session["run"] + 1
     if action == "cancel":
-        data.update(code="CANCELLED", message="cancelled by request")
-    tx.emit("session", session_id, SESSION.event(action), data)
+        ending.cancel_session(tx, session_id, session["run"])
+    else:
+        tx.emit("session", session_id, SESSION.event(action),
+                {"session_id": session_id, "run": session["run"] + (action == "restart")})
     if action in ("cancel", "delete"):
         tx.conn.execute(leases.delete().where(leases.c.session_id == session_id))
-    if action == "cancel":
-        ending.item_ended(tx, session_id, "cancelled")
     if action == "resume":  # paused while its last step finished: it completes now
         ending.complete_if_done(tx, session_id)
 
@@ -351,8 +384,10 @@ def control_session(tx: Tx, session_id: str, action: str, from_batch: bool = Fal
 def control_batch(tx: Tx, batch_id: str, action: str) -> None:
     item_sessions = _check_batch_control(tx.projection, batch_id, action)
     batch = tx.get("batches", (batch_id,))
-    data: dict[str, Any] = {"batch_id": batch_id, "run": batch["run"] + (action == "restart")}
-    tx.emit("batch", batch_id, BATCH.event(action), data)
+    if action == "cancel":
+        ending.cancel_batch(tx, batch_id, batch["run"])
+    else:
+        tx.emit("batch", batch_id, BATCH.event(action), {"batch_id": batch_id, "run": batch["run"] + (action == "restart")})
     for session in item_sessions:
         if session and SESSION.allowed(action, session["status"]):
             control_session(tx, session["session_id"], action, from_batch=True)

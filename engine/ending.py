@@ -40,6 +40,18 @@ def fail(tx: Tx, session_id: str, run: int, step_index: int, code: str, message:
     return True
 
 
+def cancel_session(tx: Tx, session_id: str, run: int) -> None:
+    """A session cancelled by request (the caller checked that it may be)."""
+    tx.emit("session", session_id, "session.cancelled",
+            {"session_id": session_id, "run": run, "code": "CANCELLED", "message": "cancelled by request"})
+    item_ended(tx, session_id, "cancelled")
+
+
+def cancel_batch(tx: Tx, batch_id: str, run: int) -> None:
+    """A batch cancelled by request (its items are cancelled one by one by the caller)."""
+    tx.emit("batch", batch_id, "batch.cancelled", {"batch_id": batch_id, "run": run})
+
+
 def item_ended(tx: Tx, session_id: str, status: str) -> None:
     """Tell a session's batch (if any) that its item ended; the batch completes with its last item."""
     session = tx.get("sessions", (session_id,))

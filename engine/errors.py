@@ -70,6 +70,14 @@ class RateLimited(EngineError):
         self.retry_after = retry_after
 
 
+class Forbidden(EngineError):
+    """What these credentials may not do (submit as another owner)."""
+
+    code = "FORBIDDEN"
+    exit_code = 2
+    retryable = False
+
+
 class NotFound(EngineError):
     code = "NOT_FOUND"
     exit_code = 3

@@ -11,7 +11,7 @@ from transitions import Machine
 
 from engine.errors import InvalidTransition
 
-TERMINAL = ("completed", "failed", "cancelled")
+TERMINAL = ("completed", "failed", "cancelled")  # a session or batch that has ended (and may be restarted)
 
 # trigger -> the past-tense verb of the event that records it
 EVENTS = {
@@ -31,6 +31,8 @@ EVENTS = {
 TRIGGERS = {verb: trigger for trigger, verb in EVENTS.items()}
 
 RUN_STATES = ["pending", "running", "paused", "completed", "failed", "cancelled", "deleted"]
+SESSION_STATUSES = tuple(RUN_STATES[:-1])  # what the status views show (a deleted one leaves them)
+ACTIVE = ("pending", "running", "paused")  # not ended: what a new priority still changes
 
 RUN_TRANSITIONS = [
     {"trigger": "start", "source": "pending", "dest": "running"},

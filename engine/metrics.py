@@ -15,9 +15,9 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import text
 
-from engine.machines import RUN_STATES
+from engine.machines import SESSION_STATUSES
+from engine.store.errors import StoreError
 from engine.store.events import epoch_of
 
 REGISTRY = CollectorRegistry()
@@ -65,7 +65,7 @@ class StoreCollector:
         up = GaugeMetricFamily("engine_store_up", "Whether the store answered this scrape")
         try:
             families = list(self._read())
-        except Exception:
+        except StoreError:
             up.add_metric([], 0)
             yield up
             return
@@ -74,21 +74,18 @@ class StoreCollector:
         yield from families
 
     def _read(self):
-        from engine.run import fleet
+        from engine import queries
 
         now = time.time()
-        with self.store.read() as conn:
-            sessions = dict(conn.execute(text("SELECT status, count(*) FROM sessions GROUP BY status")).all())
-            batches = dict(conn.execute(text("SELECT status, count(*) FROM batches GROUP BY status")).all())
-            oldest = conn.execute(text("SELECT min(created_at) FROM sessions WHERE status = 'pending'")).scalar()
-            deliveries = dict(conn.execute(text("SELECT status, count(*) FROM deliveries GROUP BY status")).all())
-            runners = fleet.listing(conn)
+        found = queries.figures(self.store)
+        sessions, batches, deliveries = found["sessions"], found["batches"], found["deliveries"]
+        oldest, runners = found["oldest_pending"], found["runners"]
         family = GaugeMetricFamily("engine_sessions", "Sessions by status (from the store)", labels=["status"])
-        for status in RUN_STATES[:-1]:
+        for status in SESSION_STATUSES:
             family.add_metric([status], sessions.get(status, 0))
         yield family
         family = GaugeMetricFamily("engine_batches", "Batches by status (from the store)", labels=["status"])
-        for status in RUN_STATES[:-1]:
+        for status in SESSION_STATUSES:
             family.add_metric([status], batches.get(status, 0))
         yield family
         family = GaugeMetricFamily("engine_queue_oldest_pending_seconds",

@@ -10,18 +10,17 @@ import json
 import time
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from engine.errors import NotFound, ValidationError
-from engine.machines import RUN_STATES
+from engine.machines import SESSION_STATUSES, TERMINAL
 from engine.outbox.folders import Outbox
 from engine.outbox.sheets import seed_of
 from engine.run import fleet
 from engine.run.claims import waited_ms
-from engine.store import Store
+from engine.store import Event, Store
 from engine.store.tables import batches, events, jobs, sessions
 
-ENDED = ("completed", "failed", "cancelled")
 SESSION_LIST = ("session_id, job_id, workflow_id, status, current_step, total_steps, progress, priority, created_at, "
                 "error_code, owner")
 MAX_PAGE = 10000
@@ -92,7 +91,7 @@ def session_report(store: Store, outbox: Outbox, target_name: str) -> dict[str, 
 
 def seconds_left(report: dict[str, Any]) -> float | None:
     """Seconds left at the rate so far (None before there is a rate to go by)."""
-    if report.get("status") in ENDED:
+    if report.get("status") in TERMINAL:
         return 0.0
     progress, started = report.get("progress") or 0.0, report.get("started_at")
     if progress <= 0 or not started:
@@ -107,7 +106,7 @@ def batch_report(store: Store, target_name: str) -> dict[str, Any]:
     """One batch (by id or job_id): its status row with metrics, its name and priority, and its items (an item
     that has not ended shows its session's status: paused, running)."""
     with store.read() as conn:
-        report = _one(conn, "batch", target_name, "SELECT s.*, b.name, b.priority, b.owner FROM batch_status s JOIN batches b "
+        report = _one(conn, "batch", target_name, "SELECT s.*, b.name, b.priority, b.owner, b.started_at FROM batch_status s JOIN batches b "
                       "ON b.batch_id = s.batch_id WHERE s.batch_id = :id OR s.job_id = :id")
         report["items"] = [dict(r) for r in conn.execute(text(
             "SELECT i.item_index, i.session_id, CASE WHEN i.status IN ('pending', 'running') "
@@ -134,8 +133,8 @@ def list_sessions(store: Store, status: str | None = None, limit: int = 100, off
     """Sessions, newest first, optionally of one status, batch, job_id or workflow; a page starts
     at `offset`, or (keyset, stable while sessions are added) after the (created_at, session_id)
     of the last row of the page before."""
-    if status and status not in RUN_STATES[:-1]:
-        raise ValidationError(f"status: {status!r} is no session status; one of {', '.join(RUN_STATES[:-1])}")
+    if status and status not in SESSION_STATUSES:
+        raise ValidationError(f"status: {status!r} is no session status; one of {', '.join(SESSION_STATUSES)}")
     filters = {"status = :status": status, "batch_id = :batch": batch_id, "job_id = :job": job_id,
                "workflow_id = :workflow": workflow}
     where = [clause for clause, given in filters.items() if given]
@@ -157,6 +156,18 @@ def list_batches(store: Store, limit: int = 100, offset: int = 0, status: str | 
             f"SELECT s.*, b.name, b.owner FROM batch_status s JOIN batches b ON b.batch_id = s.batch_id {where} "
             "ORDER BY s.created_at DESC, s.batch_id LIMIT :limit OFFSET :offset"),
             {"status": status, **_page(limit, offset)}).mappings()]
+
+
+def figures(store: Store) -> dict[str, Any]:
+    """What /metrics shows of the store, in one read: sessions, batches and webhook deliveries by
+    status, when the oldest pending session was submitted, the runners."""
+    with store.read() as conn:
+        return {"sessions": dict(conn.execute(text("SELECT status, count(*) FROM sessions GROUP BY status")).all()),
+                "batches": dict(conn.execute(text("SELECT status, count(*) FROM batches GROUP BY status")).all()),
+                "oldest_pending": conn.execute(text("SELECT min(created_at) FROM sessions "
+                                                    "WHERE status = 'pending'")).scalar(),
+                "deliveries": dict(conn.execute(text("SELECT status, count(*) FROM deliveries GROUP BY status")).all()),
+                "runners": fleet.listing(conn)}
 
 
 def counts(store: Store) -> dict[str, int]:
@@ -194,8 +205,7 @@ def runners(store: Store) -> list[dict[str, Any]]:
 # events --------------------------------------------------------------------------------------
 
 def _event(row) -> dict[str, Any]:
-    return {"event_id": row.event_id, "stream_type": row.stream_type, "stream_id": row.stream_id, "seq": row.seq,
-            "type": row.type, "data": json.loads(row.data), "created_at": row.created_at}
+    return Event.from_row(row).as_dict()
 
 
 def target_events(store: Store, target_name: str, after: int = 0, limit: int = MAX_PAGE * 10) -> dict[str, Any]:
@@ -210,15 +220,11 @@ def target_events(store: Store, target_name: str, after: int = 0, limit: int = M
 
 def events_after(store: Store, after: int, limit: int = 1000) -> list[dict[str, Any]]:
     """Every event committed after this id, oldest first (what subscribers are pushed)."""
-    with store.read() as conn:
-        rows = conn.execute(select(events).where(events.c.event_id > after)
-                            .order_by(events.c.event_id).limit(limit)).all()
-    return [_event(r) for r in rows]
+    return [e.as_dict() for e in store.events_after(after, limit)]
 
 
 def newest_event_id(store: Store) -> int:
-    with store.read() as conn:
-        return int(conn.execute(select(func.max(events.c.event_id))).scalar() or 0)
+    return store.newest_event_id()
 
 
 # webhook deliveries ----------------------------------------------------------------------------
@@ -287,7 +293,7 @@ def queue(store: Store, rows: int = QUEUE_ROWS, recent: int = 20, now: float | N
         row["waiting"] = waiting_why(row, live_workers, now, fair=owners is not None)
     for row in paused:
         row["waiting"] = "paused: resume it to run" if row["started_at"] else "held: resume it to start"
-    return {"counts": {status: totals.get(status, 0) for status in RUN_STATES[:-1]}, "running": running,
+    return {"counts": {status: totals.get(status, 0) for status in SESSION_STATUSES}, "running": running,
             "pending": pending, "paused": paused, "ended": ended, "live_workers": sorted(set(live_workers)),
             "fair": owners is not None}
 

@@ -646,13 +646,14 @@ def test_an_input_image_swapped_while_its_job_waits_is_refused_at_the_step_not_r
     assert "params.init_image" in message and "changed after the job was submitted" in message
 
 
-def _denoise_under_way(studio, seed: int) -> tuple[str, subprocess.Popen]:
-    """A 150-step job and an `engine run` that has started its denoise. Long enough (seconds, not a
-    fraction of one) that a stop lands mid-denoise on a loaded machine."""
+def _denoise_under_way(studio, seed: int, command: tuple[str, ...] = ("run", "--quiet"),
+                       stdin=None) -> tuple[str, subprocess.Popen]:
+    """A 150-step job and an `engine run` (or another hosting command) that has started its denoise.
+    Long enough (seconds, not a fraction of one) that a stop lands mid-denoise on a loaded machine."""
     session_id = submit(studio, {"workflow": "txt2img", "params": {
         "prompt": "a long one", "width": 160, "height": 160, "steps": 150, "seed": seed}}).target_id
-    process = subprocess.Popen([sys.executable, "-m", "engine", "run", "--quiet"], cwd=studio.folder, env=studio.env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "engine", *command], cwd=studio.folder, env=studio.env(),
+                               stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not query(studio, "SELECT count(*) FROM leases WHERE session_id = :s AND message LIKE 'denoising%'",
                     s=session_id)[0][0]:
@@ -677,6 +678,31 @@ def test_ctrl_c_in_a_real_denoise_stops_at_the_next_denoising_step_and_the_job_c
     run_until_idle(studio)
     assert status(studio, session_id) == "completed"
     assert query(studio, "SELECT attempts FROM steps WHERE session_id = :s AND step_index = 2", s=session_id) == [(1,)]
+
+
+def test_sigterm_to_the_stdio_worker_mid_denoise_hands_the_step_back_unused_and_exits_cleanly(studio):
+    """The stdio worker is hosted as `engine run` is: SIGTERM while its client still has the pipe
+    open stops the denoise at its next step, hands the step back with its attempt unused, exits 0."""
+    import signal as signals
+
+    session_id, process = _denoise_under_way(studio, seed=7, command=("worker", "--stdio", "--runner-id", "piped"),
+                                             stdin=subprocess.PIPE)
+    process.send_signal(signals.SIGTERM)
+    started = time.monotonic()
+    try:
+        logged = process.stderr.read()
+        process.wait(timeout=60)
+    finally:
+        process.stdin.close()
+    assert process.returncode == 0 and time.monotonic() - started < 20, logged
+    assert "SIGTERM: stopping" in logged and "Traceback" not in logged
+    released = [e.data["reason"] for e in studio.store.stream("session", session_id) if e.type == "step.released"]
+    assert released == ["stopping"]
+    assert query(studio, "SELECT status, attempts FROM steps WHERE session_id = :s AND step_index = 2",
+                 s=session_id) == [("pending", 0)]
+    assert query(studio, "SELECT status FROM runner_status WHERE runner_id = 'piped'") == [("stopped",)]
+    run_until_idle(studio)
+    assert status(studio, session_id) == "completed"
 
 
 def test_ctrl_c_reaches_a_running_denoise_while_another_program_holds_the_database_write_lock(studio):

@@ -12,7 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from engine import commands, queries
+from engine import commands
+from engine.face import reads
 from tests.helpers import engine_process, run_until_idle, submit
 
 ENGINE = Path(__file__).resolve().parents[1] / "engine"
@@ -63,27 +64,64 @@ def test_a_result_json_never_appears_before_the_files_it_lists(install):
     assert seen == {session_id: "completed" for session_id in ids} and missing == []
 
 
-def test_every_door_reports_a_session_and_a_batch_in_the_same_shape(install):
-    session_id = submit(install, {"workflow": "noop1", "job_id": "shape-1"}).target_id
-    batch_id = submit(install, {"kind": "batch", "workflow": "noop1", "name": "two", "items": [{}, {}]}).target_id
-    run_until_idle(install)
-    read = queries.session_report(install.store, install.engine.outbox, session_id)
-    cli = json.loads(engine_process(install, "session", "shape-1", "--json"))
-    cli_batch = json.loads(engine_process(install, "batch", batch_id, "--json"))
-    requests = [{"type": "get_session_status", "request_id": "s", "data": {"session_id": session_id}},
-                {"type": "get_batch_status", "request_id": "b", "data": {"batch_id": batch_id}}]
+def _stdio(install, *requests: dict) -> dict[str, dict]:
+    """The stdio worker's answers to these requests (no runner), by request_id."""
     worker = subprocess.run([sys.executable, "-m", "engine", "worker", "--stdio", "--no-runner"], env=install.env(),
                             cwd=install.folder, input="".join(json.dumps(r) + "\n" for r in requests),
                             capture_output=True, text=True, timeout=120)
-    answers = {a["request_id"]: a for a in map(json.loads, worker.stdout.splitlines())}
+    return {a["request_id"]: a for a in map(json.loads, worker.stdout.splitlines())}
+
+
+def test_every_door_gives_the_same_report_control_answer_and_refusal(install):
+    """The CLI, the stdio worker, the HTTP door and the face itself (what the page renders) read
+    one session and one batch alike, answer one control alike, and refuse one bad job alike."""
+    import httpx
+
+    from tests.served import Served
+
+    session_id = submit(install, {"workflow": "noop1", "job_id": "shape-1"}).target_id
+    batch_id = submit(install, {"kind": "batch", "workflow": "noop1", "name": "two", "items": [{}, {}]}).target_id
+    held = [submit(install, {"workflow": "noop1", "hold": True}).target_id for _ in range(3)]
+    run_until_idle(install)
+    face = reads.session(install.engine, session_id)
+    face_batch = reads.batch(install.engine, batch_id)
+    cli = json.loads(engine_process(install, "session", "shape-1", "--json"))
+    cli_batch = json.loads(engine_process(install, "batch", batch_id, "--json"))
+    bad = {"workflow": "txt2img", "params": {"steps": "many"}}
+    (install.folder / "bad.json").write_text(json.dumps(bad))
+    cli_refusal = subprocess.run([sys.executable, "-m", "engine", "submit", "bad.json", "--json"], env=install.env(),
+                                 cwd=install.folder, capture_output=True, text=True, timeout=120)
+    cli_control = json.loads(engine_process(install, "cancel", held[0], "--json", "--yes"))
+    answers = _stdio(install, {"type": "get_session_status", "request_id": "s", "data": {"session_id": session_id}},
+                     {"type": "get_batch_status", "request_id": "b", "data": {"batch_id": batch_id}},
+                     {"type": "control_session", "request_id": "c", "data": {"session_id": held[1], "action": "cancel"}},
+                     {"type": "execute_workflow", "request_id": "x", "data": {"workflow_id": "txt2img",
+                                                                            "parameters": bad["params"]}})
+    served = Served(install, "--no-runner")
+    try:
+        http = httpx.get(f"{served.url}/v1/sessions/{session_id}").json()
+        http_batch = httpx.get(f"{served.url}/v1/batches/{batch_id}").json()
+        http_control = httpx.post(f"{served.url}/v1/sessions/{held[2]}/cancel").json()
+        http_refusal = httpx.post(f"{served.url}/v1/jobs", json=bad)
+    finally:
+        served.stop()
     stdio, stdio_batch = answers["s"]["data"], answers["b"]["data"]
-    assert set(read) == set(cli) == set(stdio), (set(cli) ^ set(stdio))
-    for key in ("session_id", "job_id", "status", "steps", "params", "outbox", "images", "waiting", "error", "domains"):
-        assert read[key] == cli[key] == stdio[key], key
-    assert read["status"] == "completed" and read["waiting"] is None
-    batch = queries.batch_report(install.store, batch_id)
-    assert set(batch) == set(cli_batch) == set(stdio_batch)
-    assert batch["items"] == cli_batch["items"] == stdio_batch["items"] and batch["name"] == "two"
+    assert set(face) == set(cli) == set(stdio) == set(http), set(cli) ^ set(http)
+    for key in ("session_id", "job_id", "status", "steps", "params", "outbox", "images", "waiting", "error", "domains",
+                "actions", "image_details", "links"):
+        assert face[key] == cli[key] == stdio[key] == http[key], key
+    assert face["status"] == "completed" and face["waiting"] is None and "restart" in face["actions"]
+    assert set(face_batch) == set(cli_batch) == set(stdio_batch) == set(http_batch)
+    for key in ("items", "name", "actions", "contact_sheet", "links", "status"):
+        assert face_batch[key] == cli_batch[key] == stdio_batch[key] == http_batch[key], key
+    controls = [cli_control, answers["c"]["data"], http_control]
+    assert [set(c) for c in controls] == [{"target_type", "target_id", "action", "events", "effective_at"}] * 3
+    assert [(c["target_id"], c["action"], c["events"]) for c in controls] == [
+        (held[n], "cancel", ["session.cancelled"]) for n in range(3)]
+    refusals = [json.loads(cli_refusal.stdout)[0], answers["x"]["error"], http_refusal.json()]
+    assert cli_refusal.returncode == 2 and answers["x"]["success"] is False and http_refusal.status_code == 422
+    assert {(r["code"], r["message"]) for r in refusals} == {("VALIDATION_ERROR", refusals[0]["message"])}
+    assert "params.steps" in refusals[0]["message"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -94,6 +132,20 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
     return found
+
+
+def test_the_doors_touch_only_the_face_the_root_and_the_errors():
+    """Every door (CLI, stdio, HTTP, the page) goes through engine.face for what it writes and
+    reads, is hosted by engine.host, and knows the engine's errors; nothing else of the inside."""
+    allowed = ("engine.face", "engine.doors", "engine.app", "engine.host", "engine.config", "engine.errors",
+               "engine.store.errors")
+    reaching = {str(path.relative_to(ENGINE)): sorted(name for name in _imports(path) if name.startswith("engine.")
+                                                      and not name.startswith(allowed))
+                for path in (ENGINE / "doors").rglob("*.py")}
+    assert {path: names for path, names in reaching.items() if names} == {}
+    through_the_face = {path.parent.name for path in (ENGINE / "doors").rglob("*.py")
+                        if any(name.startswith("engine.face") for name in _imports(path))}
+    assert through_the_face == {"doors", "http", "web"}, through_the_face
 
 
 def test_only_the_store_knows_its_drivers_and_intake_no_domain_internals():

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from engine import queries
-from engine.doors.web import auth, forms, views
+from engine.doors.web import auth, forms
+from engine.face import reads
 from engine.ingest.jobs import GenerationParams, job_schema, parse_job
 from engine.outbox.thumbs import SIZE, make_thumbnail, thumbnail_path
 from engine.run import fleet
@@ -93,7 +94,7 @@ def test_a_sessions_job_file_submits_the_same_params_again(modelled):
                                                             "steps": 3, "seed": 11, "num_images": 2}}
     first = submit(modelled, job)
     report = queries.session_report(modelled.store, modelled.engine.outbox, first.target_id)
-    again = views.job_file(report["workflow_id"], report["params"], report["priority"])
+    again = reads.job_file(modelled.engine, first.target_id)
     assert again["priority"] == 7 and again["params"]["seed"] == 11 and "negative_prompt" not in again["params"]
     second = submit(modelled, json.loads(json.dumps(again)))
     assert queries.session_report(modelled.store, modelled.engine.outbox, second.target_id)["params"] == report["params"]

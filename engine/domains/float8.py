@@ -11,7 +11,7 @@ eagerly it is a few extra passes.
 
 Only the linear layers inside attention blocks are swapped (projections, feed-forward); the time
 and text embeddings, the convolutions and attention itself stay in bfloat16 (what that gains on a
-GPU is measured in the README: little, for SDXL at 1024x1024: the input scaling gives back most of
+GPU is measured in docs/performance.md: little, for SDXL at 1024x1024: the input scaling gives back most of
 what the faster products gain). A layer whose sizes are not multiples of 16 stays too (the matrix
 units' rule).
 """

@@ -22,8 +22,8 @@ from engine.domains.model import component_for, pipeline_for, registry_of
 from engine.domains.readback import round_on_device
 from engine.errors import OutOfMemory, ValidationError
 from engine.run.handlers import StepContext, StepResult, SubmitCheck
-from engine.ingest.inputs import digest_key, read_image
-from engine.ingest.jobs import StepParams
+from engine.inputs import digest_key, read_image
+from engine.params import StepParams
 from engine.outbox.png import a1111_parameters, a1111_sampler, save_png
 from engine.paths import resolve_inside
 

@@ -14,9 +14,9 @@ from PIL import Image, ImageEnhance, ImageOps
 from engine.domains.device import device_of, torch_device
 from engine.domains.model import component_for
 from engine.errors import ValidationError
-from engine.ingest.jobs import StepParams
+from engine.params import StepParams
 from engine.run.handlers import StepContext, StepResult, SubmitCheck
-from engine.ingest.inputs import read_image
+from engine.inputs import read_image
 from engine.outbox.png import save_png
 from engine.paths import resolve_inside
 

@@ -69,7 +69,7 @@ def _main(config: ConfigOption = None,
 
 
 def _print_json(value: Any, **options) -> None:
-    from engine.ingest.jobs import to_case
+    from engine.face.words import to_case
 
     case = _state.get("case", Case.snake).value
     print(json.dumps(to_case(json.loads(json.dumps(value, default=str)), case), **options))
@@ -163,7 +163,7 @@ def init(config: ConfigOption = None) -> None:
 @command
 def schema(config: ConfigOption = None) -> None:
     """Print the JSON Schema of job files."""
-    from engine.ingest.jobs import job_schema
+    from engine.face.words import job_schema
 
     print(json.dumps(job_schema(), indent=2, sort_keys=True))  # the contract's own names
 
@@ -191,16 +191,13 @@ def run(config: ConfigOption = None,
         metrics_port: Annotated[Optional[int], typer.Option(
             "--metrics-port", help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")] = None) -> None:
     """Take the inbox and run steps (a live view shows running sessions; log lines go to stderr)."""
-    from engine import logs
     from engine.doors.live import run_with_view
+    from engine.face import operate
 
     cfg = _config(config)
-    logs.configure(cfg.get("logging", "level"), log_format or cfg.get("logging", "format"))
+    operate.configure_logs(cfg, log_format)
     if metrics_port is not None:
-        from engine import metrics
-        from engine.store import Store
-
-        metrics.serve_metrics(Store.from_config(cfg), metrics_port)
+        operate.serve_metrics(cfg, metrics_port)
     done = run_with_view(cfg, until_idle=until_idle, console=out, live=not quiet and out.is_terminal,
                          runner_id=runner_id)
     out.print(f"{done} step{'' if done == 1 else 's'} done")
@@ -212,17 +209,20 @@ def worker(stdio: Annotated[bool, typer.Option("--stdio", help="JSON lines on st
            no_runner: Annotated[bool, typer.Option("--no-runner", help="only submit and read: a runner runs elsewhere")] = False,
            client_id: Annotated[Optional[str], typer.Option(
                "--client-id", help="the owner of what this client submits (fair share, limits)")] = None,
+           runner_id: Annotated[Optional[str], typer.Option(
+               help="a stable id unique to this runner: after a crash it takes its own steps back at once")] = None,
            config: ConfigOption = None) -> None:
     """The design notes' PROCESSING worker: one JSON request a line on stdin, one response a line
-    on stdout, logs on stderr (see the README's transcript)."""
-    from engine import logs
+    on stdout, logs on stderr (docs/doors/stdio.md has a transcript)."""
     from engine.doors.stdio import run_stdio
+    from engine.face import operate
 
     if not stdio:
         raise ValidationError("engine worker needs --stdio (JSON lines on stdin and stdout)")
     cfg = _config(config)
-    logs.configure(cfg.get("logging", "level"), cfg.get("logging", "format"))
-    run_stdio(cfg, _state.get("case", Case.snake).value, with_runner=not no_runner, client_id=client_id)
+    operate.configure_logs(cfg)
+    run_stdio(cfg, _state.get("case", Case.snake).value, with_runner=not no_runner, client_id=client_id,
+              runner_id=runner_id)
 
 
 @app.command()
@@ -236,14 +236,14 @@ def serve(host: Annotated[Optional[str], typer.Option(help="the address to liste
           config: ConfigOption = None) -> None:
     """The HTTP door: the native API under /v1, OpenAI's images API and AUTOMATIC1111's /sdapi/v1,
     with a runner and the inbox in this process unless --no-runner (the `server` extra)."""
-    from engine import logs
+    from engine.face import operate
 
     try:
         from engine.doors.http.serve import serve as run_server
     except ImportError as exc:
         raise ValidationError(f"engine serve needs the server extra: pip install 'engine[server]' ({exc})") from None
     cfg = _config(config)
-    logs.configure(cfg.get("logging", "level"), log_format or cfg.get("logging", "format"))
+    operate.configure_logs(cfg, log_format)
     run_server(cfg, host, port, with_runner=not no_runner, runner_id=runner_id)
 
 
@@ -253,19 +253,13 @@ def validate(files: Annotated[list[Path], typer.Argument(help="job files")], con
              as_json: JsonOption = False) -> None:
     """Check job files exactly as the inbox would, without submitting them: exit 0 when every one
     is valid, else 2 with the error the inbox would write."""
-    from engine import commands
-    from engine.ingest.jobs import parse_job_bytes
-    from engine.ingest.seen import look_at, refusal
+    from engine.face import operate, writes
 
     reports = []
     with _opened(config) as engine:
         for path in files:
             try:
-                seen = look_at(path, engine.config.get("inbox", "max_file_bytes"))  # read as the inbox reads
-                refused = refusal(seen)
-                if refused is not None:
-                    raise refused
-                commands.check(engine.store, engine.intake, parse_job_bytes(seen.raw, engine.intake.limits))
+                writes.check_file(engine, operate.read_job_file(engine, path))
                 reports.append({"file": path.name, "ok": True, "error": None})
             except OSError as exc:
                 reports.append({"file": path.name, "ok": False, "error": {
@@ -287,10 +281,7 @@ def validate(files: Annotated[list[Path], typer.Argument(help="job files")], con
 @command
 def submit(files: list[Path], config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Validate and submit job files directly (image paths stay relative to the inbox)."""
-    import hashlib
-
-    from engine import commands
-    from engine.ingest.jobs import parse_job_bytes
+    from engine.face import writes
 
     results, failed = [], None
     with _opened(config) as engine:
@@ -300,9 +291,7 @@ def submit(files: list[Path], config: ConfigOption = None, as_json: JsonOption =
             except OSError as exc:
                 raise ValidationError(f"{path}: {exc.strerror}") from exc
             try:
-                job = parse_job_bytes(raw, engine.intake.limits)
-                done = commands.submit(engine.store, engine.intake, job,
-                                       commands.Source(path.name, hashlib.sha256(raw).hexdigest()))
+                done = writes.submit_file(engine, raw, path.name)
                 results.append({"file": str(path), "target_type": done.target_type, "target_id": done.target_id})
             except EngineError as exc:
                 failed = failed or exc
@@ -329,19 +318,19 @@ def sessions(config: ConfigOption = None, status: Annotated[Optional[str], typer
              batch: Annotated[Optional[str], typer.Option(help="only the items of this batch (its id)")] = None,
              as_json: JsonOption = False) -> None:
     """List sessions, newest first."""
-    from engine import queries
+    from engine.face import reads
 
     with _opened(config) as engine:
-        rows = queries.list_sessions(engine.store, status=status, limit=limit, offset=offset, batch_id=batch)
-    columns = [c.strip() for c in queries.SESSION_LIST.split(",")]
+        rows = reads.sessions(engine, status=status, limit=limit, offset=offset, batch_id=batch)["sessions"]
+    columns = list(reads.SESSION_COLUMNS)
     _table(columns, [tuple(r[c] for c in columns) for r in rows], as_json)
 
 
 def _session_report(config: Path | None, session_id: str) -> dict:
-    from engine import queries
+    from engine.face import reads
 
     with _opened(config) as engine:
-        return queries.session_report(engine.store, engine.outbox, session_id)
+        return reads.session(engine, session_id)
 
 
 @app.command()
@@ -381,10 +370,10 @@ def session(session_id: str, config: ConfigOption = None, as_json: JsonOption = 
 def batches(config: ConfigOption = None, limit: Annotated[int, typer.Option(help="at most this many (1 to 1000)")] = 100,
             offset: Annotated[int, typer.Option(help="skip this many first")] = 0, as_json: JsonOption = False) -> None:
     """List batches, newest first (--json: every column of batch_status, and the name)."""
-    from engine import queries
+    from engine.face import reads
 
     with _opened(config) as engine:
-        shown = queries.list_batches(engine.store, limit=limit, offset=offset)
+        shown = reads.batches(engine, limit=limit, offset=offset)
     if as_json:
         _print_json(shown)
         return
@@ -397,10 +386,10 @@ def batches(config: ConfigOption = None, limit: Annotated[int, typer.Option(help
 @command
 def batch(batch_id: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show one batch (by id or job_id) and its items."""
-    from engine import queries
+    from engine.face import reads
 
     with _opened(config) as engine:
-        report = queries.batch_report(engine.store, batch_id)
+        report = reads.batch(engine, batch_id)
     if as_json:
         _print_json(report, default=str)
         return
@@ -417,6 +406,8 @@ def batch(batch_id: str, config: ConfigOption = None, as_json: JsonOption = Fals
                                       for k, v in metrics.items() if v is not None), highlight=False)
     items = report["items"]
     _table(list(items[0]) if items else [], [tuple(i.values()) for i in items], False)
+    if report["contact_sheet"]:
+        out.print(f"contact sheet: {report['contact_sheet']['path']}", highlight=False)
 
 
 def _gib(value: Any) -> str | None:
@@ -428,10 +419,10 @@ def _gib(value: Any) -> str | None:
 def runners(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """The runners that registered with this database: host, pid, devices, warm models, last
     heartbeat, version; one whose heartbeat lapsed shows as gone (its steps are taken back)."""
-    from engine import queries
+    from engine.face import reads
 
     with _opened(config) as engine:
-        rows = queries.runners(engine.store)
+        rows = reads.runners(engine)
     columns = ["runner_id", "host", "pid", "status", "devices", "warm_models", "last_heartbeat", "version"]
     _table(columns, [tuple(r[c] for c in columns) for r in rows], as_json)
 
@@ -442,10 +433,10 @@ def events(target: str, config: ConfigOption = None,
            after: Annotated[int, typer.Option(help="only events after this event_id")] = 0,
            as_json: JsonOption = False) -> None:
     """The events of a session or batch (by id or job_id), oldest first."""
-    from engine import queries
+    from engine.face import reads
 
     with _opened(config) as engine:
-        found = queries.target_events(engine.store, target, after=after)["events"]
+        found = reads.events(engine, target, after=after)["events"]
     if as_json:
         _print_json(found)
         return
@@ -457,16 +448,15 @@ def events(target: str, config: ConfigOption = None,
 # controlling -------------------------------------------------------------------------------
 
 def _control(action: str, target: str, config: Path | None, as_json: bool, priority: int | None = None) -> None:
-    from engine import commands
+    from engine.face import writes
 
     with _opened(config) as engine:  # result.json of what it ended is written before this returns
-        target_type, target_id, appended = commands.control(engine.store, target, action, priority)
+        answer = writes.control(engine, target, action, priority)
     if as_json:
-        _print_json({"target_type": target_type, "target_id": target_id, "action": action,
-                     **({"priority": priority} if action == "priority" else {}),
-                     "events": [e.type for e in appended]})
+        _print_json(answer)
     else:
-        out.print(f"{action}: {target_type} {target_id} ({', '.join(e.type for e in appended)})", highlight=False)
+        out.print(f"{action}: {answer['target_type']} {answer['target_id']} ({', '.join(answer['events'])})",
+                  highlight=False)
 
 
 @app.command()
@@ -519,10 +509,12 @@ def delete(target: str, config: ConfigOption = None, as_json: JsonOption = False
 def rebuild(config: ConfigOption = None, verify: Annotated[bool, typer.Option("--verify", help="only compare")] = False,
             yes: YesOption = False, as_json: JsonOption = False) -> None:
     """Drop the status tables and replay the event log (--verify: report differences only)."""
+    from engine.face import operate
+
     started = time.perf_counter()
     if verify:
         with _opened(config) as engine:
-            differences = engine.store.verify()
+            differences = operate.verify(engine)
         if as_json:
             _print_json({"differences": differences})
         else:
@@ -534,7 +526,7 @@ def rebuild(config: ConfigOption = None, verify: Annotated[bool, typer.Option("-
         return
     with _opened(config) as engine:
         _confirm("drop and rebuild every status table from the event log", yes)
-        counts = engine.store.rebuild()
+        counts = operate.rebuild(engine)
     if as_json:
         _print_json(counts)
     else:
@@ -550,29 +542,23 @@ def workflows(workflow_id: Annotated[Optional[str], typer.Argument()] = None, co
               params: Annotated[Optional[str], typer.Option(help="params JSON for the estimate")] = None,
               as_json: JsonOption = False) -> None:
     """List workflow templates, or show one's steps with a memory and time estimate."""
-    from engine.workflows import get_workflow, load_workflows
+    from engine.face import operate
 
     cfg = _config(config)
-    found = load_workflows(cfg.workflows_dir)
     if workflow_id is None:
-        rows = [(w.id, len(w.steps), w.description) for w in found.values()]
+        rows = [(w.id, len(w.steps), w.description) for w in operate.workflows(cfg).values()]
         _table(["id", "steps", "description"], rows, as_json)
         return
-    from engine.domains.estimate import estimate
-    from engine.ingest.jobs import validate_params
-
-    workflow = get_workflow(found, workflow_id)
     try:
         raw = json.loads(params) if params else {}
     except json.JSONDecodeError as exc:
         raise ValidationError(f"--params: not valid JSON: {exc.msg} at column {exc.colno}") from None
-    given = validate_params(raw, "params")
-    steps = workflow.resolve(given.model_dump())
-    guess = estimate(cfg, workflow, given)
+    shown = operate.workflow_estimate(cfg, workflow_id, raw)
+    steps, guess = shown["steps"], shown["estimate"]
     if as_json:
-        _print_json({"id": workflow.id, "description": workflow.description, "steps": steps, "estimate": guess})
+        _print_json(shown)
         return
-    out.print(f"[bold]{workflow.id}[/]: {workflow.description}", highlight=False)
+    out.print(f"[bold]{shown['id']}[/]: {shown['description']}", highlight=False)
     _table(["index", "type", "domain", "config"], [(i, s["type"], s["domain"], json.dumps(s["config"]))
                                                     for i, s in enumerate(steps)], False)
     memory = f"{guess['memory_gib']} GiB" if guess.get("memory_gib") is not None else "unknown memory"
@@ -586,9 +572,9 @@ def workflows(workflow_id: Annotated[Optional[str], typer.Argument()] = None, co
 @command
 def devices(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Devices found: DirectML, CUDA, MPS and CPU, with memory and precision support."""
-    from engine.domains.device import discover
+    from engine.face import operate
 
-    found = discover()
+    found = operate.devices()
     columns = ["id", "kind", "name", "total_memory", "free_memory", "fp16", "bf16"]
     _table(columns, [tuple(getattr(d, c) for c in columns) for d in found], as_json)
 
@@ -600,10 +586,10 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
     if ctx.invoked_subcommand:
         _state["models_config"] = config
         return
-    from engine.domains.catalogue import ModelRegistry, default_precision
+    from engine.face import operate
 
     cfg = _config(config)
-    registry = ModelRegistry(cfg.models_dir, cfg.get("models", "allow_pickle"), cfg.get("models", "default"))
+    registry = operate.model_catalogue(cfg)
     entries = registry.entries().values()
     try:
         default_id = registry.default_pipeline().id
@@ -616,7 +602,7 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
                   "demo/models/tiny-sdxl --id tiny` registers here.", highlight=False)
         return
     default_compile = "on" if cfg.get("compile", "default") else "off"
-    precision = f"{default_precision(cfg)} (default)"
+    precision = f"{operate.default_precision(cfg)} (default)"
     _table(["id", "kind", "default", "format", "family", "context_dim", "compile", "precision", "path", "configs_from"],
            [(e.id, e.kind, e.id == default_id, e.format, e.family or "unknown", e.context_dim or None,
              (e.compile or f"{default_compile} (default)") if e.kind == "pipeline" else None,
@@ -631,10 +617,10 @@ def notify_list(status: Annotated[Optional[str], typer.Option(help="pending, del
                 limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 100,
                 config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Webhook deliveries: the event, the URL, attempts, the last answer, the next attempt."""
-    from engine import queries
+    from engine.face import reads
 
     with _opened(config) as engine:
-        rows = queries.deliveries(engine.store, status, limit, target)
+        rows = reads.deliveries(engine, status, limit, target)
     columns = ["id", "event", "target_id", "url", "status", "attempts", "last_status", "last_error", "next_attempt"]
     _table(columns, [tuple(r[c] for c in columns) for r in rows], as_json)
 
@@ -643,10 +629,10 @@ def notify_list(status: Annotated[Optional[str], typer.Option(help="pending, del
 @command
 def notify_retry(delivery_id: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Send a dead (or waiting) delivery again now, with a fresh budget of attempts."""
-    from engine.notify.deliver import retry
+    from engine.face import writes
 
     with _opened(config) as engine:
-        appended = retry(engine.store, delivery_id)
+        appended = writes.retry_delivery(engine, delivery_id)
     if as_json:
         _print_json({"delivery_id": delivery_id, "events": [e.type for e in appended]})
     else:
@@ -698,10 +684,10 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
     """Compile a model's fast path ahead (minutes, once per machine), for these sizes and call sizes."""
     from rich.progress import Progress
 
-    from engine.run.warmup import parse_size, warmup as warm
+    from engine.face import operate
 
     cfg = _config(config)
-    shapes = [parse_size(s) for s in sizes.split(",") if s.strip()]
+    shapes = operate.shapes_of(sizes)
     try:
         counts = sorted({int(n) for n in batch_sizes.split(",") if n.strip()})
     except ValueError:
@@ -709,14 +695,14 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
     if not counts or min(counts) < 1 or max(counts) > cfg.get("limits", "max_num_images") * 4:
         raise ValidationError(f"--batch-sizes {batch_sizes!r}: between 1 and {cfg.get('limits', 'max_num_images') * 4}")
     with _opened(config) as engine, Progress(console=err, disable=as_json) as progress:
-        task = progress.add_task(f"compiling {model_id}", total=len(shapes) * len(counts))
+        task = progress.add_task(f"compiling {model_id}", total=shapes * len(counts))
 
         def done(shape, seconds, compiled) -> None:
             progress.advance(task)
             progress.console.print(f"{shape[1]} x {shape[2]}x{shape[3]}: {seconds:.1f} s "
                                    f"({'compiled' if compiled else 'eager: the compile failed'})", highlight=False)
 
-        report = warm(cfg, engine.store, engine.handlers.shared, model_id, shapes, counts, steps, done)
+        report = operate.warmup(engine, model_id, sizes, counts, steps, done)
     if as_json:
         _print_json(report)
     failed = [r for r in report if not r["compiled"]]
@@ -730,9 +716,9 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
 def sql(query: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Run one read-only SQL statement: one SELECT (WITH, VALUES, a reading PRAGMA), within
     [database] sql_timeout_seconds; on PostgreSQL as the role of [database] readonly_url."""
-    from engine.store.console import run_sql
+    from engine.face import operate
 
-    columns, rows = run_sql(_config(config), query)
+    columns, rows = operate.sql(_config(config), query)
     _table(columns, rows, as_json)
 
 
@@ -743,12 +729,9 @@ def sql_role(name: Annotated[str, typer.Argument(help="the role to create or bri
              config: ConfigOption = None) -> None:
     """PostgreSQL: make a role that can only read this database, for `engine sql`; prints the URL
     to put in [database] readonly_url (ENGINE_DATABASE_READONLY_URL)."""
-    from engine.app import require_installation
-    from engine.store.console import create_reader
+    from engine.face import operate
 
-    cfg = _config(config)
-    require_installation(cfg)
-    print(create_reader(cfg, name, password))
+    print(operate.sql_role(_config(config), name, password))
 
 
 def _case_first(argv: list[str]) -> list[str]:

@@ -15,11 +15,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from rich.console import Console
 
-from engine.outbox.sheets import contact_sheet, seed_label
 from engine.app import Engine, quiet_libraries
 from engine.config import DEFAULTS_FILE, load_config
-from engine.domains.catalogue import ModelRegistry
-from engine.store.console import run_sql
+from engine.face import operate
 
 SIZE = 64
 COMMON = {"model": "tiny-sdxl", "width": SIZE, "height": SIZE, "steps": 6, "guidance_scale": 5.0}
@@ -62,18 +60,6 @@ def _sample_images(folder: Path) -> None:
     mask.save(folder / "mask.png")
 
 
-def _build_models(config, console: Console) -> None:
-    from engine.domains.tinymodels import build_tiny_sdxl, build_tiny_upscaler
-
-    registry = ModelRegistry(config.models_dir)
-    if "tiny-sdxl" not in registry.entries():
-        console.print("building a tiny SDXL-architecture model in code (random weights: it draws noise)")
-        build_tiny_sdxl(config.models_dir / "tiny-sdxl")
-    if "tiny-upscaler" not in registry.entries():
-        build_tiny_upscaler(config.models_dir / "tiny-upscaler.safetensors")
-        registry.add(config.models_dir / "tiny-upscaler.safetensors", "tiny-upscaler", "upscaler")
-
-
 def run_demo(folder: Path, console: Console) -> None:
     quiet_libraries()
     started = time.perf_counter()
@@ -86,7 +72,7 @@ def run_demo(folder: Path, console: Console) -> None:
     Engine.create(config).close()
     console.print(f"[bold]engine demo[/] in {folder}")
     console.print("[yellow]The demo model has RANDOM WEIGHTS, built in code: its images are noise.[/]")
-    _build_models(config, console)
+    operate.build_demo_models(config, console.print)
     _sample_images(config.inbox / "images")
     run_tag = time.strftime("%H%M%S")
     for name, job in sample_jobs().items():
@@ -105,7 +91,7 @@ def run_demo(folder: Path, console: Console) -> None:
     done = run_with_view(config, until_idle=True, console=console, live=console.is_terminal)
     console.print(f"{done} steps done in {time.perf_counter() - started:.1f}s")
 
-    columns, rows = run_sql(config, "SELECT session_id, job_id, workflow_id, status, current_step, total_steps, "
+    columns, rows = operate.sql(config, "SELECT session_id, job_id, workflow_id, status, current_step, total_steps, "
                                     "error_code FROM session_status ORDER BY created_at")
     from rich.table import Table
 
@@ -115,7 +101,7 @@ def run_demo(folder: Path, console: Console) -> None:
     for row in rows:
         table.add_row(*["" if v is None else str(v) for v in row])
     console.print(table)
-    _, batch_rows = run_sql(config, "SELECT batch_id, status, completed_items, total_items FROM batch_status")
+    _, batch_rows = operate.sql(config, "SELECT batch_id, status, completed_items, total_items FROM batch_status")
     for row in batch_rows:
         console.print(f"batch {row[0]}: {row[1]}, {row[2]}/{row[3]} items")
     results = sorted(config.outbox.rglob("result.json"))
@@ -123,12 +109,16 @@ def run_demo(folder: Path, console: Console) -> None:
     for result_path in results:
         result = json.loads(result_path.read_text())
         label = f"#{result['item_index']}" if result["item_index"] is not None else result["session_id"][4:12]
-        images += [(result_path.parent / name, f"{label} {seed_label(name)}") for name in result["images"]]
+        images += [(result_path.parent / name, f"{label} {operate.seed_label(name)}") for name in result["images"]]
     console.print(f"outbox: {config.outbox} ({len(results)} result.json, {len(images)} final images)")
     for result_path in results[-12:]:
         console.print(f"  {result_path.parent.relative_to(folder)}", highlight=False)
-    sheet = contact_sheet(images, config.outbox / "contact-sheet.png", thumb=96, columns=6)
+    sheet = operate.contact_sheet(images, config.outbox / "contact-sheet.png", thumb=96, columns=6)
     if sheet:
         console.print(f"contact sheet: {sheet}")
     console.print(f"try: engine --config {config_path} sql \"select status, count(*) from session_status group by 1\"",
                   highlight=False)
+    server = config.get("server", "host"), config.get("server", "port")
+    console.print(f"see it in a browser: engine --config {config_path} serve (the server extra: pip install -e "
+                  f"\".[server]\"), then open http://{server[0]}:{server[1]}/ (the queue, each session, the gallery, "
+                  "a submit form)", highlight=False)

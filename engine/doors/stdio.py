@@ -14,15 +14,21 @@ camel or pascal. A response never waits for generation: a runner runs in this pr
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 import threading
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-from engine import commands, queries
 from engine.errors import EngineError, ValidationError
-from engine.ingest.jobs import ACTIONS, CASES, SCHEDULERS, normalise_keys, parse_job, snake_case, to_case
+from engine.face import reads, writes
+from engine.face.follow import Follower
+from engine.face.words import ACTIONS, CASES, snake_case, to_case
+from engine.host import Host
+from engine.store.errors import StoreError
+
+log = logging.getLogger("engine.worker")
 
 # The notes' INFERENCE names for what PROCESSING does here.
 COMMAND_ALIASES = {"batch_process": "execute_batch", "get_batch_progress": "get_batch_status",
@@ -83,7 +89,7 @@ class StdioWorker:
         self.lock = threading.Lock()
         self.subscriptions: set[str] = set()
         self.subscribed_all = False
-        self.last_event = queries.newest_event_id(self.store)
+        self.events = Follower(self.store)
         self.handlers: dict[str, Callable[[dict], Any]] = {
             "get_workflows": self.get_workflows, "get_workflow": self.get_workflow,
             "execute_workflow": self.execute_workflow, "get_session_status": self.get_session_status,
@@ -135,7 +141,8 @@ class StdioWorker:
         except EngineError as exc:
             return to_case({"success": False, "request_id": request_id, "error": exc.to_dict()},
                            case if case in CASES else "snake")
-        except Exception as exc:  # a bug must not stop the worker: the client hears of it
+        except Exception as exc:  # noqa: BLE001 - a bug must not stop the worker: the client hears of it, the log has it
+            log.exception("request %s failed", request_id)
             return {"success": False, "request_id": request_id,
                     "error": {"code": "INTERNAL_ERROR", "message": f"{type(exc).__name__}: {exc}", "details": []}}
 
@@ -147,17 +154,10 @@ class StdioWorker:
     # commands ------------------------------------------------------------------------------
 
     def get_workflows(self, data: dict) -> dict:
-        return {"workflows": [{"id": w.id, "description": w.description, "steps": len(w.steps)}
-                              for w in self.intake.workflows.values()]}
+        return {"workflows": reads.workflows(self.engine)}
 
     def get_workflow(self, data: dict) -> dict:
-        from engine.domains.estimate import estimate
-        from engine.ingest.jobs import validate_params
-
-        workflow = self.intake.workflow(_required(data, "workflow_id"))
-        params = validate_params(data.get("parameters") or {}, "parameters")
-        return {"id": workflow.id, "description": workflow.description, "steps": workflow.resolve(params.model_dump()),
-                "estimate": estimate(self.config, workflow, params, models=self.engine.models)}
+        return reads.workflow(self.engine, _required(data, "workflow_id"), data.get("parameters"))
 
     def execute_workflow(self, data: dict) -> dict:
         params = data.get("parameters")
@@ -242,18 +242,11 @@ class StdioWorker:
         return self._control(data.get("batch_tracking_id") or _required(data, "batch_id"), "delete")
 
     def get_capabilities(self, data: dict) -> dict:
-        from engine.domains.device import discover
-
-        entries = self.engine.models.entries().values()
-        return {"workflows": sorted(self.intake.workflows), "schedulers": list(SCHEDULERS),
-                "models": [{"id": e.id, "kind": e.kind, "family": e.family} for e in entries],
-                "devices": [{"id": d.id, "kind": d.kind, "name": d.name, "total_memory": d.total_memory}
-                            for d in discover()],
-                "limits": dict(self.config.values["limits"]), "actions": list(ACTIONS)}
+        return reads.capabilities(self.engine)
 
     def get_session_events(self, data: dict) -> dict:
         after = int(data.get("after") or data.get("after_event_id") or 0)
-        found = queries.target_events(self.store, str(_required(data, "session_id")), after=after)
+        found = reads.events(self.engine, str(_required(data, "session_id")), after=after)
         found["events"] = [{k: e[k] for k in ("event_id", "type", "data", "created_at")} for e in found["events"]]
         return found
 
@@ -263,7 +256,7 @@ class StdioWorker:
             self.subscribed_all = True
         else:
             for target in ids if isinstance(ids, list) else [ids]:
-                self.subscriptions.add(queries.target(self.store, str(target))[1])
+                self.subscriptions.add(reads.target(self.engine, str(target))[1])
         return {"subscribed": "all" if self.subscribed_all else sorted(self.subscriptions)}
 
     # events pushed to subscribers ----------------------------------------------------------
@@ -271,35 +264,39 @@ class StdioWorker:
     def push_events(self) -> None:
         """Write the events committed since the last look that subscribers asked for."""
         if not (self.subscribed_all or self.subscriptions):
-            self.last_event = queries.newest_event_id(self.store)
+            self.events.skip_to_now()
             return
-        for event in queries.events_after(self.store, self.last_event):
-            self.last_event = event["event_id"]
+        for event in self.events.new():
             if self.subscribed_all or event["stream_id"] in self.subscriptions:
                 self.write(to_case({"type": "event", "event_id": event["event_id"], "stream_type": event["stream_type"],
                                     "stream_id": event["stream_id"], "event": event["type"], "data": event["data"],
                                     "created_at": event["created_at"]}, self.case))
 
+    def push_until(self, done: threading.Event) -> None:
+        """push_events every 0.2 s until `done`; the database's trouble is tried again at the next look."""
+        while not done.wait(0.2):
+            try:
+                self.push_events()
+            except StoreError:
+                continue
+            except BrokenPipeError:  # the client closed our output
+                return
+
     # helpers -------------------------------------------------------------------------------
 
-    def _submit(self, job: dict) -> commands.Submitted:
-        parsed = parse_job(normalise_keys({k: v for k, v in job.items() if v is not None}), self.intake.limits)
+    def _submit(self, job: dict) -> writes.Submitted:
         # The protocol's client-chosen session_id / batch_id names one session: sent again, it is
         # answered with that session (already_submitted), where a second job file is refused.
-        return commands.submit(self.store, self.intake, parsed,
-                               commands.Source("worker", uuid.uuid4().hex, f"worker:{uuid.uuid4().hex}"),
-                               resent_is_same=True)
+        return writes.submit_mapping(self.engine, job, "worker")
 
     def _control(self, target: str, action: str, priority: int | None = None) -> dict:
-        target_type, target_id, appended = commands.control(self.store, str(target), action, priority)
-        return {"target_type": target_type, "target_id": target_id, "action": action,
-                "events": [e.type for e in appended], "effective_at": appended[-1].created_at if appended else None}
+        return writes.control(self.engine, str(target), action, priority)
 
     def _session(self, target: str) -> dict:
-        return queries.session_report(self.store, self.engine.outbox, str(target))
+        return reads.session(self.engine, str(target))
 
     def _batch(self, target: str) -> dict:
-        return queries.batch_report(self.store, str(target))
+        return reads.batch(self.engine, str(target))
 
 
 # What execute_workflow and execute_batch take beside params (the notes' fields and the envelope's).
@@ -353,43 +350,33 @@ def _request_id_of(line: str) -> str | None:
         raw = json.loads(line)
         found = next((v for k, v in raw.items() if snake_case(str(k)) == "request_id"), None)
         return None if found is None else str(found)
-    except Exception:
+    except (ValueError, RecursionError, AttributeError):  # not JSON, too deep, or not an object
         return None
 
 
 def run_stdio(config, case: str = "snake", with_runner: bool = True, source=None,
-              sink: TextIO = sys.stdout, client_id: str | None = None) -> None:
+              sink: TextIO = sys.stdout, client_id: str | None = None, runner_id: str | None = None) -> None:
     """Serve stdin until EOF, with a runner in this process unless told not to. At EOF the runner
-    stops after its current step's record; anything unfinished is left to the next runner."""
-    from engine.app import Engine, require_installation
-
-    require_installation(config)
-    engine = Engine.create(config)
-    worker = StdioWorker(engine, case, sink, client_id)
+    stops after its current step's record; anything unfinished is left to the next runner. SIGINT
+    and SIGTERM stop it as they stop `engine run` (engine.host)."""
+    hosted = Host(config, with_runner=with_runner, with_inbox=False, runner_id=runner_id)
+    if not hosted.open():
+        return
+    worker = StdioWorker(hosted.engine, case, sink, client_id)
     done = threading.Event()
-    threads = []
-    runner = engine.runner() if with_runner else None
-    if runner is not None:
-        threads.append(threading.Thread(target=runner.run, name="engine-runner", daemon=True))
-
-    def pushing() -> None:
-        while not done.wait(0.2):
-            try:
-                worker.push_events()
-            except Exception:  # the database hiccuped: the next look catches up
-                continue
-
-    threads.append(threading.Thread(target=pushing, name="engine-events", daemon=True))
-    for thread in threads:
-        thread.start()
+    pusher = threading.Thread(target=worker.push_until, args=(done,), name="engine-events", daemon=True)
+    door = threading.Thread(target=worker.serve, args=(source if source is not None else sys.stdin.buffer,),
+                            name="engine-stdio", daemon=True)
+    hosted.start_background()
+    pusher.start()
+    door.start()
     try:
-        worker.serve(source if source is not None else sys.stdin.buffer)
+        hosted.wait(door)
     finally:
         done.set()
-        if runner is not None:
-            runner.stop()
-        for thread in threads:
-            thread.join(timeout=30)
-        if runner is not None:
-            runner.close()
-        engine.close()
+        pusher.join(timeout=5)
+        hosted.close()
+    if door.is_alive():  # stopped by a signal while the client still holds stdin open: its read never returns
+        sink.flush()
+        logging.shutdown()
+        os._exit(0)

@@ -148,7 +148,7 @@ class Inbox:
             return
         self._noted.add(name)
         if entry.is_dir(follow_symlinks=False):
-            if _holds_job_files(entry.path):  # a folder of input images, as the README suggests, is no news
+            if _holds_job_files(entry.path):  # a folder of input images, as docs/jobs.md suggests, is no news
                 log.info("not taking the folder %s: job files are taken from the inbox itself, not from subfolders "
                          "(a subfolder may hold input images)", name)
         else:

@@ -14,7 +14,7 @@ from typing import Any
 from engine.errors import ValidationError
 from engine.run.grouping import group_key
 from engine.run.handlers import Registry, SubmitCheck
-from engine.ingest.inputs import InputImage, digest_key, read_image
+from engine.inputs import InputImage, digest_key, read_image
 from engine.ingest.jobs import (MAX_SEED, BatchJob, GenerationParams, SessionJob, StepParams, check_limits,
                                 validate_params)
 from engine.paths import resolve_inside

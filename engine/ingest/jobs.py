@@ -12,95 +12,15 @@ import re
 import typing
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from engine.errors import ValidationError
+from engine.params import (MAX_SEED, SCHEDULERS, ControlNetParams, EnhanceOp, GenerationParams,  # noqa: F401
+                           LoraParams, PostprocessOp, SafetyCheckOp, StepParams, Strict, UpscaleOp)
 
-SCHEDULERS = ("ddim", "euler", "euler_a", "dpm++2m", "dpm++2m_karras", "dpm++sde", "pndm", "lms", "heun", "unipc")
 ACTIONS = ("pause", "resume", "cancel", "restart", "delete", "priority")
-MAX_SEED = 2**32 - 1
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ControlNetParams(Strict):
-    model: str = Field(min_length=1, max_length=128)
-    image: str = Field(min_length=1, max_length=1024)
-    conditioning_scale: float = Field(1.0, ge=0.0, le=5.0)
-    guidance_start: float = Field(0.0, ge=0.0, le=1.0)
-    guidance_end: float = Field(1.0, ge=0.0, le=1.0)
-
-
-class LoraParams(Strict):
-    model: str = Field(min_length=1, max_length=128)
-    scale: float = Field(1.0, ge=-5.0, le=5.0)
-
-
-class UpscaleOp(Strict):
-    op: Literal["upscale"]
-    model: str | None = Field(None, max_length=128, description="an upscaler id; Lanczos when absent")
-    scale: float = Field(2.0, gt=0.0, le=8.0)
-
-
-class EnhanceOp(Strict):
-    op: Literal["enhance"]
-    preset: str | None = Field(None, max_length=64)
-    sharpness: float | None = Field(None, ge=0.0, le=5.0)
-    contrast: float | None = Field(None, ge=0.0, le=5.0)
-    color: float | None = Field(None, ge=0.0, le=5.0)
-    brightness: float | None = Field(None, ge=0.0, le=5.0)
-    auto_levels: bool | None = None
-
-
-class SafetyCheckOp(Strict):
-    op: Literal["safety_check"]
-
-
-PostprocessOp = Annotated[Union[UpscaleOp, EnhanceOp, SafetyCheckOp], Field(discriminator="op")]
-
-
-class GenerationParams(Strict):
-    model: str | None = Field(None, max_length=128)
-    prompt: str = Field("", max_length=20000)
-    negative_prompt: str = Field("", max_length=20000)
-    width: int | None = Field(None, ge=8, le=16384, multiple_of=8)
-    height: int | None = Field(None, ge=8, le=16384, multiple_of=8)
-    steps: int = Field(30, ge=1, le=10000)
-    guidance_scale: float = Field(7.0, ge=0.0, le=100.0)
-    scheduler: Literal[SCHEDULERS] | None = None  # type: ignore[valid-type]
-    seed: int | None = Field(None, ge=-1, le=MAX_SEED)
-    num_images: int = Field(1, ge=1, le=1024)
-    init_image: str | None = Field(None, max_length=1024)
-    strength: float = Field(0.75, ge=0.0, le=1.0)
-    mask_image: str | None = Field(None, max_length=1024)
-    controlnet: ControlNetParams | None = None
-    loras: list[LoraParams] = Field(default_factory=list, max_length=16)
-    vae: str | None = Field(None, max_length=128, description="a registered VAE id, instead of the model's own")
-    hires_scale: float = Field(2.0, ge=1.0, le=4.0, description="txt2img-hires: how much larger the second pass is")
-    hires_steps: int | None = Field(None, ge=1, le=10000, description="txt2img-hires: steps of the second pass (else steps)")
-    hires_strength: float = Field(0.55, gt=0.0, le=1.0, description="txt2img-hires: denoising strength of the second pass")
-    hires_upscaler: str | None = Field(None, max_length=128, description="txt2img-hires: an upscaler id; Lanczos when absent")
-    postprocess: list[PostprocessOp] = Field(default_factory=list, max_length=16)
-    device: str | None = Field(None, max_length=32, description="cpu, cuda, cuda:1, mps, directml; default from config")
-
-
-class StepParams(GenerationParams):
-    """A session's params as its steps get them: validated and resolved at submit (the model, the
-    size and the seed filled in), with the SHA-256 of each input image for the step to know the
-    very file again. Handlers and the domains' submit-time checks read these, never a dict."""
-
-    input_digests: dict[str, str] = Field(default_factory=dict)
-
-    @classmethod
-    def of(cls, data: dict[str, Any]) -> "StepParams":
-        """From the params a session stored (resolved at submit; validated again here)."""
-        try:
-            return cls.model_validate(data)
-        except PydanticValidationError as exc:
-            raise pydantic_failure(exc, "params", cls) from None
 
 
 JOB_ID = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]*$")
@@ -234,7 +154,7 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 # Words written with inner capitals that are one word: LoRAs -> loras, ControlNet -> controlnet.
 _WORDS = re.compile(r"LoRA|ControlNet|CFG|VAE", re.IGNORECASE)
 
-# Documented aliases (the README's table): the design notes' C# clients and AUTOMATIC1111's API.
+# Documented aliases (docs/jobs.md's table): the design notes' C# clients and AUTOMATIC1111's API.
 ALIASES = {
     "cfg_scale": "guidance_scale", "cfg": "guidance_scale",
     "denoising_strength": "strength",
@@ -385,7 +305,7 @@ def _message(error: dict, root: type[BaseModel] | None, limits: dict[str, Any] |
     loc = error["loc"]
     name = loc[-1] if loc and isinstance(loc[-1], str) else None
     if error["type"] == "extra_forbidden" and name:
-        return f"unknown key{did_you_mean(name, _model_at(root, loc))} (the README lists every key)"
+        return f"unknown key{did_you_mean(name, _model_at(root, loc))} (docs/jobs.md lists every key; `engine schema` prints them)"
     if limits and name in LIMITED and error["type"] in ("less_than_equal", "greater_than_equal", "less_than",
                                                          "greater_than"):
         low, high = LIMITED[name]
@@ -458,7 +378,7 @@ def check_param_keys(keys, where: str) -> None:
     for key in keys:
         if key not in GenerationParams.model_fields:
             raise ValidationError(f"{where}.{key}: unknown key{did_you_mean(key, GenerationParams)} "
-                                  "(the README lists every key)", [{"loc": f"{where}.{key}"}])
+                                  "(docs/jobs.md lists every key; `engine schema` prints them)", [{"loc": f"{where}.{key}"}])
 
 
 def check_limits(params: GenerationParams, limits: dict[str, Any], where: str = "params") -> None:

@@ -59,6 +59,24 @@ class Outbox:
     def batch_dir(self, batch_id: str) -> Path:
         return self.root / "batches" / batch_id
 
+    def contact_sheet(self, batch_id: str) -> Path:
+        return self.batch_dir(batch_id) / "contact-sheet.png"
+
+    def item_runs(self, batch_id: str, item_index: int) -> list[Path]:
+        """A batch item's folders, its first run's first and its newest last."""
+        item = self.batch_dir(batch_id) / f"item-{item_index:05d}"
+        later = sorted(item.glob("run-*"), key=lambda f: int(f.name[4:]) if f.name[4:].isdigit() else 0)
+        return [item, *later]
+
+    def item_images(self, batch_id: str, item_index: int) -> list[Path]:
+        """The images of a batch item's newest run that has its result.json."""
+        for run in reversed(self.item_runs(batch_id, item_index)):
+            try:
+                return [run / name for name in json.loads((run / "result.json").read_text()).get("images", [])]
+            except (OSError, ValueError):
+                continue
+        return []
+
     def attempt_dir(self, session_id: str, run: int, step_index: int, attempt: int) -> Path:
         return self.root / ATTEMPTS / session_id / f"r{run}-s{step_index}-a{attempt}"
 
@@ -167,16 +185,9 @@ class Outbox:
 
     def _batch_sheet(self, batch_id: str, rows) -> None:
         """contact-sheet.png: every item's images, labelled with the item index and seed."""
-        tiles = []
-        for row in rows:
-            item = self.batch_dir(batch_id) / f"item-{row.item_index:05d}"
-            runs = [f for f in [item, *sorted(item.glob("run-*"), key=lambda f: int(f.name[4:]))]
-                    if (f / "result.json").exists()]
-            if row.status != "completed" or not runs:
-                continue
-            for name in json.loads((runs[-1] / "result.json").read_text()).get("images", []):
-                tiles.append((runs[-1] / name, f"#{row.item_index} {seed_label(name)}"))
-        contact_sheet(tiles, self.batch_dir(batch_id) / "contact-sheet.png")
+        tiles = [(image, f"#{row.item_index} {seed_label(image.name)}") for row in rows if row.status == "completed"
+                 for image in self.item_images(batch_id, row.item_index)]
+        contact_sheet(tiles, self.contact_sheet(batch_id))
 
 
 def _thumbnail(png: Path) -> None:

@@ -78,3 +78,12 @@ def save_png(image: Image.Image, path: Path, parameters: str | None, compress_le
     image.save(encoded, format="PNG", pnginfo=info, compress_level=compress_level)
     atomic_write_bytes(path, encoded.getvalue())
     sheets.tiles.remember(path, image)
+
+
+def parameters_of(png: Path) -> str:
+    """The AUTOMATIC1111 parameters text a PNG carries ("" when it carries none or cannot be read)."""
+    try:
+        with Image.open(png) as image:
+            return str(image.info.get("parameters") or getattr(image, "text", {}).get("parameters") or "")
+    except (OSError, ValueError):
+        return ""

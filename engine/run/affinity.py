@@ -12,13 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.params import pin_of  # noqa: F401 - the rule's input, named here with the rules
+
 CUDA_KINDS = ("cuda", "rocm")  # torch reaches both as "cuda:N": a job pinned to "cuda" runs on either
-
-
-def pin_of(params: dict) -> str:
-    """The device a session is pinned to ("" for none), as the claim query compares it."""
-    wanted = str(params.get("device") or "").strip().lower()
-    return "" if wanted == "auto" else wanted
 
 
 @dataclass(frozen=True)

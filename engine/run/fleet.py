@@ -5,6 +5,13 @@ devices, warm models) and renews it with its heartbeat. A runner on the same hos
 whether another one's process still exists (pid and start time, so a reused pid is not mistaken
 for it); elsewhere a runner counts as gone when its heartbeat is older than its lease period.
 `dead_on_this_host` is the pure rule; the rest reads and writes rows.
+
+The runners table is the one table written outside the event log, on purpose: it is a register of
+heartbeats, renewed by every runner every few seconds. As events, the beats would grow the log by
+thousands of rows an hour that no replay needs (a runner's liveness is now, not history), and the
+log's newest event id, which idle runners watch to wake for new work, would change at every beat
+and wake them all. What matters of a runner's life is in the log already: the steps it claimed,
+finished and handed back, and those taken back from it when it was gone.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.errors import Cancelled, EngineError
-from engine.ingest.jobs import StepParams
+from engine.params import StepParams
 from engine.outbox.folders import make_empty
 
 

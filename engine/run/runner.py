@@ -26,20 +26,21 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from engine import __version__, metrics
 from engine.run import claims, fleet
 from engine.run.affinity import Offer
 from engine.errors import Cancelled, EngineError, StaleLease
 from engine.run.failures import Failure, classify
-from engine.ingest.jobs import StepParams
+from engine.params import StepParams
 from engine.run.handlers import CancellationToken, Registry, StepContext, StepResult
 from engine.run.claims import Claim, Policy
 from engine.outage import Outage
 from engine.run.recovery import recover, sweep_attempts
 from engine.store import STORE_ERRORS, Store, StoreUnavailable, Tx, first_line, is_lost_connection
-from engine.store.tables import events, leases, sessions
+from engine.store.follow import Follower
+from engine.store.tables import leases, sessions
 
 log = logging.getLogger("engine.runner")
 
@@ -104,7 +105,7 @@ class Runner:
         self.batching = config.values["batching"]
         self._last_beat = self._last_reap = self._last_sweep = time.monotonic()
         self._housekeeping_lock = threading.Lock()
-        self._last_control_event: int | None = None  # the newest event _log_controls has looked at
+        self._controls: Follower | None = None  # the controls _log_controls has said
         if devices is None:
             from engine.domains.device import discover, worker_devices
 
@@ -258,16 +259,11 @@ class Runner:
     def _log_controls(self) -> None:
         """A line for each control made since the last look, wherever it was made (the CLI, the
         stdio worker, a control file), so the runner's log says why a session ended or stopped."""
-        with self.store.read() as conn:
-            if self._last_control_event is None:
-                self._last_control_event = conn.execute(select(func.max(events.c.event_id))).scalar() or 0
-                return
-            found = conn.execute(select(events.c.event_id, events.c.stream_type, events.c.stream_id, events.c.type)
-                                 .where(events.c.event_id > self._last_control_event,
-                                        events.c.type.in_(CONTROL_EVENTS)).order_by(events.c.event_id).limit(500)).all()
-        for row in found:
-            self._last_control_event = row.event_id
-            log.info("%s %s %s (by request)", row.stream_type, row.stream_id, row.type.split(".", 1)[1])
+        if self._controls is None:
+            self._controls = Follower(self.store, types=CONTROL_EVENTS)
+            return
+        for event in self._controls.new(500):
+            log.info("%s %s %s (by request)", event["stream_type"], event["stream_id"], event["type"].split(".", 1)[1])
 
     def stop(self) -> None:
         """Stop after the steps running now have been recorded."""

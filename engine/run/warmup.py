@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from engine.errors import ValidationError
-from engine.ingest.jobs import StepParams
+from engine.params import StepParams
 from engine.run.handlers import CancellationToken, StepContext
 from engine.run.runner import record_model_notices
 from engine.store import Store

@@ -58,10 +58,8 @@ def _authorizer(action: int, arg1: Any, arg2: Any, _db: Any, _trigger: Any) -> i
 
 
 def run_sql(config: Config, query: str) -> tuple[list[str], list[tuple]]:
-    """Run one read-only statement; returns (column names, rows)."""
-    from engine.app import require_installation
-
-    require_installation(config)
+    """Run one read-only statement; returns (column names, rows). The caller has checked that
+    the installation exists (engine.face.operate.sql)."""
     timeout = float(config.get("database", "sql_timeout_seconds"))
     url = config.get("database", "readonly_url") or config.database_url
     if url.startswith("sqlite"):

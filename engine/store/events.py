@@ -38,6 +38,11 @@ class Event:
             "created_at": self.created_at,
         }
 
+    def as_dict(self) -> dict[str, Any]:
+        """The event as every door shows it."""
+        return {"event_id": self.event_id, "stream_type": self.stream_type, "stream_id": self.stream_id,
+                "seq": self.seq, "type": self.type, "data": self.data, "created_at": self.created_at}
+
     @classmethod
     def from_row(cls, row: Any) -> "Event":
         """From a row of the events table, columns in table order (unpacked: replay reads millions)."""

@@ -218,6 +218,17 @@ class Store:
         with self.read() as conn:
             return conn.execute(select(func.max(events.c.event_id))).scalar() or 0
 
+    def events_after(self, after: int, limit: int = 1000, types: tuple[str, ...] | None = None,
+                     streams: set[str] | None = None) -> list[Event]:
+        """The events committed after this id (of these types, of these streams' ids, when given), oldest first."""
+        query = select(events).where(events.c.event_id > after)
+        if types:
+            query = query.where(events.c.type.in_(types))
+        if streams:
+            query = query.where(events.c.stream_id.in_(sorted(streams)))
+        with self.read() as conn:
+            return [Event.from_row(r) for r in conn.execute(query.order_by(events.c.event_id).limit(limit))]
+
     def stream(self, stream_type: str, stream_id: str) -> list[Event]:
         with self.read() as conn:
             rows = conn.execute(

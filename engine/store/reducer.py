@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from engine.run.affinity import pin_of
+from engine.params import pin_of
 from engine.machines import BATCH, ITEM, SESSION, STEP, TRIGGERS
 from engine.store.events import Event, dumps
 

@@ -11,12 +11,11 @@ from typing import Any
 from fastapi import APIRouter, Header
 from starlette.concurrency import run_in_threadpool
 
-from engine import queries
 from engine.doors.http.shared import (Stopping, Writes, control, ended_or_raise, idempotency_key, images_base64,
-                                      save_upload, submit, wait_for)
-from engine.errors import InvalidTransition, NotFound, ValidationError
-from engine.ingest.jobs import SAMPLER_NAMES
-from engine.outbox.png import A1111_SAMPLERS
+                                      submit, wait_for)
+from engine.errors import EngineError, InvalidTransition, NotFound, ValidationError
+from engine.face import reads, words
+from engine.face.writes import save_upload
 
 # What A1111's txt2img and img2img fields become here; fields not named are taken as A1111's
 # defaults and left alone (styles, subseeds, eta...), except those that would change the picture
@@ -35,12 +34,12 @@ def _sampler(body: dict[str, Any]) -> str | None:
         return None
     wanted = str(name).strip().lower()
     scheduler = str(body.get("scheduler") or "").strip().lower()
-    if scheduler == "karras" and f"{wanted} karras" in SAMPLER_NAMES:
+    if scheduler == "karras" and f"{wanted} karras" in words.SAMPLER_NAMES:
         wanted = f"{wanted} karras"
-    if wanted not in SAMPLER_NAMES:
-        raise ValidationError(f"sampler_name: {name!r} is not one of {', '.join(sorted(set(A1111_SAMPLERS.values())))}",
+    if wanted not in words.SAMPLER_NAMES:
+        raise ValidationError(f"sampler_name: {name!r} is not one of {', '.join(sorted(set(words.A1111_SAMPLERS.values())))}",
                               [{"loc": "sampler_name"}])
-    return SAMPLER_NAMES[wanted]
+    return words.SAMPLER_NAMES[wanted]
 
 
 def to_job(engine, body: dict[str, Any], img2img: bool, chosen_model: str | None = None) -> dict[str, Any]:
@@ -102,31 +101,16 @@ def _title(entry) -> str:
 
 def result(engine, body: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     """A1111's answer: base64 PNGs, the request's parameters, and `info` as a JSON string."""
-    seeds = [seed for step in _steps_data(engine, report) for seed in step.get("seeds", [])]
+    seeds = [image["seed"] for image in report["image_details"]]
     params = report["params"]
-    infotexts = []
-    for path in report["images"]:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            infotexts.append(image.info.get("parameters", ""))
     info = {"prompt": params.get("prompt"), "negative_prompt": params.get("negative_prompt"),
             "seed": seeds[0] if seeds else params.get("seed"), "all_seeds": seeds or [params.get("seed")],
             "steps": params.get("steps"), "cfg_scale": params.get("guidance_scale"), "width": params.get("width"),
-            "height": params.get("height"), "sampler_name": A1111_SAMPLERS.get(params.get("scheduler") or ""),
-            "sd_model_name": params.get("model"), "batch_size": len(report["images"]), "infotexts": infotexts,
+            "height": params.get("height"), "sampler_name": words.A1111_SAMPLERS.get(params.get("scheduler") or ""),
+            "sd_model_name": params.get("model"), "batch_size": len(report["images"]),
+            "infotexts": [image["parameters"] for image in report["image_details"]],
             "session_id": report["session_id"], "job_id": report["job_id"]}
     return {"images": images_base64(report), "parameters": body, "info": json.dumps(info)}
-
-
-def _steps_data(engine, report: dict[str, Any]) -> list[dict[str, Any]]:
-    from pathlib import Path
-
-    try:
-        written = json.loads((Path(report["outbox"]) / "result.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [step["data"] for step in written["steps"] if step.get("data", {}).get("seeds")][-1:]
 
 
 def router(engine, stopping: Stopping, writes: Writes) -> APIRouter:
@@ -162,8 +146,8 @@ def router(engine, stopping: Stopping, writes: Writes) -> APIRouter:
     @api.get("/samplers", summary="The samplers, by A1111's names")
     def samplers():
         named = {}
-        for a1111_name, scheduler in SAMPLER_NAMES.items():
-            label = A1111_SAMPLERS.get(scheduler, a1111_name)
+        for a1111_name, scheduler in words.SAMPLER_NAMES.items():
+            label = words.A1111_SAMPLERS.get(scheduler, a1111_name)
             named.setdefault(label, {"name": label, "aliases": [scheduler], "options": {}})
         return list(named.values())
 
@@ -177,7 +161,7 @@ def router(engine, stopping: Stopping, writes: Writes) -> APIRouter:
     def get_options():
         try:
             default = engine.models.default_pipeline()
-        except Exception:
+        except EngineError:  # none registered
             default = None
         chosen = options.get("sd_model_checkpoint")
         return {"sd_model_checkpoint": chosen or (_title(default) if default else None),
@@ -193,7 +177,7 @@ def router(engine, stopping: Stopping, writes: Writes) -> APIRouter:
     def progress():
         for session_id in reversed(submitted):
             try:
-                report = queries.session_report(engine.store, engine.outbox, session_id)
+                report = reads.session(engine, session_id)
             except NotFound:
                 continue
             if report["status"] in ("pending", "running", "paused"):

@@ -15,14 +15,13 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engine import __version__, queries
+from engine import __version__
 from engine.doors.http import a1111, native, openai_images
-from engine.doors.web import pages
-from engine.doors.web import auth
-from engine.doors.web.auth import token_of
 from engine.doors.http.shared import REQUEST_OWNER, HttpError, Stopping, Writes, status_of, token_owners
+from engine.doors.web import auth, pages
+from engine.doors.web.auth import token_of
 from engine.errors import EngineError
-from engine.store import StoreError
+from engine.face import operate, reads
 
 def _error(code: str, message: str, details=None, retry_after: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after else {}
@@ -87,10 +86,10 @@ def create_app(engine, stopping: Stopping | None = None, runner_live=lambda: Tru
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError):
-        if isinstance(exc, StoreError) and exc.code != "DATABASE_UNAVAILABLE":
-            return _error("DATABASE_UNAVAILABLE", exc.message, retry_after=2)
+        # The store's trouble (DATABASE_UNAVAILABLE, DATABASE_ERROR) is said with its own code, as
+        # the CLI says it, and is worth a retry.
         return _error(exc.code, exc.message, exc.details, getattr(exc, "retry_after", None)
-                      or (2 if exc.code == "DATABASE_UNAVAILABLE" else None))
+                      or (2 if exc.code.startswith("DATABASE_") else None))
 
     @app.exception_handler(RequestValidationError)
     async def request_error(request: Request, exc: RequestValidationError):
@@ -120,22 +119,19 @@ def create_app(engine, stopping: Stopping | None = None, runner_live=lambda: Tru
 
     @app.get("/readyz", summary="The store answers and a runner is live")
     def readyz():
-        queries.newest_event_id(engine.store)
-        live = [r for r in queries.runners(engine.store) if r["status"] == "running"]
+        live = [r for r in reads.runners(engine) if r["status"] == "running"]  # the store answers, or 503
         if stopping.event.is_set() or not (live and runner_live()):
             why = "stopping" if stopping.event.is_set() else "no runner is live"
             return _error("STOPPING", f"not ready: {why}", retry_after=5)
         return {"status": "ready", "runners": len(live)}
 
-    from engine import metrics
-
-    exposed = metrics.registry_for(engine.store)
+    exposition = operate.metrics_exposition(engine)
 
     @app.get("/metrics", summary="Prometheus metrics: the queue from the store, this process's counters")
     def get_metrics():
         from fastapi.responses import Response
 
-        body, kind = metrics.exposition(exposed)
+        body, kind = exposition()
         return Response(body, media_type=kind)
 
     writes = Writes()

@@ -13,8 +13,9 @@ from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 
 from engine.doors.http.shared import (Stopping, Writes, ended_or_raise, idempotency_key, images_base64,
-                                      save_upload, submit, wait_for)
+                                      submit, wait_for)
 from engine.errors import UnknownModel, ValidationError
+from engine.face.writes import save_upload, upload_path
 
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini")  # answered by the default model
 IGNORED = ("quality", "style", "user", "background", "moderation", "output_compression", "output_format",
@@ -72,7 +73,7 @@ def openai_mask(engine, relative: str) -> str:
     with an alpha channel is turned into white where it is transparent, black elsewhere."""
     from PIL import Image
 
-    path = engine.config.inbox / relative
+    path = upload_path(engine, relative)
     with Image.open(path) as image:
         if "A" not in image.getbands():
             return relative

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import signal
-import threading
 
 import uvicorn
 
 from engine.config import Config
 from engine.doors.http.shared import Stopping
 from engine.errors import ValidationError
+from engine.host import Host, signals_handled
 
 log = logging.getLogger("engine.serve")
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
@@ -38,57 +37,34 @@ def check_bind(host: str, tokens: list[str]) -> None:
 
 def serve(config: Config, host: str | None = None, port: int | None = None, with_runner: bool = True,
           runner_id: str | None = None) -> None:
-    from engine.app import require_installation
     from engine.doors.http.app import create_app
-    from engine.doors.live import Stopper, init_when_reachable
 
-    host = host or config.get("server", "host")
+    address = host or config.get("server", "host")
     port = int(port if port is not None else config.get("server", "port"))
-    check_bind(host, list(config.get("server", "tokens") or []))
-    require_installation(config)
-    engine = init_when_reachable(config, until_idle=False)
-    if engine is None:
+    check_bind(address, list(config.get("server", "tokens") or []))
+    hosted = Host(config, with_runner=with_runner, runner_id=runner_id)
+    if not hosted.open():
         return
-    stopping = Stopping()
+    engine, stopping = hosted.engine, Stopping(hosted.stopping)
     if not config.get("notify", "public_url"):  # image links in webhook bodies point here
-        config.values["notify"]["public_url"] = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
-    runner = engine.runner(runner_id=runner_id) if with_runner else None
-    inbox = engine.inbox() if with_runner else None
-    worker = threading.Thread(target=runner.run, name="engine-runner", daemon=True) if runner else None
-    stopper = Stopper(runner, config.get("runner", "stop_timeout_seconds")) if runner else None
-    app = create_app(engine, stopping, runner_live=lambda: worker is None or worker.is_alive())
+        config.values["notify"]["public_url"] = f"http://{address if ':' not in address else f'[{address}]'}:{port}"
+    app = create_app(engine, stopping, runner_live=hosted.runner_live)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            stopping.event.set()
-            if stopper is not None:
-                stopper.on_signal(sig, frame)
+            hosted.stopper.on_signal(sig, frame)
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+    server = Server(uvicorn.Config(app, host=address, port=port, log_config=None, access_log=False,
                                    timeout_graceful_shutdown=10, lifespan="off"))
-    if inbox is not None:
-        inbox.scan()
-        inbox.start()
-    if worker is not None:
-        worker.start()
-    log.info("serving on http://%s:%d (%s)", host, port, "with a runner" if runner else "no runner here")
-    # uvicorn raises the signal it caught again once it has stopped: what it finds then is a
-    # handler that lets the runner's stop below run (a signal after that stops at once).
-    previous = {number: signal.signal(number, lambda *_: None) for number in (signal.SIGINT, signal.SIGTERM)}
+    hosted.start_background()
+    log.info("serving on http://%s:%d (%s)", address, port, "with a runner" if with_runner else "no runner here")
     try:
-        server.run()
-        for number in previous:
-            signal.signal(number, stopper.on_signal if stopper else signal.default_int_handler)
+        # uvicorn raises the signal it caught again once it has stopped: what it finds then is a
+        # handler that lets the host's stop run (a signal after that stops at once).
+        with signals_handled(lambda *_: None):
+            server.run()
     finally:
         stopping.event.set()
-        if inbox is not None:
-            inbox.stop()
-        if runner is not None:
-            runner.interrupt()
-            worker.join(timeout=config.get("runner", "stop_timeout_seconds"))
-            runner.close()
-        engine.close()
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        hosted.close()
         log.info("stopped serving")

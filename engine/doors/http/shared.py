@@ -1,34 +1,26 @@
-"""What the HTTP routes share: the status a contract code is answered with, submitting a job
-(idempotently), waiting for a session to end, and images sent in a request body."""
+"""What the HTTP routes share: the status a contract code is answered with, the writes' threads,
+the token's owner, and the face's submit, control and wait as a request makes them."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextvars
-import binascii
-import hashlib
 import re
 import threading
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-from engine import commands, queries
-from engine.errors import EngineError, NotFound, ValidationError
-from engine.ingest.inputs import read_image
-from engine.ingest.jobs import normalise_keys, parse_job
+from engine.errors import EngineError, ValidationError
+from engine.face import wait
+from engine.face import writes as writes_face
 
-ENDED = ("completed", "failed", "cancelled")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,255}$")
 
 # The HTTP status of each contract code (anything else: 500).
 STATUS = {
     "VALIDATION_ERROR": 422, "UNKNOWN_WORKFLOW": 422, "UNKNOWN_MODEL": 422, "UNSAFE_PATH": 422,
     "UNSAFE_MODEL_FORMAT": 422, "DUPLICATE_JOB": 409, "NOT_FOUND": 404, "INVALID_TRANSITION": 409,
-    "DATABASE_UNAVAILABLE": 503, "DEVICE_UNAVAILABLE": 503, "TOO_LARGE": 413, "BAD_REQUEST": 400,
+    "DATABASE_UNAVAILABLE": 503, "DATABASE_ERROR": 503, "DEVICE_UNAVAILABLE": 503, "TOO_LARGE": 413, "BAD_REQUEST": 400,
     "UNAUTHORIZED": 401, "FORBIDDEN": 403, "QUOTA_EXCEEDED": 429, "TIMEOUT": 504, "STOPPING": 503, "RATE_LIMITED": 429,
 }
 
@@ -50,8 +42,8 @@ class HttpError(EngineError):
 class Stopping:
     """Set when the server begins to stop: waiting routes answer 503 with Retry-After."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self.event = event or threading.Event()
 
     def check(self) -> None:
         if self.event.is_set():
@@ -96,56 +88,19 @@ def idempotency_key(header: str | None) -> str | None:
     return header
 
 
-def submit(engine, writes: Writes, job: dict[str, Any], key: str | None, door: str) -> commands.Submitted:
-    """Validate and record a job; a repeat of a key (Idempotency-Key or job_id) is the same job.
-    Returns once the job is committed."""
-    if not isinstance(job, dict):
-        raise ValidationError(f"the body is one JSON object, not {type(job).__name__}")
-    job = normalise_keys(job)
-    owner = REQUEST_OWNER.get()
-    if owner is not None:
-        if job.get("owner") not in (None, owner):
-            raise HttpError("FORBIDDEN", f"owner: this token submits as {owner!r}, not {job['owner']!r}")
-        job["owner"] = owner
-    if key is not None:
-        if job.get("job_id") not in (None, key):
-            raise ValidationError("job_id and Idempotency-Key differ; give one", [{"loc": "job_id"}])
-        job["job_id"] = key
-    parsed = parse_job(job, engine.intake.limits)
-    raw = repr(sorted(job.items())).encode()
-    source = commands.Source(door, hashlib.sha256(raw).hexdigest(), f"{door}:{uuid.uuid4().hex}")
-    return writes(commands.submit, engine.store, engine.intake, parsed, source, resent_is_same=True)
+def submit(engine, writes: Writes, job: Any, key: str | None, door: str) -> writes_face.Submitted:
+    """The face's submit of a mapping, as this request's token's owner; returns once committed."""
+    return writes(writes_face.submit_mapping, engine, job, door, key, REQUEST_OWNER.get())
 
 
 def control(engine, writes: Writes, target: str, action: str, priority: int | None = None) -> dict[str, Any]:
-    target_type, target_id, appended = writes(commands.control, engine.store, target, action, priority)
-    return {"target_type": target_type, "target_id": target_id, "action": action,
-            **({"priority": priority} if action == "priority" else {}), "events": [e.type for e in appended]}
+    return writes(writes_face.control, engine, target, action, priority)
 
 
 async def wait_for(engine, session_id: str, seconds: float, stopping: Stopping) -> dict[str, Any]:
     """The session's report once it has ended (TIMEOUT after `seconds`); waits on no thread."""
-    from starlette.concurrency import run_in_threadpool
-
-    from engine.run.claims import session_statuses
-
-    deadline, folder = time.monotonic() + seconds, None
-    while True:
-        # One status read a look; the whole report only once the session has ended.
-        (status,) = await run_in_threadpool(session_statuses, engine.store, [session_id])
-        if status in ENDED or status is None:  # None: deleted meanwhile (the report says NOT_FOUND)
-            if folder is None:  # where its result.json will be
-                folder = Path((await run_in_threadpool(queries.session_report, engine.store, engine.outbox,
-                                                       session_id))["outbox"])
-            if (folder / "result.json").exists():
-                # Read after its result.json is in place, so the report's images are those in it (a
-                # report read just before the file was written has none).
-                return await run_in_threadpool(queries.session_report, engine.store, engine.outbox, session_id)
-        stopping.check()
-        if time.monotonic() > deadline:
-            raise HttpError("TIMEOUT", f"session {session_id} has not ended after {seconds:g} s; it goes on: "
-                            f"GET /v1/sessions/{session_id}")
-        await asyncio.sleep(0.1)
+    return await wait.until_ended(engine, session_id, seconds, stopping.check,
+                                  hint=f": GET /v1/sessions/{session_id}")
 
 
 def ended_or_raise(report: dict[str, Any]) -> dict[str, Any]:
@@ -164,36 +119,3 @@ def images_base64(report: dict[str, Any]) -> list[str]:
         with open(path, "rb") as handle:
             out.append(base64.b64encode(handle.read()).decode())
     return out
-
-
-def save_upload(engine, data: bytes | str, field: str) -> str:
-    """An image sent in a request (bytes, or base64 with or without a data: prefix), checked under
-    limits.max_image_pixels and written into the inbox's images/ folder under a generated name;
-    returns its path relative to the inbox (what a job names)."""
-    if isinstance(data, str):
-        if data.startswith("data:"):
-            data = data.split(",", 1)[-1]
-        try:
-            data = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValidationError(f"{field}: not base64", [{"loc": field}]) from None
-    limit = engine.config.get("limits", "max_image_pixels")
-    folder = engine.config.inbox / "images" / "uploads"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{uuid.uuid4().hex}.png"
-    staged = folder / f".{name}.part"
-    staged.write_bytes(data)
-    try:
-        read_image(staged, field, limit)  # the pixel limit from the header, then a full decode
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    staged.rename(folder / name)
-    return f"images/uploads/{name}"
-
-
-def target_or_404(engine, name: str, kind: str) -> str:
-    found_type, found_id = queries.target(engine.store, name)
-    if found_type != kind:
-        raise NotFound(f"no {kind} {name!r}")
-    return found_id

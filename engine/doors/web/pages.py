@@ -1,12 +1,10 @@
 """The pages and their fragments. A page (`/`, `/sessions/{id}`, ...) is a whole document; its
 fragment under `/ui/` is the part that changes, which the script fetches again when an event
-says it changed. Every figure comes from the read API (`engine.queries`); every action the pages
-offer is a call to the HTTP API under /v1, made by static/engine.js."""
+says it changed. Every figure, and every action a page offers, comes from the face's reports
+(engine.face.reads); each action is a call to the HTTP API under /v1, made by static/engine.js."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from functools import wraps
 from pathlib import Path
@@ -17,16 +15,12 @@ from fastapi import APIRouter, FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from PIL import Image
 
-from engine import __version__, queries
+from engine import __version__
 from engine.doors.web import auth, forms, views
 from engine.doors.web.auth import token_of
-from engine.errors import EngineError, NotFound
-from engine.ingest.jobs import job_schema
-from engine.machines import BATCH, SESSION
-from engine.outbox.sheets import seed_of
-from engine.store.reducer import event_types
+from engine.errors import EngineError
+from engine.face import reads, words
 
 HERE = Path(__file__).parent
 # Pages are for this site only: no inline script or style, nothing from elsewhere, never framed.
@@ -37,7 +31,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-SESSION_ACTIONS = ("pause", "resume", "cancel", "restart")
+BUTTONS = ("pause", "resume", "cancel", "restart")  # the allowed actions a page shows as buttons
 GALLERY_PAGE = 48
 
 
@@ -45,7 +39,8 @@ def mount(app: FastAPI, engine) -> None:
     """Add the pages, their fragments and the static files to the app."""
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters.update(ago=views.ago, seconds=views.seconds, size=views.size, percent=views.percent)
-    templates.env.globals.update(version=__version__, between=views.between, event_types=event_types())
+    templates.env.globals.update(version=__version__, between=views.between, event_types=words.event_types(),
+                                 ended=words.TERMINAL, vocabulary=json.dumps(words.for_the_page()))
     tokens = list(engine.config.get("server", "tokens") or [])
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     router = APIRouter(include_in_schema=False)
@@ -98,9 +93,7 @@ def mount(app: FastAPI, engine) -> None:
     # the queue -----------------------------------------------------------------------------
 
     def queue_context(request: Request) -> dict[str, Any]:
-        fair = engine.config.get("runner", "fair_share")
-        return {"queue": queries.queue(engine.store, owners=dict(engine.config.values.get("owners") or {})
-                                       if fair else None)}
+        return {"queue": reads.queue(engine)}
 
     router.get("/")(page("queue.html", "queue", "queue")(queue_context))
     router.get("/ui/queue")(page("parts/queue.html", "queue", "queue")(queue_context))
@@ -108,20 +101,17 @@ def mount(app: FastAPI, engine) -> None:
     # a session -----------------------------------------------------------------------------
 
     def session_context(request: Request, session_id: str) -> dict[str, Any]:
-        report = queries.session_report(engine.store, engine.outbox, session_id)
-        timeline = queries.session_timeline(engine.store, report["session_id"])
+        report = reads.session(engine, session_id)
+        timeline = reads.timeline(engine, report["session_id"])
         calls = {}
         for entry in timeline:
             if entry["call_id"] and entry["call_id"] not in calls:
-                calls[entry["call_id"]] = queries.call_members(engine.store, entry["call_id"])
-        in_batch = bool(report["batch_id"])
-        actions = [a for a in SESSION_ACTIONS if SESSION.allowed(a, report["status"])
-                   and not (in_batch and a == "restart")]
+                calls[entry["call_id"]] = reads.call_members(engine, entry["call_id"])
         return {"title": report["job_id"] or report["session_id"], "report": report, "timeline": timeline,
-                "calls": calls, "actions": actions, "can_delete": not in_batch and report["status"] != "running",
-                "images": [{"number": n, "name": Path(p).name, "parameters": _parameters(Path(p))}
-                           for n, p in enumerate(report["images"])],
-                "job": views.job_json(report["workflow_id"], report["params"], report["priority"])}
+                "calls": calls, "actions": [a for a in BUTTONS if a in report["actions"]],
+                "can_delete": "delete" in report["actions"], "can_reprioritize": "priority" in report["actions"],
+                "images": report["image_details"],
+                "job": json.dumps(reads.job_file(engine, report["session_id"]), indent=2)}
 
     router.get("/sessions/{session_id}")(page("session.html", "session", "queue")(session_context))
     router.get("/ui/sessions/{session_id}")(page("parts/session.html", "session", "queue")(session_context))
@@ -129,26 +119,16 @@ def mount(app: FastAPI, engine) -> None:
     @router.get("/ui/sessions/{session_id}/job")
     def session_job(session_id: str, image: int | None = None):
         """The job file that makes the session again; with `image`, that one picture (its seed)."""
-        report = queries.session_report(engine.store, engine.outbox, session_id)
-        params = dict(report["params"])
-        if image is not None:
-            if not 0 <= image < len(report["images"]):
-                raise NotFound(f"session {report['session_id']} has no image {image}")
-            seed = seed_of(Path(report["images"][image]).name)
-            params.update(num_images=1, seed=seed if seed is not None else params.get("seed"))
-        return JSONResponse(views.job_file(report["workflow_id"], params, report["priority"]))
+        return JSONResponse(reads.job_file(engine, session_id, image))
 
     # a batch -------------------------------------------------------------------------------
 
     def batch_context(request: Request, batch_id: str) -> dict[str, Any]:
-        report = queries.batch_report(engine.store, batch_id)
-        folder = engine.outbox.batch_dir(report["batch_id"])
-        sheet = folder / "contact-sheet.png"
-        for item in report["items"]:
-            item["image"] = item["status"] == "completed" and _has_image(folder / f"item-{item['item_index']:05d}")
-        actions = [a for a in SESSION_ACTIONS if BATCH.allowed(a, report["status"])]
+        report = reads.batch(engine, batch_id)
         return {"title": report["name"] or report["job_id"] or report["batch_id"], "report": report,
-                "actions": actions, "priority": report["priority"], "sheet": int(sheet.stat().st_mtime) if sheet.is_file() else None}
+                "actions": [a for a in BUTTONS if a in report["actions"]],
+                "can_reprioritize": "priority" in report["actions"], "priority": report["priority"],
+                "sheet": report["contact_sheet"]}
 
     router.get("/batches/{batch_id}")(page("batch.html", "batch", "queue")(batch_context))
     router.get("/ui/batches/{batch_id}")(page("parts/batch.html", "batch", "queue")(batch_context))
@@ -156,13 +136,11 @@ def mount(app: FastAPI, engine) -> None:
     # the gallery ---------------------------------------------------------------------------
 
     def gallery_context(request: Request, job: str = "", q: str = "", model: str = "", cursor: str = "") -> dict:
-        found = queries.gallery(engine.store, engine.outbox, GALLERY_PAGE, _cursor(cursor), job_id=job or None,
-                                contains=q or None, model=model or None)
+        found = reads.gallery(engine, GALLERY_PAGE, cursor or None, job_id=job or None, contains=q or None,
+                              model=model or None)
         filters = {k: v for k, v in (("job", job), ("q", q), ("model", model)) if v}
-        following = None
-        if found["next"]:
-            token = base64.urlsafe_b64encode(json.dumps(found["next"]).encode()).decode()
-            following = "/ui/gallery?" + urlencode({**filters, "cursor": token})
+        following = "/ui/gallery?" + urlencode({**filters, "cursor": found["next_cursor"]}) if found["next_cursor"] \
+            else None
         return {"images": found["images"], "next": following, "filters": filters,
                 "models": sorted(engine.models.entries())}
 
@@ -172,7 +150,7 @@ def mount(app: FastAPI, engine) -> None:
     # submitting ----------------------------------------------------------------------------
 
     def submit_context(request: Request) -> dict[str, Any]:
-        schema = job_schema()
+        schema = words.job_schema()
         models = sorted(engine.models.entries())
         return {"workflows": sorted(engine.intake.workflows.values(), key=lambda w: w.id),
                 "groups": forms.param_groups(schema, models), "job_fields": forms.job_fields(schema)}
@@ -182,7 +160,7 @@ def mount(app: FastAPI, engine) -> None:
     # the runners ---------------------------------------------------------------------------
 
     def runners_context(request: Request) -> dict[str, Any]:
-        rows = queries.runners(engine.store)
+        rows = reads.runners(engine)
         for row in rows:
             row["devices"] = json.loads(row["devices"] or "[]")
             row["warm_models"] = json.loads(row["warm_models"] or "[]")
@@ -196,34 +174,3 @@ def mount(app: FastAPI, engine) -> None:
         return Response(status_code=204)
 
     app.include_router(router)
-
-
-def _parameters(png: Path) -> str:
-    """The A1111 parameters text a PNG carries ("" when it carries none or cannot be read)."""
-    try:
-        with Image.open(png) as image:
-            return str(image.info.get("parameters") or image.text.get("parameters") or "")
-    except (OSError, ValueError):
-        return ""
-
-
-def _has_image(folder: Path) -> bool:
-    runs = [folder, *sorted(folder.glob("run-*"), key=lambda f: int(f.name[4:]) if f.name[4:].isdigit() else 0)]
-    for run in reversed(runs):
-        try:
-            return bool(json.loads((run / "result.json").read_text()).get("images"))
-        except (OSError, ValueError):
-            continue
-    return False
-
-
-def _cursor(cursor: str) -> tuple[str, str, int] | None:
-    if not cursor:
-        return None
-    try:
-        finished_at, session_id, number = json.loads(base64.urlsafe_b64decode(cursor.encode()).decode())
-        return str(finished_at), str(session_id), int(number)
-    except (ValueError, TypeError, binascii.Error):
-        from engine.errors import ValidationError
-
-        raise ValidationError("cursor: not one this page gave", [{"loc": "cursor"}]) from None

@@ -1,15 +1,10 @@
-"""How the pages say things: ages, durations, byte counts and percentages, and the job file a
-session can be submitted again as. Pure functions, shared by the templates."""
+"""How the pages say things: ages, durations, byte counts and percentages. Pure functions, shared
+by the templates."""
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
-from typing import Any
 
-from engine.ingest.jobs import GenerationParams
-
-DEFAULT_PARAMS = GenerationParams().model_dump()
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -66,18 +61,3 @@ def size(value: int | None) -> str:
 
 def percent(fraction: float | None) -> int:
     return int(round(100 * max(0.0, min(1.0, float(fraction or 0.0)))))
-
-
-def job_file(workflow_id: str, params: dict[str, Any], priority: int = 0) -> dict[str, Any]:
-    """The job file that submits these params again: the workflow and every param that is set and
-    not its default (the seed included, so the same picture comes back)."""
-    kept = {key: value for key, value in params.items()
-            if value is not None and value != [] and DEFAULT_PARAMS.get(key, object()) != value}
-    job: dict[str, Any] = {"workflow": workflow_id, "params": kept}
-    if priority:
-        job["priority"] = priority
-    return job
-
-
-def job_json(workflow_id: str, params: dict[str, Any], priority: int = 0) -> str:
-    return json.dumps(job_file(workflow_id, params, priority), indent=2)

@@ -4,6 +4,8 @@
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const $$ = (selector, root = document) => Array.from(root.querySelectorAll(selector));
+// The engine's vocabulary (statuses that have ended, ...), given by the page: never copied here.
+const WORDS = JSON.parse(document.body.dataset.words || "{}");
 
 function toast(text, bad = false) {
   const box = $("#toast");
@@ -364,7 +366,7 @@ function following(made) {
       status.textContent = report.status + (report.error ? ` (${report.error.code}: ${report.error.message})` : "");
       status.dataset.status = report.status;
       bar.value = Math.round(100 * (report.progress || 0));
-      if (["completed", "failed", "cancelled"].includes(report.status) && (kind === "batches" || report.images.length || report.status !== "completed")) {
+      if (WORDS.ended.includes(report.status) && (kind === "batches" || report.images.length || report.status !== "completed")) {
         ended = true;
         bar.value = 100;
         message.textContent = "";  // the last progress words are the step's, not the session's end
