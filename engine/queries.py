@@ -19,7 +19,8 @@ from engine.outbox.sheets import seed_of
 from engine.run import fleet
 from engine.run.claims import waited_ms
 from engine.store import Event, Store
-from engine.store.tables import batches, events, jobs, sessions
+from engine.store.tables import batches, events, jobs, leases, sessions, steps
+from engine.store.tables import deliveries as deliveries_table
 
 SESSION_LIST = ("session_id, job_id, workflow_id, status, current_step, total_steps, progress, priority, created_at, "
                 "error_code, owner")
@@ -168,6 +169,59 @@ def figures(store: Store) -> dict[str, Any]:
                                                     "WHERE status = 'pending'")).scalar(),
                 "deliveries": dict(conn.execute(text("SELECT status, count(*) FROM deliveries GROUP BY status")).all()),
                 "runners": fleet.listing(conn)}
+
+
+def nothing_left(store: Store) -> bool:
+    """No step is running anywhere (each holds a lease) and none is waiting to run, a retry's
+    backoff included (paused sessions wait for a user, not for a runner)."""
+    with store.read() as conn:
+        waiting = conn.execute(select(sessions.c.session_id).where(sessions.c.ready == 1).limit(1)).first()
+        running = conn.execute(select(leases.c.session_id).limit(1)).first()
+    return waiting is None and running is None
+
+
+def ended_targets(store: Store) -> tuple[list[dict[str, Any]], list[str]]:
+    """The sessions (id, run, batch, item) and the batch ids that have ended: what has a result file."""
+    with store.read() as conn:
+        ended = [dict(r) for r in conn.execute(
+            select(sessions.c.session_id, sessions.c.run, sessions.c.batch_id, sessions.c.item_index)
+            .where(sessions.c.status.in_(TERMINAL))).mappings()]
+        ended_batches = [r.batch_id for r in conn.execute(select(batches.c.batch_id)
+                                                            .where(batches.c.status.in_(TERMINAL)))]
+    return ended, ended_batches
+
+
+def attempt_state(store: Store, session_id: str, step_index: int) -> tuple[Any, dict | None, dict | None]:
+    """A step's lease (attempt, run) if one is held, its row and its session's row, read in that
+    order in one transaction (a completion deletes the lease and completes the step in one commit,
+    so a lease found gone means the step read after it shows that completion, if any)."""
+    with store.read() as conn:
+        lease = conn.execute(select(leases.c.attempt, leases.c.run).where(
+            leases.c.session_id == session_id, leases.c.step_index == step_index)).first()
+        step = conn.execute(select(steps).where(steps.c.session_id == session_id,
+                                                steps.c.step_index == step_index)).mappings().first()
+        session = conn.execute(select(sessions).where(sessions.c.session_id == session_id)).mappings().first()
+    return lease, dict(step) if step else None, dict(session) if session else None
+
+
+def due_deliveries(store: Store, limit: int, now: float) -> list[str]:
+    """The webhook deliveries due by `now`, the longest due first."""
+    with store.read() as conn:
+        return [r.delivery_id for r in conn.execute(
+            select(deliveries_table.c.delivery_id)
+            .where(deliveries_table.c.status == "pending", deliveries_table.c.next_attempt_at <= now)
+            .order_by(deliveries_table.c.next_attempt_at).limit(limit))]
+
+
+def files_taken(store: Store, identity: str, content_hash: str, name: str) -> tuple[dict | None, list[dict]]:
+    """The jobs row of the very file with this identity, if it was taken; and the rows of files
+    taken with this name and content that were moved (a taken file whose change time changed)."""
+    with store.read() as conn:
+        row = conn.execute(select(jobs).where(jobs.c.file_identity == identity)).mappings().first()
+        if row is not None:
+            return dict(row), []
+        return None, [dict(r) for r in conn.execute(select(jobs).where(
+            jobs.c.content_hash == content_hash, jobs.c.file_name == name, jobs.c.stored_as.is_not(None))).mappings()]
 
 
 def counts(store: Store) -> dict[str, int]:

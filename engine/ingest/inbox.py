@@ -23,16 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
-
-from engine import commands, metrics
+from engine import commands, metrics, queries
 from engine.errors import EngineError, ValidationError
 from engine.files import atomic_write_json
 from engine.ingest.seen import SeenFile, display_name, look_at, refusal
 from engine.ingest.jobs import parse_job_bytes
 from engine.outage import Outage
 from engine.store import STORE_ERRORS, Store
-from engine.store.tables import jobs
 
 log = logging.getLogger("engine.inbox")
 
@@ -221,13 +218,9 @@ class Inbox:
         time are recognised too: a crash between the link and the unlink of its move (its inode
         already sits at its destination), and a stranded file whose flags or permissions were
         changed so that it can be moved (the same inode, recorded with its ingest)."""
-        with self.store.read() as conn:
-            row = commands.taken_file(conn, seen.identity)
-            if row is not None:
-                return row
-            rows = conn.execute(select(jobs).where(jobs.c.content_hash == seen.content_hash,
-                                                   jobs.c.file_name == seen.name,
-                                                   jobs.c.stored_as.is_not(None))).mappings().all()
+        row, rows = queries.files_taken(self.store, seen.identity, seen.content_hash, seen.name)
+        if row is not None:
+            return row
         for row in rows:
             destination = self._folder_of(row) / row["stored_as"]
             try:

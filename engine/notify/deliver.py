@@ -28,7 +28,6 @@ from engine.errors import EngineError
 from engine.notify import rules
 from engine.store.errors import StoreError
 from engine.store.events import epoch_of
-from engine.store.tables import deliveries
 
 log = logging.getLogger("engine.notify")
 KEPT_ANSWER = 1024  # bytes of a receiver's answer kept in the log
@@ -157,12 +156,9 @@ class Deliverer:
         return len(started)
 
     def _due(self, limit: int) -> list[str]:
-        with self.store.read() as conn:
-            rows = conn.execute(deliveries.select().with_only_columns(deliveries.c.delivery_id)
-                                .where(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= time.time())
-                                .order_by(deliveries.c.next_attempt_at).limit(limit)).all()
+        due = queries.due_deliveries(self.store, limit, time.time())
         with self.lock:
-            return [r.delivery_id for r in rows if r.delivery_id not in self.in_flight]
+            return [delivery_id for delivery_id in due if delivery_id not in self.in_flight]
 
     def _claim(self, delivery_id: str) -> dict[str, Any] | None:
         """delivery.sending, if it is still due (another runner may have taken it)."""

@@ -15,13 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from engine.files import atomic_write_json
 from engine.outbox.sheets import contact_sheet, seed_label
 from engine.outbox.thumbs import make_thumbnail
 from engine.store import Store
-from engine.store.tables import batches, items, sessions, steps
 
 ATTEMPTS = ".attempts"
 log = logging.getLogger("engine.outbox")
@@ -121,12 +118,9 @@ class Outbox:
     def write_result(self, store: Store, session_id: str, rows: tuple | None = None) -> Path | None:
         """result.json of a session, from its rows (as committed; read from the store if not given)."""
         if rows is None:
-            with store.read() as conn:
-                found = conn.execute(select(sessions).where(sessions.c.session_id == session_id)).mappings().first()
-                if found is None:
-                    return None
-                rows = (found, conn.execute(select(steps).where(steps.c.session_id == session_id)
-                                            .order_by(steps.c.step_index)).mappings().all())
+            rows = store.row("sessions", (session_id,), children="steps")
+            if rows[0] is None:
+                return None
         session, step_rows = dict(rows[0]), rows[1]
         folder = self.dir_of(session)
         params = json.loads(session["params"])
@@ -164,19 +158,16 @@ class Outbox:
         return path
 
     def write_summary(self, store: Store, batch_id: str) -> Path | None:
-        with store.read() as conn:
-            batch = conn.execute(select(batches).where(batches.c.batch_id == batch_id)).mappings().first()
-            if batch is None:
-                return None
-            rows = conn.execute(select(items.c.item_index, items.c.session_id, items.c.status)
-                                .where(items.c.batch_id == batch_id).order_by(items.c.item_index)).all()
+        batch, rows = store.row("batches", (batch_id,), children="items")
+        if batch is None:
+            return None
         summary = {
             "batch_id": batch_id, "job_id": batch["job_id"], "status": batch["status"], "run": batch["run"],
             "total_items": batch["total_items"], "completed_items": batch["completed_items"],
             "failed_items": batch["failed_items"], "cancelled_items": batch["cancelled_items"],
             "created_at": batch["created_at"], "finished_at": batch["finished_at"],
-            "items": [{"index": r.item_index, "session_id": r.session_id, "status": r.status,
-                       "folder": f"item-{r.item_index:05d}"} for r in rows],
+            "items": [{"index": r["item_index"], "session_id": r["session_id"], "status": r["status"],
+                       "folder": f"item-{r['item_index']:05d}"} for r in rows],
         }
         self._batch_sheet(batch_id, rows)
         path = self.batch_dir(batch_id) / "summary.json"
@@ -185,8 +176,8 @@ class Outbox:
 
     def _batch_sheet(self, batch_id: str, rows) -> None:
         """contact-sheet.png: every item's images, labelled with the item index and seed."""
-        tiles = [(image, f"#{row.item_index} {seed_label(image.name)}") for row in rows if row.status == "completed"
-                 for image in self.item_images(batch_id, row.item_index)]
+        tiles = [(image, f"#{row['item_index']} {seed_label(image.name)}") for row in rows
+                 if row["status"] == "completed" for image in self.item_images(batch_id, row["item_index"])]
         contact_sheet(tiles, self.contact_sheet(batch_id))
 
 

@@ -14,13 +14,11 @@ import json
 import logging
 import re
 
-from sqlalchemy import select
-
+from engine import queries
 from engine.files import leftovers
 from engine.run.claims import Policy, reap_expired
 from engine.outbox.folders import ATTEMPTS, Outbox
 from engine.store import Store
-from engine.store.tables import batches, leases, sessions, steps
 
 log = logging.getLogger("engine.recovery")
 ATTEMPT_NAME = re.compile(r"^r(\d+)-s(\d+)-a(\d+)$")
@@ -55,14 +53,9 @@ def sweep_attempts(store: Store, outbox: Outbox) -> dict[str, int]:
                 continue
             run, index, attempt = (int(g) for g in match.groups())
             where = (session_dir.name, index)
-            with store.read() as conn:
-                lease = conn.execute(select(leases.c.attempt, leases.c.run).where(
-                    leases.c.session_id == where[0], leases.c.step_index == index)).first()
-                if lease is not None and lease.attempt == attempt and lease.run == run:
-                    continue  # a runner is working in it, or may still commit it
-                step = conn.execute(select(steps).where(steps.c.session_id == where[0],
-                                                        steps.c.step_index == index)).mappings().first()
-                session = conn.execute(select(sessions).where(sessions.c.session_id == where[0])).mappings().first()
+            lease, step, session = queries.attempt_state(store, where[0], index)
+            if lease is not None and lease.attempt == attempt and lease.run == run:
+                continue  # a runner is working in it, or may still commit it
             if step and step["status"] == "completed" and step["attempts"] == attempt and step["run"] == run:
                 output = json.loads(step["output"] or "{}")
                 if _tried(outbox.publish, folder, outbox.dir_of(dict(session)),
@@ -80,19 +73,14 @@ def sweep_attempts(store: Store, outbox: Outbox) -> dict[str, int]:
 
 def finish_missing_results(store: Store, outbox: Outbox) -> int:
     """Ended sessions and batches get the result.json / summary.json a crash kept them from."""
-    with store.read() as conn:
-        ended = conn.execute(select(sessions.c.session_id, sessions.c.run, sessions.c.batch_id,
-                                    sessions.c.item_index)
-                             .where(sessions.c.status.in_(("completed", "failed", "cancelled")))).mappings().all()
-        ended_batches = conn.execute(select(batches.c.batch_id)
-                                     .where(batches.c.status.in_(("completed", "failed", "cancelled")))).all()
+    ended, ended_batches = queries.ended_targets(store)
     written = 0
     for row in ended:
-        if _missing(outbox.dir_of(dict(row)) / "result.json"):
+        if _missing(outbox.dir_of(row) / "result.json"):
             written += _tried(outbox.write_result, store, row["session_id"])
-    for row in ended_batches:
-        if _missing(outbox.batch_dir(row.batch_id) / "summary.json"):
-            written += _tried(outbox.write_summary, store, row.batch_id)
+    for batch_id in ended_batches:
+        if _missing(outbox.batch_dir(batch_id) / "summary.json"):
+            written += _tried(outbox.write_summary, store, batch_id)
     return written
 
 

@@ -26,9 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from sqlalchemy import select
-
-from engine import __version__, metrics
+from engine import __version__, metrics, queries
 from engine.run import claims, fleet
 from engine.run.affinity import Offer
 from engine.errors import Cancelled, EngineError, StaleLease
@@ -40,7 +38,6 @@ from engine.outage import Outage
 from engine.run.recovery import recover, sweep_attempts
 from engine.store import STORE_ERRORS, Store, StoreUnavailable, Tx, first_line, is_lost_connection
 from engine.store.follow import Follower
-from engine.store.tables import leases, sessions
 
 log = logging.getLogger("engine.runner")
 
@@ -336,12 +333,8 @@ class Runner:
                 return
 
     def nothing_left(self) -> bool:
-        """No step is running anywhere (each holds a lease) and none is waiting to run, a retry's
-        backoff included (paused sessions wait for a user, not for us)."""
-        with self.store.read() as conn:
-            waiting = conn.execute(select(sessions.c.session_id).where(sessions.c.ready == 1).limit(1)).first()
-            running = conn.execute(select(leases.c.session_id).limit(1)).first()
-        return waiting is None and running is None
+        """No step is running anywhere and none is waiting to run (queries.nothing_left)."""
+        return queries.nothing_left(self.store)
 
 
 class _Lane:

@@ -25,7 +25,7 @@ from engine.store.errors import (DRIVER_ERRORS, StoreBusy, StoreConflict, StoreE
                                  translate)
 from engine.store.events import Event, now_iso, storable
 from engine.store.projection import INSERT as PROJECTION_INSERTS
-from engine.store.projection import DatabaseProjection, MemoryProjection
+from engine.store.projection import KEYS, PARENT, DatabaseProjection, MemoryProjection
 from engine.store.tables import PROJECTIONS, events, leases
 
 T = TypeVar("T")
@@ -217,6 +217,21 @@ class Store:
         says whether anything happened since it was last asked."""
         with self.read() as conn:
             return conn.execute(select(func.max(events.c.event_id))).scalar() or 0
+
+    def row(self, table: str, key: tuple, children: str | None = None) -> Any:
+        """One projection row (sessions, batches, ...) by its primary key, as committed, or None;
+        with `children` ("steps" of a session, "items" of a batch), (the row, its children in key
+        order), read in one transaction: as one commit left them."""
+        t = PROJECTIONS[table]
+        with self.read() as conn:
+            found = conn.execute(select(t).where(*[t.c[k] == v for k, v in zip(KEYS[table], key)])).mappings().first()
+            row = dict(found) if found is not None else None
+            if children is None:
+                return row
+            c = PROJECTIONS[children]
+            below = [dict(r) for r in conn.execute(select(c).where(c.c[PARENT[children]] == key[0])
+                                                   .order_by(*[c.c[k] for k in KEYS[children]])).mappings()]
+        return row, below
 
     def events_after(self, after: int, limit: int = 1000, types: tuple[str, ...] | None = None,
                      streams: set[str] | None = None) -> list[Event]:
