@@ -11,13 +11,31 @@ import sys
 from datetime import datetime, timezone
 
 FORMATS = ("plain", "json")
+# Control characters (a newline in a file name, a NUL, a terminal's escape) written as escapes, so
+# that one record is one line and no name can forge another line or drive the terminal.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f, *range(0x80, 0xa0)) if code != ord("\t")}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character escaped (`\\n`, `\\x00`, `\\x1b`...)."""
+    return text.translate(_CONTROLS)
+
+
+class PlainLines(logging.Formatter):
+    """`time LEVEL logger: message`, the message on one line; a traceback follows on its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        shown = logging.makeLogRecord(record.__dict__)
+        shown.message = one_line(record.message)
+        return super().formatMessage(shown)
 
 
 class JsonLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
+            "level": record.levelname.lower(), "logger": record.name, "message": one_line(record.getMessage()),
         }
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
@@ -50,8 +68,7 @@ def configure(level: str = "INFO", fmt: str = "plain", stream=None) -> None:
 
 def _handler(fmt: str, stream, level: int = logging.NOTSET) -> logging.Handler:
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonLines() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLines() if fmt == "json" else PlainLines("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(level)
     handler.engine_handler = True  # type: ignore[attr-defined]
     return handler

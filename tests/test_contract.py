@@ -164,6 +164,29 @@ def test_a_runner_without_a_terminal_logs_what_happened(install, log_format):
     assert "folder images" not in text
 
 
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_a_file_name_cannot_forge_a_log_line_or_reach_the_terminal(install, log_format):
+    """A newline in a job file's name (or in an image path it names) would start a line of its own
+    that reads as a real record; a terminal escape would drive the operator's terminal. Every
+    logged name is escaped: each line of stderr is one record, and no control character is raw."""
+    forged = "evil\n2026-01-01 00:00:00,000 ERROR engine.run: the database is gone\x1b[2J.json"
+    drop(install, forged, json.dumps({"workflow": "noop1", "params": {"init_image": "images/a\nb.png"}}))
+    drop(install, "also\rbad.json", "{nope")
+    done = engine(install, "run", "--until-idle", "--log-format", log_format)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines and not any(c in done.stderr for c in "\r\x1b"), done.stderr
+    if log_format == "json":
+        records = [json.loads(line) for line in lines]
+        messages = [r["message"] for r in records]
+    else:
+        assert all(line[:4].isdigit() and " engine" in line for line in lines), lines
+        messages = lines
+    assert not any(m.lstrip().startswith("2026-01-01") for m in messages)
+    assert any("evil\\n2026-01-01" in m and "\\x1b[2J" in m for m in messages), messages
+    assert any("also\\rbad.json" in m for m in messages), messages
+
+
 def test_a_library_s_warnings_are_log_lines_in_the_chosen_format_too():
     """Libraries (watchdog, diffusers, torch) log through their own loggers; without a handler Python
     prints their warnings as bare text, which broke the JSON lines of a runner's stderr."""

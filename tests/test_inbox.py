@@ -280,3 +280,33 @@ def test_a_crash_between_link_and_unlink_leaves_one_accepted_copy(install):
     assert not path.exists()
     assert sorted(p.name for p in (install.config.inbox / "accepted").iterdir()) == ["linked.json"]
     assert query(install, "SELECT count(*) FROM sessions") == [(1,)]
+
+
+def test_two_runners_moving_one_file_at_once_record_nothing_false(install, monkeypatch):
+    """Two runners that took one file both move it: the other one's hard link lands first (our
+    link meets EEXIST), and its unlink lands before our look at the two inodes (ENOENT). The file is
+    where it belongs, so nothing is stranded; before, that ENOENT was recorded as "could not be
+    moved out of the inbox". The other runner's link and unlink are made for real, in that instant."""
+    from engine.ingest import inbox as inbox_module
+
+    content = job(params={"prompt": "raced"})
+    path = install.config.inbox / "raced.json"
+    path.write_bytes(content)
+    real_link = os.link
+    raced = []
+
+    def the_other_runner_first(source, destination, **options):
+        if not raced and str(source) == str(path):
+            raced.append(destination)
+            real_link(source, destination, **options)  # the other runner's link...
+            os.unlink(source)  # ...and its unlink, before our look
+            raise FileExistsError(17, "File exists", str(destination))
+        return real_link(source, destination, **options)
+
+    monkeypatch.setattr(inbox_module.os, "link", the_other_runner_first)
+    install.engine.inbox().scan()
+    assert raced, "the race was not forced"
+    assert (install.config.inbox / "accepted" / "raced.json").read_bytes() == content and not path.exists()
+    assert query(install, "SELECT count(*) FROM jobs WHERE move_error IS NOT NULL") == [(0,)]
+    assert [e.type for e in install.store.all_events() if e.type == "job.stranded"] == []
+    assert query(install, "SELECT count(*) FROM sessions") == [(1,)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -91,6 +92,34 @@ def test_engine_sql_on_postgres_refuses_a_superuser_and_reads_through_a_role_tha
             assert "Traceback" not in done.stderr
         slow = sql(install, "SELECT pg_sleep(30)", reader)
         assert slow.returncode == 1 and "TIMEOUT" in slow.stderr
+        # The inbox's and submit's turns: the key of a job_id, held by a reader while it sleeps.
+        import hashlib
+
+        key = int.from_bytes(hashlib.sha256(b"job_id:victim").digest()[:8], "big", signed=True)
+        for statement in (f"SELECT pg_advisory_xact_lock({key}), pg_sleep(25)",
+                          f"SELECT pg_try_advisory_lock({key})", "SELECT pg_advisory_lock_shared(1, 2)",
+                          "SELECT session_id, pg_sleep(25) FROM sessions FOR UPDATE"):
+            started = time.monotonic()
+            held = sql(install, statement, reader)
+            assert held.returncode == 2 and time.monotonic() - started < 15, (statement, held.stderr)
+            assert ("permission denied" in held.stderr or "read-only" in held.stderr) and "Traceback" not in held.stderr
+        started = time.monotonic()
+        submit(install, {"workflow": "noop1", "job_id": "victim"})
+        assert time.monotonic() - started < 5
+        before = event_count(install)  # the victim's submit, and nothing the reader did
+        # A role made before (PUBLIC could take the locks then) is refused, saying how to mend it.
+        from sqlalchemy import create_engine, text
+
+        grant = create_engine(url, isolation_level="AUTOCOMMIT")
+        with grant.connect() as conn:
+            conn.execute(text("GRANT EXECUTE ON FUNCTION pg_catalog.pg_advisory_xact_lock(bigint) TO PUBLIC"))
+        grant.dispose()
+        refused = sql(install, "SELECT 1", reader)
+        said = " ".join(refused.stderr.split())
+        assert refused.returncode == 2 and "advisory locks" in said and "engine sql-role NAME" in said
+        again = subprocess.run([sys.executable, "-m", "engine", "sql-role", role], env=install.env(),
+                               capture_output=True, text=True, timeout=120, cwd=install.folder)
+        assert again.returncode == 0, again.stderr  # mended: the reading below goes on
         assert "kept" in sql(install, "SELECT job_id FROM session_status", reader).stdout
         assert not marker.exists() and event_count(install) == before
         assert install.store.verify() == []
@@ -115,3 +144,64 @@ def test_the_sqlite_file_is_opened_read_only_by_its_quoted_uri(tmp_path):
     config_file.parent.mkdir()
     config_file.write_text("")
     assert Path(sqlite_path(load_config(config_file).database_url)) == path
+
+
+def _bounded_reader(tmp_path, backend: str):
+    """An installation (SQLite, or PostgreSQL with a reading role) and the environment of its engine sql."""
+    if backend == "sqlite":
+        return Installation(tmp_path / "engine"), {}, None
+    if not POSTGRES_URL:
+        pytest.skip("ENGINE_TEST_POSTGRES_URL is not set")
+    admin, name, url = _postgres_database()
+    install = Installation(tmp_path / "engine", database_url=url)
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    made = subprocess.run([sys.executable, "-m", "engine", "sql-role", role], env=install.env(), capture_output=True,
+                          text=True, timeout=120, cwd=install.folder)
+    assert made.returncode == 0, made.stderr
+    return install, {"ENGINE_DATABASE_READONLY_URL": made.stdout.strip()}, (admin, name, role)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_engine_sql_bounds_rows_values_bytes_and_the_whole_commands_time_and_says_so(tmp_path, backend):
+    """As an attacker with a reading role tried it: a billion-character value, a hundred million rows,
+    a long stream. Each is cut or stopped at its bound, said on stderr, in bounded memory and time."""
+    install, reader, cleanup = _bounded_reader(tmp_path, backend)
+    many = ("SELECT g FROM generate_series(1, 100000000) g" if backend == "postgres" else
+            "WITH RECURSIVE n(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM n) SELECT g FROM n")
+    huge = "SELECT repeat('x', 100000000) AS big" if backend == "postgres" else "SELECT replace(hex(zeroblob(30000000)), '0', 'x') AS big"
+    bounds = {"ENGINE_DATABASE_SQL_MAX_ROWS": "1000", "ENGINE_DATABASE_SQL_MAX_VALUE_BYTES": "5000",
+              "ENGINE_DATABASE_SQL_MAX_BYTES": "100000", "ENGINE_DATABASE_SQL_TIMEOUT_SECONDS": "60"}
+    try:
+        rows = sql(install, many.replace("100000000", "20000") + " -- a comment closes the line", {**reader, **bounds})
+        assert rows.returncode == 0 and "sql_max_rows" in rows.stderr, rows.stderr
+        assert len([line for line in rows.stdout.splitlines() if line.strip(" │|").strip().isdigit()]) <= 1000
+        done = subprocess.run([sys.executable, "-m", "engine", "sql", huge, "--json"],
+                              env={**install.env(), **reader, **bounds}, capture_output=True, text=True,
+                              timeout=120, cwd=install.folder)
+        assert done.returncode == 0 and "sql_max_value_bytes" in done.stderr, done.stderr
+        import json
+
+        (value,) = json.loads(done.stdout)[0].values()
+        assert set(value) == {"x"} and len(value) == 5000
+        wide = sql(install, "SELECT 'y' || g AS t FROM " + (
+            "generate_series(1, 5000) g" if backend == "postgres" else
+            "(WITH RECURSIVE n(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM n LIMIT 5000) SELECT g FROM n)"),
+            {**reader, **bounds, "ENGINE_DATABASE_SQL_MAX_BYTES": "2000"})
+        assert wide.returncode == 0 and "sql_max_bytes" in wide.stderr, wide.stderr
+        started = time.monotonic()
+        endless = sql(install, many, {**reader, **bounds, "ENGINE_DATABASE_SQL_MAX_ROWS": "100000000",
+                                      "ENGINE_DATABASE_SQL_MAX_BYTES": "100000000000",
+                                      "ENGINE_DATABASE_SQL_TIMEOUT_SECONDS": "2"})
+        assert endless.returncode == 1 and "TIMEOUT" in endless.stderr and "Traceback" not in endless.stderr
+        assert time.monotonic() - started < 30
+    finally:
+        install.store.close()
+        if cleanup:
+            admin, name, role = cleanup
+            _drop(admin, name)
+            from sqlalchemy import create_engine, text
+
+            dropper = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+            with dropper.connect() as conn:
+                conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+            dropper.dispose()

@@ -715,10 +715,13 @@ def warmup(model_id: Annotated[str, typer.Argument(help="a registered pipeline's
 @command
 def sql(query: str, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Run one read-only SQL statement: one SELECT (WITH, VALUES, a reading PRAGMA), within
-    [database] sql_timeout_seconds; on PostgreSQL as the role of [database] readonly_url."""
+    [database] sql_timeout_seconds and at most sql_max_rows rows, sql_max_bytes in all and
+    sql_max_value_bytes a value (stderr says what was cut); on PostgreSQL as the role of
+    [database] readonly_url."""
     from engine.face import operate
 
-    columns, rows = operate.sql(_config(config), query)
+    columns, rows = operate.sql(_config(config), query, lambda note: err.print(f"[yellow]{escape(note)}[/]",
+                                                                               highlight=False))
     _table(columns, rows, as_json)
 
 

@@ -21,13 +21,14 @@ def verify(engine) -> list[str]:
     return engine.store.verify()
 
 
-def sql(config: Config, query: str) -> tuple[list[str], list]:
-    """One read-only statement (engine.store.console), within [database] sql_timeout_seconds."""
+def sql(config: Config, query: str, say: Callable[[str], None] | None = None) -> tuple[list[str], list]:
+    """One read-only statement (engine.store.console), within [database] sql_timeout_seconds and
+    its bounds of rows and bytes; `say` hears what was cut or where it stopped."""
     from engine.app import require_installation
     from engine.store.console import run_sql
 
     require_installation(config)
-    return run_sql(config, query)
+    return run_sql(config, query, say)
 
 
 def sql_role(config: Config, name: str, password: str | None) -> str:

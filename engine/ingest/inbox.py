@@ -292,7 +292,11 @@ class Inbox:
             except FileNotFoundError:
                 return  # moved already (another runner)
             except FileExistsError:
-                if not _same_inode(path, destination):
+                try:
+                    same = _same_inode(path, destination)
+                except FileNotFoundError:
+                    return  # another runner linked it there and unlinked it here between our two looks
+                if not same:
                     raise OSError(f"{display_name(destination.name)} already holds another file") from None
             except (OSError, NotImplementedError):  # no hard links (some network shares; Windows cannot
                 # link without following links): a plain rename

@@ -10,8 +10,11 @@ One statement, parsed by the database itself, never a pattern match on the text:
   the server accepts for one SELECT, VALUES, INSERT, UPDATE, DELETE or MERGE only; it runs in a
   READ ONLY transaction (the session's default too) under `statement_timeout`. A superuser (or a
   role that may read server files or run programs) is refused: such a role can undo any of this
-  from inside a SELECT. `[database] readonly_url` names the role to use; `engine sql-role NAME`
-  makes one that can only read.
+  from inside a SELECT; so is a role that may take the engine's advisory locks (it could stall the
+  inbox). `[database] readonly_url` names the role to use; `engine sql-role NAME` makes one that
+  can only read.
+- Both: the answer is read a row at a time within `Bounds` (rows, bytes, one value's length, the
+  whole command's time); PostgreSQL cuts long values itself, so they never reach this process.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from engine.config import Config
 from engine.errors import EngineError, Timeout, ValidationError
-from engine.store.errors import translate
+from engine.store.errors import first_line
 
 log = logging.getLogger("engine.sql")
 
@@ -41,6 +45,15 @@ READ_ONLY_HINT = ("refused: engine sql is read-only; it runs one SELECT (WITH ..
                   "nothing that writes or reaches outside the database")
 # Roles that can read server files or run programs whatever the transaction says.
 POWERFUL_ROLES = ("pg_read_server_files", "pg_write_server_files", "pg_execute_server_program")
+# The advisory locks the engine takes turns by (a submit, an ingest, an owner's limits): a reader
+# that could take them could hold up the inbox and every submit from inside a SELECT. In this
+# database only the engine's own role may (engine sql-role revokes them from PUBLIC).
+ADVISORY_LOCKS = tuple(f"pg_catalog.{name}({arguments})"
+                       for name in ("pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock",
+                                    "pg_advisory_xact_lock_shared", "pg_try_advisory_lock",
+                                    "pg_try_advisory_lock_shared", "pg_try_advisory_xact_lock",
+                                    "pg_try_advisory_xact_lock_shared")
+                       for arguments in ("bigint", "integer, integer"))
 
 
 class ReadOnly(ValidationError):
@@ -57,14 +70,79 @@ def _authorizer(action: int, arg1: Any, arg2: Any, _db: Any, _trigger: Any) -> i
     return sqlite3.SQLITE_DENY
 
 
-def run_sql(config: Config, query: str) -> tuple[list[str], list[tuple]]:
-    """Run one read-only statement; returns (column names, rows). The caller has checked that
-    the installation exists (engine.face.operate.sql)."""
-    timeout = float(config.get("database", "sql_timeout_seconds"))
+@dataclass(frozen=True)
+class Bounds:
+    """What one `engine sql` may take: seconds for the whole command, rows, characters (or bytes)
+    of one value, bytes of the whole answer ([database] sql_timeout_seconds, sql_max_rows,
+    sql_max_value_bytes, sql_max_bytes)."""
+
+    seconds: float
+    rows: int
+    value: int
+    total: int
+
+    @classmethod
+    def of(cls, config: Config) -> "Bounds":
+        return cls(float(config.get("database", "sql_timeout_seconds")), int(config.get("database", "sql_max_rows")),
+                   int(config.get("database", "sql_max_value_bytes")), int(config.get("database", "sql_max_bytes")))
+
+
+class Collected:
+    """The rows of an answer as they come, within its Bounds: a value longer than the bound is cut
+    (and counted); past the rows or the bytes it stops, saying why; past the time, TIMEOUT."""
+
+    def __init__(self, bounds: Bounds) -> None:
+        self.bounds, self.rows, self.bytes, self.cut_values = bounds, [], 0, 0
+        self.deadline = time.monotonic() + bounds.seconds
+        self.stopped: str | None = None
+
+    def take(self, row: tuple, cut: int = 0) -> bool:
+        """Keep this row (`cut`: how many of its values the database cut already); False: stop here."""
+        if time.monotonic() > self.deadline:
+            raise Timeout(f"the statement ran past [database] sql_timeout_seconds ({self.bounds.seconds:g} s) and was "
+                          "stopped")
+        if len(self.rows) >= self.bounds.rows:
+            self.stopped = f"stopped after {len(self.rows)} rows ([database] sql_max_rows); add a LIMIT or a WHERE"
+            return False
+        kept = tuple(self._bounded(value) for value in row)
+        size = sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in kept)
+        if self.bytes + size > self.bounds.total:
+            self.stopped = (f"stopped after {len(self.rows)} rows: the answer reached [database] sql_max_bytes "
+                            f"({self.bounds.total} bytes)")
+            return False
+        self.rows.append(kept)
+        self.bytes += size
+        self.cut_values += cut
+        return True
+
+    def _bounded(self, value):
+        if isinstance(value, (str, bytes, memoryview)) and len(value) > self.bounds.value:
+            self.cut_values += 1
+            return value[: self.bounds.value]
+        return value
+
+    def notes(self) -> list[str]:
+        said = [self.stopped] if self.stopped else []
+        if self.cut_values:
+            said.append(f"{self.cut_values} value(s) longer than [database] sql_max_value_bytes "
+                        f"({self.bounds.value}) were cut to it")
+        return said
+
+
+def run_sql(config: Config, query: str, say: Callable[[str], None] | None = None) -> tuple[list[str], list[tuple]]:
+    """Run one read-only statement; returns (column names, rows), within the Bounds of this
+    config; what was cut or where it stopped is said to `say` (logged when None). The caller has
+    checked that the installation exists (engine.face.operate.sql)."""
+    bounds = Bounds.of(config)
     url = config.get("database", "readonly_url") or config.database_url
+    collected = Collected(bounds)
     if url.startswith("sqlite"):
-        return _run_sqlite(url, query, timeout)
-    return _run_postgres(url, query, timeout)
+        columns = _run_sqlite(url, query, bounds.seconds, collected)
+    else:
+        columns = _run_postgres(url, query, collected)
+    for note in collected.notes():
+        (say or log.warning)(note)
+    return columns, collected.rows
 
 
 def sqlite_path(url: str) -> str:
@@ -73,7 +151,7 @@ def sqlite_path(url: str) -> str:
     return make_url(url).database or ""
 
 
-def _run_sqlite(url: str, query: str, timeout: float) -> tuple[list[str], list[tuple]]:
+def _run_sqlite(url: str, query: str, timeout: float, collected: Collected) -> list[str]:
     from pathlib import Path
 
     path = Path(sqlite_path(url)).resolve()
@@ -86,7 +164,10 @@ def _run_sqlite(url: str, query: str, timeout: float) -> tuple[list[str], list[t
         try:
             cursor = conn.execute(query)
             columns = [d[0] for d in cursor.description or []]
-            return columns, cursor.fetchall()
+            for row in cursor:
+                if not collected.take(row):
+                    break
+            return columns
         except sqlite3.DatabaseError as exc:
             if "one statement at a time" in str(exc):
                 raise ValidationError(f"engine sql runs exactly one statement ({exc})") from exc
@@ -100,35 +181,102 @@ def _run_sqlite(url: str, query: str, timeout: float) -> tuple[list[str], list[t
         conn.close()
 
 
-def _run_postgres(url: str, query: str, timeout: float) -> tuple[list[str], list[tuple]]:
-    from sqlalchemy import create_engine
-    from sqlalchemy.exc import DBAPIError
+def _run_postgres(url: str, query: str, collected: Collected) -> list[str]:
+    """The statement, PREPAREd (so one query only) in a READ ONLY transaction under a statement
+    timeout of the time left, then run again wrapped so the server itself cuts long values (the
+    text of a value past sql_max_value_bytes never leaves it), its rows streamed one at a time
+    within the Bounds. Stopping early cancels the statement and drops the connection."""
+    import psycopg
 
-    engine = create_engine(url, connect_args={"options": "-c default_transaction_read_only=on"})
+    timeout = collected.bounds.seconds
+    raw = _connect(url, timeout)
     try:
-        with engine.connect() as conn:
-            raw = conn.connection.driver_connection
-            raw.rollback()
-            raw.autocommit = True  # the transaction below is begun by hand, READ ONLY
-            check_role(raw)
-            with raw.cursor() as cursor:
-                try:
-                    cursor.execute("BEGIN READ ONLY")
-                    cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
-                    # The extended protocol takes one command; PREPARE takes only a query.
-                    cursor.execute(f"PREPARE engine_sql AS {query}", prepare=True)
-                    cursor.execute("EXECUTE engine_sql")
-                    columns = [d.name for d in cursor.description or []]
-                    rows = [tuple(r) for r in cursor.fetchall()] if cursor.description else []
-                except Exception as exc:
-                    raise _postgres_error(exc, timeout) from exc
-                finally:
-                    cursor.execute("ROLLBACK")
-            return columns, rows
-    except DBAPIError as exc:
-        raise translate(exc) from exc
+        check_role(raw)
+        with raw.cursor() as cursor:
+            try:
+                cursor.execute("BEGIN READ ONLY")
+                cursor.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
+                # The extended protocol takes one command; PREPARE takes only a query.
+                cursor.execute(f"PREPARE engine_sql AS {query}", prepare=True)
+                described = raw.pgconn.describe_prepared(b"engine_sql")
+                fields = [(described.fname(i).decode(errors="replace"), described.ftype(i))
+                          for i in range(described.nfields)]
+                statement = "EXECUTE engine_sql"
+                if fields:
+                    cursor.execute("SAVEPOINT engine_bounded")
+                    try:
+                        cursor.execute(f"PREPARE engine_bounded AS {_bounded(query, fields, collected.bounds.value)}",
+                                       prepare=True)
+                        statement = "EXECUTE engine_bounded"
+                    except psycopg.Error:  # not a query a FROM takes: values are cut here instead
+                        cursor.execute("ROLLBACK TO SAVEPOINT engine_bounded")
+                columns = [name for name, _ in fields]
+                stream = cursor.stream(statement)
+                for row in stream:
+                    values, flags = (row[: len(fields)], row[len(fields):]) if statement.endswith("bounded") \
+                        else (row, ())
+                    if not collected.take(tuple(values), sum(1 for f in flags if f)):
+                        raw.cancel_safe(timeout=5)
+                        raw.close()  # the rest is not read (reading it to its end could take minutes)
+                        break
+                return columns
+            except Timeout:
+                raw.cancel_safe(timeout=5)
+                raw.close()
+                raise
+            except psycopg.Error as exc:
+                raise _postgres_error(exc, timeout) from exc
+            finally:
+                if not raw.closed:
+                    try:
+                        cursor.execute("ROLLBACK")
+                    except psycopg.Error:  # cancelled, or the server went: the connection is dropped below
+                        pass
     finally:
-        engine.dispose()
+        raw.close()
+
+
+def _connect(url: str, timeout: float):
+    """A psycopg connection of this URL, in autocommit (the transaction is begun by hand, READ
+    ONLY; its session's default is read-only too); the store's error when it cannot be had."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from engine.store.errors import StoreUnavailable
+
+    parts = make_url(url)
+    try:
+        return psycopg.connect(host=parts.host, port=parts.port, user=parts.username, password=parts.password,
+                               dbname=parts.database, autocommit=True, connect_timeout=max(1, int(timeout)),
+                               options="-c default_transaction_read_only=on", **dict(parts.query))
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(f"cannot reach the database: {first_line(exc)}") from None
+
+
+TEXT_TYPES = {25, 1042, 1043, 19, 705}  # text, char(n), varchar, name, unknown
+BYTEA = 17
+
+
+def _bounded(query: str, fields: list[tuple[str, int]], limit: int) -> str:
+    """The query as a subquery whose text and bytea values are cut to `limit` by the server, and
+    others past it given as NULL, each column followed at the end by whether it was cut."""
+    inner = ", ".join(f"c{i}" for i in range(len(fields)))
+    values, flags = [], []
+    for i, (name, oid) in enumerate(fields):
+        column = f"q.c{i}"
+        shown = name.replace('"', '""')
+        if oid in TEXT_TYPES:
+            values.append(f'left({column}::text, {limit}) AS "{shown}"')
+            flags.append(f"char_length({column}::text) > {limit}")
+        elif oid == BYTEA:
+            values.append(f'substring({column} from 1 for {limit}) AS "{shown}"')
+            flags.append(f"octet_length({column}) > {limit}")
+        else:
+            values.append(f'CASE WHEN pg_column_size({column}) > {limit} THEN NULL ELSE {column} END AS "{shown}"')
+            flags.append(f"pg_column_size({column}) > {limit}")
+    # The newline ends a comment the query may close with.
+    return f"SELECT {', '.join(values + [f'{flag} AS engine_cut_{i}' for i, flag in enumerate(flags)])} " \
+           f"FROM ({query}\n) AS q({inner})"
 
 
 def _postgres_error(exc: Exception, timeout: float) -> EngineError:
@@ -162,6 +310,9 @@ def check_role(raw) -> None:
                 powers.append(role)
         cursor.execute("SELECT has_table_privilege(current_user, 'events', 'INSERT, UPDATE, DELETE, TRUNCATE')")
         writes = cursor.fetchone()[0]
+        cursor.execute("SELECT has_function_privilege(current_user, 'pg_catalog.pg_advisory_xact_lock(bigint)', "
+                       "'EXECUTE')")
+        locks = cursor.fetchone()[0]
     if superuser or powers:
         what = "a superuser" if superuser else f"a member of {', '.join(powers)}"
         raise ReadOnly(
@@ -169,6 +320,12 @@ def check_role(raw) -> None:
             "from inside a SELECT, whatever engine sql sets. Make a role that can only read with "
             "`engine sql-role NAME` and put the URL it prints in [database] readonly_url "
             "(or ENGINE_DATABASE_READONLY_URL)")
+    if locks and not writes:
+        raise ReadOnly(
+            f"engine sql refuses to run as {user!r}: it can take the advisory locks the engine takes turns by, and so "
+            "hold up the inbox and every submit from inside a SELECT. Run `engine sql-role NAME` (again, for a role "
+            "made before, with the store's superuser URL): in this database it leaves those locks to the engine's "
+            "own role")
     if writes:
         log.warning("engine sql runs as %r, a role that can write the event log: the statement runs in a read-only "
                     "transaction, but give consoles a role that can only read (`engine sql-role NAME`, then "
@@ -205,6 +362,10 @@ def create_reader(config: Config, name: str, password: str | None) -> str:
                     f'ALTER DEFAULT PRIVILEGES IN SCHEMA "{schema}" GRANT SELECT ON TABLES TO "{name}"',
                     f'ALTER ROLE "{name}" SET default_transaction_read_only = on'):
                 conn.execute(text(statement))
+            engine_role = conn.execute(text("SELECT current_user")).scalar_one()
+            for function in ADVISORY_LOCKS:  # the engine's turns are its own (see ADVISORY_LOCKS)
+                conn.execute(text(f"REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC"))
+                conn.execute(text(f'GRANT EXECUTE ON FUNCTION {function} TO "{engine_role}"'))
     finally:
         engine.dispose()
     reader = make_url(url).set(username=name, password=password)
