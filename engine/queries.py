@@ -272,15 +272,6 @@ def target_events(store: Store, target_name: str, after: int = 0, limit: int = M
     return {"target_type": target_type, "target_id": target_id, "events": [_event(r) for r in rows]}
 
 
-def events_after(store: Store, after: int, limit: int = 1000) -> list[dict[str, Any]]:
-    """Every event committed after this id, oldest first (what subscribers are pushed)."""
-    return [e.as_dict() for e in store.events_after(after, limit)]
-
-
-def newest_event_id(store: Store) -> int:
-    return store.newest_event_id()
-
-
 # webhook deliveries ----------------------------------------------------------------------------
 
 DELIVERY_STATUSES = ("pending", "delivered", "dead")

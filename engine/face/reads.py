@@ -175,10 +175,6 @@ def deliveries(engine, status: str | None = None, limit: int = 100, target_name:
     return queries.deliveries(engine.store, status, limit, target_name)
 
 
-def owner_status(engine) -> list[dict[str, Any]]:
-    return queries.owner_status(engine.store)
-
-
 def timeline(engine, name: str) -> list[dict[str, Any]]:
     """A session's step attempts (queries.attempts) and, per pipeline call, the sessions it served."""
     return queries.session_timeline(engine.store, str(name))
