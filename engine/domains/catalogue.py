@@ -15,6 +15,7 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from engine.domains import families
 from engine.errors import UnknownModel, UnsafeModelFormat, ValidationError
 from engine.files import atomic_write_json
 
@@ -42,6 +43,8 @@ class ModelEntry:
     compile: str = ""
     # A pipeline's precision: fp16, bf16, fp32, fp8 (engine.domains.float8), or "" for the config's.
     precision: str = ""
+    # A model of its family that differs in its defaults (FLUX.1 "schnell"), "" for the family's own.
+    variant: str = ""
 
     def location(self, models_dir: Path) -> Path:
         return _located(self.path, models_dir)
@@ -134,8 +137,9 @@ def adapter_family(path: Path, keys: list[str], context_dim: int) -> str:
             config = {}
         if config.get("addition_embed_type") == "text_time":
             return "sdxl"
-    if any(k.startswith(("text_encoder_2.", "lora_te2_", "te2.")) for k in keys):
-        return "sdxl"
+    named = families.lora_family(" ".join(keys[:2000]))
+    if named:
+        return named
     return FAMILY_OF_CONTEXT.get(context_dim, "sd15" if path.is_dir() and context_dim == 0 else "")
 
 
@@ -143,6 +147,8 @@ def fits(adapter: ModelEntry, pipeline: ModelEntry) -> bool:
     """Whether a LoRA or ControlNet was made for this pipeline's architecture (unknown: assume so)."""
     if adapter.context_dim and pipeline.context_dim:
         return adapter.context_dim == pipeline.context_dim
+    if adapter.context_dim and pipeline.family and families.family_of(pipeline.family).denoiser != "unet":
+        return False  # made for a UNet's cross-attention: a transformer has none
     return not (adapter.family and pipeline.family and adapter.family != pipeline.family)
 
 
@@ -156,7 +162,7 @@ def guess_kind(path: Path) -> tuple[str, str, str]:
     if path.is_dir():
         if (path / "model_index.json").is_file():
             index = json.loads((path / "model_index.json").read_text())
-            family = "sdxl" if "text_encoder_2" in index else "sd15"
+            family = families.recognise_folder(index) or "sd15"
             if index.get("_class_name", "").endswith("SafetyChecker"):
                 return "safety", "diffusers", ""
             return "pipeline", "diffusers", family
@@ -181,8 +187,8 @@ def guess_kind(path: Path) -> tuple[str, str, str]:
         return "lora", "safetensors", ""
     if "controlnet_cond_embedding" in joined:
         return "controlnet", "safetensors", ""
-    if "model.diffusion_model." in joined:
-        family = "sdxl" if "conditioner.embedders.1" in joined else "sd15"
+    family = families.recognise_keys(joined)
+    if family:
         return "pipeline", "safetensors", family
     return "upscaler", "safetensors", ""
 
@@ -221,7 +227,8 @@ class ModelRegistry:
                 if folder.is_dir() and (folder / "model_index.json").is_file():
                     kind, fmt, family = guess_kind(folder)
                     found[folder.name] = ModelEntry(folder.name, kind, folder.name, fmt, family, _native_size(folder),
-                                                    context_dim=context_dim_of(folder))
+                                                    context_dim=context_dim_of(folder),
+                                                    variant=families.variant_of(family, folder))
         for model_id, data in self._read_index().items():
             found[model_id] = ModelEntry(**data)
         return found
@@ -282,7 +289,8 @@ class ModelRegistry:
         if kind == "upscaler" and fmt == "safetensors":
             check_upscaler(path)
         entry = ModelEntry(model_id, kind, self._stored(path), fmt, family, _native_size(path) if path.is_dir() else 0,
-                           sha, configs, context_dim, compile_setting, precision)
+                           sha, configs, context_dim, compile_setting, precision,
+                           families.variant_of(family, path) if kind == "pipeline" and path.is_dir() else "")
         index = self._read_index()
         index[model_id] = asdict(entry)
         atomic_write_json(self.index_file, index)
@@ -308,10 +316,18 @@ class ModelRegistry:
 
 
 def _native_size(folder: Path) -> int:
-    """The image size a diffusers pipeline was trained for (unet sample_size x VAE scale)."""
+    """The image size a diffusers pipeline was trained for: its denoiser's sample_size x the VAE's
+    scale (x the patch size of a transformer), else its family's native size (FLUX says none)."""
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae.get("block_out_channels", [1, 1, 1, 1])) - 1)
-    except (OSError, KeyError, ValueError):
+        scale = 2 ** (len(vae.get("block_out_channels", [1, 1, 1, 1])) - 1)
+        if (folder / "unet" / "config.json").is_file():
+            return int(json.loads((folder / "unet" / "config.json").read_text())["sample_size"]) * scale
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+        if transformer.get("sample_size"):
+            return int(transformer["sample_size"]) * scale * int(transformer.get("patch_size", 1))
+        index = json.loads((folder / "model_index.json").read_text())
+        family = families.recognise_folder(index)
+        return families.family_of(family).native_size if family else 0
+    except (OSError, KeyError, ValueError, TypeError):
         return 0

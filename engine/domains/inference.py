@@ -15,10 +15,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.domains import memory
+from engine.domains import families, memory
 from engine.domains.accelerate import bucket_split, run_call
 from engine.domains.device import generator_device
-from engine.domains.model import component_for, pipeline_for, registry_of
+from engine.domains.model import component_for, denoiser_of, pipeline_for, registry_of
 from engine.domains.readback import round_on_device
 from engine.errors import OutOfMemory, ValidationError
 from engine.run.handlers import StepContext, StepResult, SubmitCheck
@@ -27,27 +27,19 @@ from engine.params import StepParams
 from engine.outbox.png import a1111_parameters, a1111_sampler, save_png
 from engine.paths import resolve_inside
 
-# name -> (scheduler class, extra config)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "dpm++sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
+def family_of_model(ctx: StepContext, model_id: str):
+    """The family (engine.domains.families) of a registered pipeline."""
+    return families.family_of(registry_of(ctx).get(model_id, "pipeline").family)
 
 
-def make_scheduler(name: str | None, default):
+def make_scheduler(name: str | None, default, family=None):
+    """The scheduler of this name from the family's table (SD-class ones when none is given)."""
     if not name:
         return default
     import diffusers
 
-    class_name, extra = SCHEDULERS[name]
+    table = family.schedulers if family is not None else families.SD_SCHEDULERS
+    class_name, extra = table[name]
     return getattr(diffusers, class_name).from_config(default.config, **extra)
 
 
@@ -123,30 +115,33 @@ def _hires_inits(ctx: StepContext, size: tuple[int, int]) -> list:
     return inits
 
 
-def _pipeline_for_mode(ctx: StepContext, base, mode: str, device, dtype):
+def _pipeline_for_mode(ctx: StepContext, base, mode: str, device, dtype, family):
+    """The family's pipeline for this mode, sharing the loaded pipeline's components."""
     if mode == "txt2img":
-        return base  # diffusers' auto pipelines (their import: every pipeline's mapping) not needed
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+        return base
+    import diffusers
 
-    if mode in ("img2img", "hires"):
-        return AutoPipelineForImage2Image.from_pipe(base)
-    if mode == "inpaint":
-        return AutoPipelineForInpainting.from_pipe(base)
+    name = family.pipelines.get("img2img" if mode == "hires" else mode)
+    if name is None:
+        raise ValidationError(f"{family.label} has no {mode} pipeline here; its modes: {', '.join(family.modes)}")
     if mode == "controlnet":
         from engine.domains.device import torch_device
 
         controlnet = component_for(ctx, ctx.params.controlnet.model, "controlnet",
                                    lambda entry, path: load_controlnet(entry, path).to(torch_device(device), dtype))
-        return AutoPipelineForText2Image.from_pipe(base, controlnet=controlnet)
-    raise ValidationError(f"unknown generation mode {mode!r}")
+        return getattr(diffusers, name).from_pipe(base, controlnet=controlnet)
+    return getattr(diffusers, name).from_pipe(base)
 
 
-def _mode_inputs(ctx: StepContext, mode: str, size: tuple[int, int]) -> dict[str, Any]:
+def _mode_inputs(ctx: StepContext, mode: str, size: tuple[int, int], family=None) -> dict[str, Any]:
     p = ctx.params
+    # The transformer families' image-to-image pipelines make their native size unless told the size.
+    sized = {"width": size[0], "height": size[1]} if family is not None and family.denoiser == "transformer" else {}
     if mode == "hires":
-        return {"strength": p.hires_strength}
+        return {"strength": p.hires_strength, **sized}
     if mode == "img2img":
-        return {"image": load_image(ctx, p.init_image, "params.init_image", "RGB", size), "strength": p.strength}
+        return {"image": load_image(ctx, p.init_image, "params.init_image", "RGB", size), "strength": p.strength,
+                **sized}
     if mode == "inpaint":
         return {"image": load_image(ctx, p.init_image, "params.init_image", "RGB", size),
                 "mask_image": load_image(ctx, p.mask_image, "params.mask_image", "L", size),
@@ -353,25 +348,26 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
     # 1. The pipeline, warm from the cache when possible.
     cached, loaded, device = pipeline_for(ctx, p.model)
     base = cached.value
-    dtype = base.unet.dtype if hasattr(base, "unet") else torch.float32
+    family = families.family_of(cached.entry.family)
+    dtype = denoiser_of(base).dtype
     # 2. Refuse what cannot fit before trying: the largest session's images in one call (a group
     #    larger than what fits is halved on out of memory; one session asks no less than before).
     largest = max(c.params.num_images for c in contexts)
     memory.check_fits(memory.activation_bytes(size[0], size[1], largest, torch.finfo(dtype).bits // 8),
                       device, already_loaded=True, weights=0)
     # 3. Scheduler by name and LoRAs, undone after the step so the cached pipeline stays clean.
-    base.scheduler = make_scheduler(p.scheduler, cached.default_scheduler)
+    base.scheduler = make_scheduler(p.scheduler, cached.default_scheduler, family)
     scheduler_name = type(base.scheduler).__name__
     adapters = _apply_loras(ctx, base)
     own_vae, vae = base.vae, job_vae(ctx, device, dtype)
     if vae is not None:
         base.vae = vae
     try:
-        pipe = _pipeline_for_mode(ctx, base, mode, device, dtype)
+        pipe = _pipeline_for_mode(ctx, base, mode, device, dtype, family)
         pipe.set_progress_bar_config(disable=True)
         if device.kind != "directml":  # the same pixels, rounded before they leave the device
             round_on_device(getattr(pipe, "image_processor", None))
-        inputs = _mode_inputs(ctx, mode, size)
+        inputs = _mode_inputs(ctx, mode, size, family)
         memory.reset_peak(device)
         budget = memory.call_budget(device)
         # 4. Denoise every image in one call (on the compiled path, in calls of its compiled sizes),

@@ -135,9 +135,11 @@ def load_pipeline(entry: ModelEntry, path, device: DeviceInfo, dtype, configs=No
 def _load_single_file(entry: ModelEntry, path, dtype, configs) -> Any:
     """A single-file checkpoint holds weights only: configs, tokenizers and the scheduler come from
     the diffusers folder it was registered with (offline), or else from the local Hugging Face cache."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    cls = StableDiffusionXLPipeline if entry.family == "sdxl" else StableDiffusionPipeline
+    from engine.domains.families import family_of
+
+    cls = getattr(diffusers, family_of(entry.family).pipelines["txt2img"])
     try:
         return cls.from_single_file(str(path), config=str(configs) if configs else None, torch_dtype=dtype,
                                     local_files_only=True)

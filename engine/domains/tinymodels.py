@@ -209,3 +209,134 @@ def build_tiny_safety_checker(folder: Path, seed: int = 0, flag_everything: bool
     checker.save_pretrained(folder, safe_serialization=True)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return Path(folder)
+
+
+# The flow-matching transformer families (engine.domains.families): FLUX.1, SD 3.5, Z-Image. Their
+# tokenizers are built in code too (transformers 5's tokenizers take their vocabulary as data).
+
+def _t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _t5(seed: int):
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                   relative_attention_num_buckets=8))
+
+
+def _clip_tokenizer(folder: Path):
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    source = folder.parent / (folder.name + ".tokenizer-src")
+    _write_tokenizer(source)
+    tokenizer = CLIPTokenizer.from_pretrained(source)
+    shutil.rmtree(source, ignore_errors=True)
+    return tokenizer
+
+
+def _flow_vae(seed: int, shift: float = 0.0, scale: float = 1.0, latent_channels: int = 4):
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=latent_channels, norm_num_groups=8, sample_size=32, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=shift, scaling_factor=scale)
+
+
+def build_tiny_flux(folder: Path, seed: int = 0, schnell: bool = False) -> Path:
+    """A tiny FLUX.1-architecture pipeline (dev: a guidance embedding; schnell: none) as a diffusers folder."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=16, guidance_embeds=not schnell, axes_dims_rope=[2, 2, 4])
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=not schnell, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096,
+                                                shift=1.0 if schnell else 3.0)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_flow_vae(seed + 1, 0.0609, 1.5035),
+                        text_encoder=_text_encoder(False, 16, seed + 2), tokenizer=_clip_tokenizer(folder),
+                        text_encoder_2=_t5(seed + 3), tokenizer_2=_t5_tokenizer(), transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_sd3(folder: Path, seed: int = 0) -> Path:
+    """A tiny SD 3.5-architecture pipeline (MMDiT with a dual-attention layer and RMS q/k norm,
+    two CLIP encoders and T5) as a diffusers folder."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                        joint_attention_dim=16, pooled_projection_dim=32, out_channels=16,
+                                        pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm")
+    tokenizer = _clip_tokenizer(folder)
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(seed + 1, latent_channels=16),
+                                    text_encoder=_text_encoder(True, 16, seed + 2), tokenizer=tokenizer,
+                                    text_encoder_2=_text_encoder(True, 16, seed + 3), tokenizer_2=tokenizer,
+                                    text_encoder_3=_t5(seed + 4), tokenizer_3=_t5_tokenizer(), transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_zimage(folder: Path, seed: int = 0) -> Path:
+    """A tiny Z-Image-architecture pipeline (a Qwen3 text encoder, its chat template) as a diffusers folder."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+
+    folder = Path(folder)
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for letter in "abcdefghijklmnopqrstuvwxyz\u0120":
+        vocab[letter] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                           n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5,
+                                           qk_norm=True, cap_feat_dim=16, rope_theta=256.0, t_scale=1000.0,
+                                           axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+    with torch.no_grad():  # created with torch.empty: fixed so that no NaN comes of them
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=64,
+                                          max_position_embeddings=512, head_dim=8))
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                          vae=_flow_vae(seed + 1, 0.1159, 0.3611), text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_flux_lora(path: Path, pipeline_folder: Path, seed: int = 0) -> Path:
+    """A tiny LoRA for a tiny FLUX pipeline's transformer, in the diffusers LoRA safetensors format."""
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel.from_pretrained(Path(pipeline_folder) / "transformer")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                       init_lora_weights=False))
+    path = Path(path)
+    FluxPipeline.save_lora_weights(path.parent, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                   weight_name=path.name, safe_serialization=True)
+    return path

@@ -234,8 +234,28 @@ def workflow(engine, workflow_id: str, params: Any = None) -> dict[str, Any]:
 
 
 def models(engine) -> list[dict[str, Any]]:
-    return [{"id": e.id, "kind": e.kind, "family": e.family, "format": e.format}
+    return [{"id": e.id, "kind": e.kind, "family": e.family, "format": e.format,
+             **({"variant": e.variant} if e.variant else {})}
             for e in engine.models.entries().values()]
+
+
+def families() -> list[dict[str, Any]]:
+    """Every model family the engine runs, and what each supports (engine.domains.families)."""
+    from engine.domains.families import known
+
+    return [family.describe() for family in known().values()]
+
+
+def family_of_model(engine, model_id: str | None) -> dict[str, Any]:
+    """What a pipeline's family takes (the default pipeline's for None), with the model's own
+    defaults (a variant's: FLUX.1 schnell's 4 steps and no guidance)."""
+    from engine.domains.families import family_of
+
+    entry = engine.models.get(model_id, "pipeline") if model_id else engine.models.default_pipeline()
+    family = family_of(entry.family)
+    steps, guidance, fixed = family.defaults(entry.variant)
+    return {**family.describe(), "model": entry.id, "variant": entry.variant, "steps": steps,
+            "guidance_scale": guidance, "guidance_fixed": fixed}
 
 
 def capabilities(engine) -> dict[str, Any]:
@@ -244,5 +264,5 @@ def capabilities(engine) -> dict[str, Any]:
     devices = sorted({device for row in queries.runners(engine.store) if row["status"] == "running"
                       for device in json.loads(row["devices"] or "[]")})
     return {"workflows": sorted(engine.intake.workflows), "schedulers": list(SCHEDULERS), "models": models(engine),
-            "devices": devices, "limits": dict(engine.config.values["limits"]),
+            "devices": devices, "limits": dict(engine.config.values["limits"]), "families": families(),
             "actions": list(ACTIONS), "session_statuses": list(SESSION_STATUSES)}

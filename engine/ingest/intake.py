@@ -18,6 +18,7 @@ from engine.inputs import InputImage, digest_key, read_image
 from engine.ingest.jobs import (MAX_SEED, BatchJob, GenerationParams, SessionJob, StepParams, check_limits,
                                 validate_params)
 from engine.paths import resolve_inside
+from engine.domains import families
 from engine.domains.catalogue import ModelEntry, ModelRegistry, describe_family, fits, precision_of
 from engine.workflows import Workflow, get_workflow, load_workflows
 
@@ -153,6 +154,7 @@ class Intake:
             data["width"] = data["width"] or native
             data["height"] = data["height"] or native
             self.check_size(data, pipeline, where)
+            self.check_family(workflow, params, data, pipeline, where)
         if params.device:
             self.check_device(params.device, f"{where}.device")
         for index, lora in enumerate(params.loras):
@@ -200,6 +202,24 @@ class Intake:
             output_size = self.handlers.output_size(step["type"])
             if output_size is not None:
                 size = output_size(step, typed, size, submit)
+
+    @staticmethod
+    def check_family(workflow: Workflow, params: GenerationParams, data: dict[str, Any], pipeline: ModelEntry,
+                     where: str) -> None:
+        """The model's family fills in the steps and guidance a job leaves out (FLUX.1 schnell: 4
+        and none), and refuses what the family cannot run (engine.domains.families.check)."""
+        family = families.family_of(pipeline.family)
+        steps, guidance, _ = family.defaults(pipeline.variant)
+        given = params.model_fields_set
+        if "steps" not in given:
+            data["steps"] = steps
+        if "guidance_scale" not in given:
+            data["guidance_scale"] = guidance
+        modes = {step["config"].get("mode", "txt2img") for step in workflow.resolve(data)
+                 if step["type"] == "inference_generation"}
+        typed = GenerationParams.model_validate({k: v for k, v in data.items() if k in GenerationParams.model_fields})
+        for mode in sorted(modes) or [""]:
+            families.check(family, pipeline.variant, typed, set(given), mode, where, pipeline.id)
 
     def check_size(self, data: dict[str, Any], pipeline: ModelEntry, where: str) -> None:
         """A size left to the model's native one must still be within the limits."""

@@ -20,7 +20,7 @@ from engine.face.writes import save_upload
 # What A1111's txt2img and img2img fields become here; fields not named are taken as A1111's
 # defaults and left alone (styles, subseeds, eta...), except those that would change the picture
 # in ways not done here (refused: UNSUPPORTED).
-TAKEN = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size", "n_iter",
+TAKEN = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "distilled_cfg_scale", "width", "height", "batch_size", "n_iter",
          "sampler_name", "sampler_index", "denoising_strength", "hr_scale", "hr_second_pass_steps")
 REFUSED_WHEN_SET = {"restore_faces": "restore_faces", "tiling": "tiling", "script_name": "scripts",
                     "alwayson_scripts": "always-on scripts", "controlnet_units": "the ControlNet extension's units",
@@ -62,6 +62,7 @@ def to_job(engine, body: dict[str, Any], img2img: bool, chosen_model: str | None
     model = overrides.get("sd_model_checkpoint") or chosen_model
     if model:
         params["model"] = _model_id(engine, model)
+    _as_forge(reads.family_of_model(engine, params.get("model")), body, params)
     workflow = "txt2img"
     if img2img:
         images = body.get("init_images") or []
@@ -83,6 +84,25 @@ def to_job(engine, body: dict[str, Any], img2img: bool, chosen_model: str | None
         if body.get("denoising_strength") is not None:
             params["hires_strength"] = body["denoising_strength"]
     return {"workflow": workflow, "params": params}
+
+
+def _as_forge(family: dict[str, Any], body: dict[str, Any], params: dict[str, Any]) -> None:
+    """Forge's semantics for the flow-matching families: FLUX's guidance is `distilled_cfg_scale`
+    (cfg_scale, real classifier-free guidance, is left at Forge's 1 and not taken); a model that
+    takes no guidance (schnell) gets none; the Euler samplers are the family's one Euler."""
+    if family["guidance"] == "distilled":
+        params.pop("guidance_scale", None)
+        if body.get("distilled_cfg_scale") is not None and not family["guidance_fixed"]:
+            params["guidance_scale"] = body["distilled_cfg_scale"]
+    elif family["guidance_fixed"]:
+        params.pop("guidance_scale", None)
+    scheduler = params.get("scheduler")
+    if scheduler and scheduler not in family["schedulers"]:
+        if scheduler in ("euler", "euler_a") and "euler" in family["schedulers"]:
+            params["scheduler"] = "euler"
+        else:
+            raise ValidationError(f"sampler_name: {family['model']!r} is {family['label']}, which samples with "
+                                  f"{', '.join(family['schedulers'])} only", [{"loc": "sampler_name"}])
 
 
 def _model_id(engine, title: str) -> str:
