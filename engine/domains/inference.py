@@ -27,11 +27,6 @@ from engine.params import StepParams
 from engine.outbox.png import a1111_parameters, a1111_sampler, save_png
 from engine.paths import resolve_inside
 
-def family_of_model(ctx: StepContext, model_id: str):
-    """The family (engine.domains.families) of a registered pipeline."""
-    return families.family_of(registry_of(ctx).get(model_id, "pipeline").family)
-
-
 def make_scheduler(name: str | None, default, family=None):
     """The scheduler of this name from the family's table (SD-class ones when none is given)."""
     if not name:

@@ -217,7 +217,7 @@ class Intake:
             data["guidance_scale"] = guidance
         modes = {step["config"].get("mode", "txt2img") for step in workflow.resolve(data)
                  if step["type"] == "inference_generation"}
-        typed = GenerationParams.model_validate({k: v for k, v in data.items() if k in GenerationParams.model_fields})
+        typed = params.model_copy(update={name: data[name] for name in ("steps", "guidance_scale", "width", "height")})
         for mode in sorted(modes) or [""]:
             families.check(family, pipeline.variant, typed, set(given), mode, where, pipeline.id)
 
