@@ -139,6 +139,8 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     if values["models"]["fp8_scaling"] not in ("row", "tensor"):
         raise ValidationError(f"{chosen or 'config'}: models.fp8_scaling = {values['models']['fp8_scaling']!r}: "
                               "row or tensor")
+    if values["device"]["offload"] not in ("auto", "off"):
+        raise ValidationError(f"{chosen or 'config'}: device.offload = {values['device']['offload']!r}: auto or off")
     level = values["outbox"]["png_compress_level"]
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
         raise ValidationError(f"{chosen or 'config'}: outbox.png_compress_level = {level!r}: a whole number from 0 to 9")

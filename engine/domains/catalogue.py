@@ -171,7 +171,7 @@ def guess_kind(path: Path) -> tuple[str, str, str]:
             config = json.loads(config_file.read_text())
             name = config.get("_class_name", "") or "".join(config.get("architectures", []))
             if "ControlNet" in name:
-                return "controlnet", "diffusers", ""
+                return "controlnet", "diffusers", families.family_of_controlnet(name)
             if "Autoencoder" in name:
                 return "vae", "diffusers", ""
             if "SafetyChecker" in name:
@@ -276,10 +276,17 @@ class ModelRegistry:
         if kind not in KINDS:
             raise ValidationError(f"unknown model kind {kind!r}; one of {', '.join(KINDS)}")
         configs = self._configs_folder(configs_from, kind, fmt, family) if configs_from else ""
+        keys = safetensors_keys(path) if path.is_file() and fmt == "safetensors" else []
+        if kind == "pipeline" and keys and not configs and not families.holds_vae(keys):
+            known = families.family_of(family)
+            raise ValidationError(
+                f"{path.name} holds only {known.label}'s {known.denoiser}, no VAE or text encoders: register it with "
+                f"--configs-from FOLDER, FOLDER a diffusers {known.label} pipeline folder whose text encoders and VAE "
+                "it runs with")
         sha = file_sha256(path) if path.is_file() else folder_fingerprint(path)
         context_dim = context_dim_of(path if not configs else _located(configs, self.models_dir))
         if kind in ("lora", "controlnet"):
-            family = family or adapter_family(path, safetensors_keys(path) if path.is_file() else [], context_dim)
+            family = family or adapter_family(path, keys, context_dim)
         if compile_setting and kind != "pipeline":
             raise ValidationError("--compile is for pipelines only")
         if precision and precision not in PRECISIONS:
@@ -290,7 +297,7 @@ class ModelRegistry:
             check_upscaler(path)
         entry = ModelEntry(model_id, kind, self._stored(path), fmt, family, _native_size(path) if path.is_dir() else 0,
                            sha, configs, context_dim, compile_setting, precision,
-                           families.variant_of(family, path) if kind == "pipeline" and path.is_dir() else "")
+                           _variant(family, path, keys) if kind == "pipeline" else "")
         index = self._read_index()
         index[model_id] = asdict(entry)
         atomic_write_json(self.index_file, index)
@@ -313,6 +320,11 @@ class ModelRegistry:
         if folder_family != family:
             raise ValidationError(f"{folder.name} is an {folder_family} pipeline; the checkpoint is {family}")
         return self._stored(folder)
+
+
+def _variant(family: str, path: Path, keys: list[str]) -> str:
+    """A pipeline's variant: from its folder, or from a single file's tensor names."""
+    return families.variant_of(family, path) if path.is_dir() else families.variant_of_keys(family, " ".join(keys))
 
 
 def _native_size(folder: Path) -> int:

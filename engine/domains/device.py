@@ -123,13 +123,17 @@ def torch_device(device: DeviceInfo):
 HALF_PRECISION = (*CUDA_API, "xpu")  # kinds that run in float16 by default
 
 
-def dtype_for(device: DeviceInfo, configured: str = "auto"):
+def dtype_for(device: DeviceInfo, configured: str = "auto", half: str = "fp16"):
+    """The torch dtype of a configured precision; "auto": the model's `half` ("fp16", or "bf16" for
+    the families that overflow in float16, where the device has it) on GPUs, float32 elsewhere."""
     import torch
 
     names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if configured != "auto":
         return names[configured]
-    return torch.float16 if device.kind in HALF_PRECISION else torch.float32
+    if device.kind not in HALF_PRECISION:
+        return torch.float32
+    return torch.bfloat16 if half == "bf16" and device.bf16 else torch.float16
 
 
 def torch_dtype_bytes(device: DeviceInfo) -> int:

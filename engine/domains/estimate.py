@@ -36,3 +36,21 @@ def estimate(config, workflow, params, devices: list | None = None, models: Mode
     return {"device": device.id, "model": model_id, "width": width, "height": height,
             "memory_bytes": weights + activations, "memory_gib": round((weights + activations) / 2**30, 2),
             "seconds": round(seconds, 1), "note": "rough order of magnitude"}
+
+
+PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 2, "auto": 2}  # fp8: its other layers stay in bf16
+
+
+def model_needs(entry, config) -> dict[str, float] | None:
+    """What a pipeline needs on a GPU for one image of its native size, in GiB, from its files'
+    headers: `needs_gib` whole, `least_gib` with its parts offloaded (the largest part at a time).
+    None for what is not a pipeline."""
+    if entry.kind != "pipeline":
+        return None
+    from engine.domains import families
+    from engine.domains.catalogue import precision_of
+
+    counts = memory.parameter_counts(entry.location(config.models_dir))
+    size = entry.default_size or families.family_of(entry.family).native_size
+    whole, least = memory.pipeline_needs(counts, PRECISION_BYTES.get(precision_of(entry, config), 2), size, size)
+    return {"needs_gib": round(whole / 2**30, 1), "least_gib": round(least / 2**30, 1)}

@@ -66,18 +66,28 @@ def load_image(ctx: StepContext, relative: str, field: str, mode: str, size: tup
     return given.image.convert(mode).resize(size, Image.Resampling.LANCZOS)
 
 
-def load_controlnet(entry, path):
-    from diffusers import ControlNetModel
+def load_controlnet(entry, path, family):
+    """A ControlNet of the pipeline's family (its class: the UNets' ControlNetModel, FLUX.1's, SD 3's)."""
+    import diffusers
 
+    cls = getattr(diffusers, family.controlnet_class)
     if path.is_dir():
-        return ControlNetModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
-    return ControlNetModel.from_single_file(str(path), local_files_only=True)
+        return cls.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+    return cls.from_single_file(str(path), local_files_only=True)
 
 
-def hires_size(params: StepParams) -> tuple[int, int]:
-    """The hires fix's second-pass size: the first times hires_scale, down to multiples of 8."""
+def hires_size(params: StepParams, grid: int = 8) -> tuple[int, int]:
+    """The hires fix's second-pass size: the first times hires_scale, down to the family's grid
+    (multiples of 8 for the UNets, 16 for the transformers)."""
     scale = float(params.hires_scale or 2.0)
-    return int(params.width * scale) // 8 * 8, int(params.height * scale) // 8 * 8
+    return (max(grid, int(params.width * scale) // grid * grid),
+            max(grid, int(params.height * scale) // grid * grid))
+
+
+def grid_of(models, model_id: str | None) -> int:
+    """The size grid of a pipeline's family (the default pipeline's for None)."""
+    entry = models.get(model_id, "pipeline") if model_id else models.default_pipeline()
+    return families.family_of(entry.family).size_multiple
 
 
 MAX_SCHEDULE = 1000  # the training timesteps of SD-class schedulers: no schedule is longer
@@ -123,7 +133,7 @@ def _pipeline_for_mode(ctx: StepContext, base, mode: str, device, dtype, family)
         from engine.domains.device import torch_device
 
         controlnet = component_for(ctx, ctx.params.controlnet.model, "controlnet",
-                                   lambda entry, path: load_controlnet(entry, path).to(torch_device(device), dtype))
+                                   lambda entry, path: load_controlnet(entry, path, family).to(torch_device(device), dtype))
         return getattr(diffusers, name).from_pipe(base, controlnet=controlnet)
     return getattr(diffusers, name).from_pipe(base)
 
@@ -143,7 +153,9 @@ def _mode_inputs(ctx: StepContext, mode: str, size: tuple[int, int], family=None
                 "strength": p.strength, "width": size[0], "height": size[1]}
     if mode == "controlnet":
         c = p.controlnet
-        return {"image": load_image(ctx, c.image, "params.controlnet.image", "RGB", size),
+        # The transformers' ControlNet pipelines take it as control_image (their image is img2img's).
+        key = "control_image" if family is not None and family.denoiser == "transformer" else "image"
+        return {key: load_image(ctx, c.image, "params.controlnet.image", "RGB", size),
                 "controlnet_conditioning_scale": c.conditioning_scale,
                 "control_guidance_start": c.guidance_start, "control_guidance_end": c.guidance_end,
                 "width": size[0], "height": size[1]}
@@ -198,7 +210,7 @@ def submit_check(step: dict[str, Any], params: StepParams, submit: SubmitCheck) 
         return
     if params.hires_upscaler:
         submit.models.get(params.hires_upscaler, "upscaler", f"{where}.hires_upscaler")
-    width, height = hires_size(params)
+    width, height = hires_size(params, grid_of(submit.models, params.model))
     if max(width, height) > submit.limits["max_size"]:
         raise ValidationError(
             f"{where}.hires_scale: the second pass would be {width}x{height}, over limits.max_size "
@@ -213,7 +225,7 @@ def submit_check(step: dict[str, Any], params: StepParams, submit: SubmitCheck) 
 
 def output_size(step: dict[str, Any], params: StepParams, size: tuple[int, int], submit: SubmitCheck) -> tuple:
     """The hires pass makes its second-pass size; every other mode keeps the size it is given."""
-    return hires_size(params) if step["config"].get("mode") == "hires" else size
+    return hires_size(params, grid_of(submit.models, params.model)) if step["config"].get("mode") == "hires" else size
 
 
 def compatibility(step_config: dict[str, Any], params: StepParams) -> dict[str, Any]:
@@ -335,7 +347,7 @@ def generation_step(contexts: list[StepContext]) -> list[StepResult]:
     wanted = [Image(owner, c.params.prompt, c.params.negative_prompt or None, (c.params.seed + i) % 2**32)
               for owner, c in enumerate(contexts) for i in range(c.params.num_images)]
     if mode == "hires":  # the second pass: larger, its own steps, each image from its first pass
-        size = hires_size(p)
+        size = hires_size(p, grid_of(registry_of(ctx), p.model))
         p = p.model_copy(update={"width": size[0], "height": size[1],
                                  "steps": hires_schedule(p.hires_steps or p.steps, p.hires_strength)})
         for image, init in zip(wanted, _hires_inits(ctx, size)):

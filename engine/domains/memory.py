@@ -99,3 +99,47 @@ def weights_bytes(path) -> int:
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
 
+
+
+OFFLOAD_PLANS = ("none", "model", "sequential")
+
+
+def parameter_counts(path) -> dict[str, int]:
+    """The values in a model's safetensors, by part (a diffusers folder's subfolder: transformer,
+    text_encoder_2, vae...; "" for a single file), read from the files' headers alone."""
+    import json
+    import math
+    import struct
+    from pathlib import Path
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    counts: dict[str, int] = {}
+    for file in files:
+        part = "" if file == path else file.relative_to(path).parts[0] if len(file.relative_to(path).parts) > 1 else ""
+        try:
+            with open(file, "rb") as handle:
+                length = struct.unpack("<Q", handle.read(8))[0]
+                header = json.loads(handle.read(min(length, 100 << 20)))
+        except (OSError, ValueError, struct.error):
+            continue
+        counts[part] = counts.get(part, 0) + sum(math.prod(t["shape"]) for name, t in header.items()
+                                                 if name != "__metadata__" and isinstance(t, dict) and "shape" in t)
+    return counts
+
+
+def pipeline_needs(counts: dict[str, int], value_bytes: int, width: int, height: int) -> tuple[int, int]:
+    """(bytes the whole pipeline needs on its device, bytes its largest part needs there) for one
+    image of width x height: its weights at `value_bytes` a value, and the call's activations."""
+    activations = activation_bytes(width, height, 1, value_bytes)
+    return (sum(counts.values()) * value_bytes + activations,
+            max(counts.values(), default=0) * value_bytes + activations)
+
+
+def offload_plan(whole: int, largest: int, available: int, setting: str = "auto") -> str:
+    """Where a pipeline's weights live: "none" (all on the device) when the whole fits in what is
+    available, else "model" (each part moved to the device while it runs) when its largest part
+    fits, else "sequential" (layer by layer: slow, but it runs). "off": always "none"."""
+    if setting == "off" or whole <= available:
+        return "none"
+    return "model" if largest <= available else "sequential"

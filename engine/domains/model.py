@@ -15,11 +15,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from engine.domains import accelerate, float8, memory
+from engine.domains import accelerate, families, float8, memory
 from engine.domains.device import CUDA_API, DeviceInfo, device_of, dtype_for, torch_device
 from engine.errors import EngineError, ModelLoadFailed
 from engine.run.handlers import StepContext, StepResult
-from engine.domains.catalogue import ModelEntry, ModelRegistry, file_sha256, folder_fingerprint, precision_of
+from engine.domains.catalogue import (ModelEntry, ModelRegistry, file_sha256, folder_fingerprint, precision_of,
+                                      safetensors_keys)
 
 Notify = Callable[[str, dict[str, Any]], None]
 log = logging.getLogger("engine.model")
@@ -116,9 +117,10 @@ def denoiser_of(pipe):
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
-def load_pipeline(entry: ModelEntry, path, device: DeviceInfo, dtype, configs=None) -> Any:
+def load_pipeline(entry: ModelEntry, path, device: DeviceInfo, dtype, configs=None, offload: str = "none") -> Any:
     """A registered pipeline on its device; `configs`: the diffusers folder a single file's
-    configs and tokenizers come from."""
+    configs and tokenizers come from; `offload` (memory.offload_plan): "model" or "sequential"
+    keep its weights on the CPU, moved to the device part by part (or layer by layer) as it runs."""
     from diffusers import DiffusionPipeline
 
     _quiet_loading()
@@ -127,9 +129,31 @@ def load_pipeline(entry: ModelEntry, path, device: DeviceInfo, dtype, configs=No
                                                  local_files_only=True)
     else:
         pipe = _load_single_file(entry, path, dtype, configs)
-    pipe = pipe.to(torch_device(device))
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=torch_device(device))
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=torch_device(device))
+    else:
+        pipe = pipe.to(torch_device(device))
+    pipe.engine_offload = offload
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def offload_for(entry: ModelEntry, path, device: DeviceInfo, dtype, setting: str) -> str:
+    """How much of this pipeline must stay on the CPU (memory.offload_plan) on a GPU with the free
+    memory it has now, for one image of the model's native size; "none" off the GPUs."""
+    import torch
+
+    if device.kind not in CUDA_API or setting == "off":
+        return "none"
+    size = entry.default_size or families.family_of(entry.family).native_size
+    whole, largest = memory.pipeline_needs(memory.parameter_counts(path), torch.finfo(dtype).bits // 8, size, size)
+    plan = memory.offload_plan(whole, largest, memory.free_memory(device), setting)
+    if plan != "none":
+        log.warning("%s needs about %.1f GiB on %s, %.1f GiB free: its parts stay on the CPU (%s offload)", entry.id,
+                    whole / 2**30, device.id, memory.free_memory(device) / 2**30, plan)
+    return plan
 
 
 def _load_single_file(entry: ModelEntry, path, dtype, configs) -> Any:
@@ -139,7 +163,10 @@ def _load_single_file(entry: ModelEntry, path, dtype, configs) -> Any:
 
     from engine.domains.families import family_of
 
-    cls = getattr(diffusers, family_of(entry.family).pipelines["txt2img"])
+    family = family_of(entry.family)
+    cls = getattr(diffusers, family.pipelines["txt2img"])
+    if configs is not None and not families.holds_vae(safetensors_keys(path)):
+        return _denoiser_file_in_folder(family, cls, path, configs, dtype)
     try:
         return cls.from_single_file(str(path), config=str(configs) if configs else None, torch_dtype=dtype,
                                     local_files_only=True)
@@ -150,6 +177,20 @@ def _load_single_file(entry: ModelEntry, path, dtype, configs) -> Any:
             f"could not load the single-file checkpoint {entry.id!r} ({type(exc).__name__}: {exc}); a single file "
             "holds weights only: register it with `engine models add FILE --id ID --configs-from FOLDER`, FOLDER "
             f"a diffusers pipeline folder of the same architecture ({entry.family})") from exc
+
+
+def _denoiser_file_in_folder(family, cls, path, configs, dtype) -> Any:
+    """A denoiser saved alone (FLUX.1's flux1-dev.safetensors, in Black Forest Labs' tensor names or
+    diffusers'), run with the text encoders, tokenizers, VAE and scheduler of a diffusers folder."""
+    import json
+
+    import diffusers
+
+    library, class_name = json.loads((configs / "model_index.json").read_text())[family.denoiser]
+    denoiser = getattr(diffusers, class_name).from_single_file(
+        str(path), config=str(configs), subfolder=family.denoiser, torch_dtype=dtype, local_files_only=True)
+    return cls.from_pretrained(str(configs), torch_dtype=dtype, local_files_only=True, use_safetensors=True,
+                               **{family.denoiser: denoiser})
 
 
 def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceInfo]:
@@ -163,7 +204,7 @@ def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceI
     why = float8.unsupported(device) if precision == "fp8" else None
     if why:
         precision = "bf16"
-    dtype = dtype_for(device, "bf16" if precision == "fp8" else precision)
+    dtype = dtype_for(device, "bf16" if precision == "fp8" else precision, families.family_of(entry.family).half)
     path = entry.location(ctx.config.models_dir)
     configs = entry.configs_location(ctx.config.models_dir)
 
@@ -172,7 +213,8 @@ def pipeline_for(ctx: StepContext, model_id: str) -> tuple[Cached, bool, DeviceI
     def load():
         if why:
             log.warning("%s: float8 needs %s; it runs in bfloat16", model_id, why)
-        pipe = load_pipeline(entry, path, device, dtype, configs)
+        pipe = load_pipeline(entry, path, device, dtype, configs,
+                             offload_for(entry, path, device, dtype, str(ctx.config.get("device", "offload"))))
         if precision == "fp8":
             float8.to_float8(denoiser_of(pipe), scaling)
         return pipe
@@ -194,6 +236,9 @@ def accelerated_or_none(pipe, config, device: DeviceInfo, model_id: str | None =
     device has room for it (accelerate.background_room)."""
     if device.kind in ("directml", "mps"):
         log.warning("the compiled path is for CUDA and CPU devices; %s runs eagerly", device.id)
+        return None
+    if getattr(pipe, "engine_offload", "none") != "none":
+        log.warning("%s is offloaded to the CPU (too large for %s): it runs eagerly", model_id, device.id)
         return None
     try:
         accelerated = accelerate.prepare(pipe, config, device.name, fingerprint)

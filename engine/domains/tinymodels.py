@@ -326,6 +326,33 @@ def build_tiny_zimage(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_transformer_controlnet(folder: Path, pipeline_folder: Path, seed: int = 0) -> Path:
+    """A tiny ControlNet for a tiny FLUX.1 or SD 3.5 pipeline (a diffusers folder), made from its
+    transformer as diffusers makes one (one block; random weights, so it changes the picture)."""
+    import json
+
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    pipeline_folder = Path(pipeline_folder)
+    name = json.loads((pipeline_folder / "model_index.json").read_text())["transformer"][1]
+    transformer = getattr(diffusers, name).from_pretrained(pipeline_folder / "transformer")
+    if name == "FluxTransformer2DModel":
+        controlnet = diffusers.FluxControlNetModel.from_transformer(
+            transformer, num_layers=1, num_single_layers=1, attention_head_dim=transformer.config.attention_head_dim,
+            num_attention_heads=transformer.config.num_attention_heads, load_weights_from_transformer=False)
+    else:
+        controlnet = diffusers.SD3ControlNetModel.from_transformer(transformer, num_layers=1,
+                                                                   num_extra_conditioning_channels=0,
+                                                                   load_weights_from_transformer=False)
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)  # its zero-initialised outputs: no effect else
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
 def build_tiny_flux_lora(path: Path, pipeline_folder: Path, seed: int = 0) -> Path:
     """A tiny LoRA for a tiny FLUX pipeline's transformer, in the diffusers LoRA safetensors format."""
     import torch

@@ -603,10 +603,13 @@ def models(ctx: typer.Context, config: ConfigOption = None, as_json: JsonOption 
         return
     default_compile = "on" if cfg.get("compile", "default") else "off"
     precision = f"{operate.default_precision(cfg)} (default)"
-    _table(["id", "kind", "default", "format", "family", "context_dim", "compile", "precision", "path", "configs_from"],
-           [(e.id, e.kind, e.id == default_id, e.format, e.family or "unknown", e.context_dim or None,
+    needs = {e.id: operate.model_needs(e, cfg) or {} for e in entries}
+    _table(["id", "kind", "default", "format", "family", "variant", "context_dim", "compile", "precision", "needs_gib",
+            "least_gib", "path", "configs_from"],
+           [(e.id, e.kind, e.id == default_id, e.format, e.family or "unknown", e.variant or None, e.context_dim or None,
              (e.compile or f"{default_compile} (default)") if e.kind == "pipeline" else None,
-             (e.precision or precision) if e.kind == "pipeline" else None, e.path, e.configs_from)
+             (e.precision or precision) if e.kind == "pipeline" else None, needs[e.id].get("needs_gib"),
+             needs[e.id].get("least_gib"), e.path, e.configs_from)
             for e in entries], as_json)
 
 

@@ -85,6 +85,13 @@ def model_catalogue(config: Config):
     return ModelRegistry(config.models_dir, config.get("models", "allow_pickle"), config.get("models", "default"))
 
 
+def model_needs(entry, config: Config) -> dict[str, float] | None:
+    """GiB a pipeline needs on a GPU, whole and offloaded (engine.domains.estimate.model_needs)."""
+    from engine.domains.estimate import model_needs as needs
+
+    return needs(entry, config)
+
+
 def default_precision(config: Config) -> str:
     from engine.domains.catalogue import default_precision as precision
 

@@ -249,13 +249,14 @@ def families() -> list[dict[str, Any]]:
 def family_of_model(engine, model_id: str | None) -> dict[str, Any]:
     """What a pipeline's family takes (the default pipeline's for None), with the model's own
     defaults (a variant's: FLUX.1 schnell's 4 steps and no guidance)."""
-    from engine.domains.families import family_of
+    from engine.domains.families import family_of, unused_params
 
     entry = engine.models.get(model_id, "pipeline") if model_id else engine.models.default_pipeline()
     family = family_of(entry.family)
     steps, guidance, fixed = family.defaults(entry.variant)
     return {**family.describe(), "model": entry.id, "variant": entry.variant, "steps": steps,
-            "guidance_scale": guidance, "guidance_fixed": fixed}
+            "guidance_scale": guidance, "guidance_fixed": fixed, "unused_params": unused_params(family, entry.variant),
+            "native_size": entry.default_size or family.native_size}
 
 
 def capabilities(engine) -> dict[str, Any]:

@@ -69,8 +69,12 @@ class Family:
     lora_keys: Callable[[str], bool] = lambda joined: False
     # a diffusers folder of this family -> its Variant (None: the family's defaults)
     variant_of: Callable[[Any], Variant | None] = lambda folder: None
+    # a single file's tensor names (joined) -> its Variant (None: the family's defaults)
+    variant_of_keys: Callable[[str], Variant | None] = lambda joined: None
     loras: bool = True
     float8: bool = True
+    controlnet_class: str = "ControlNetModel"  # the diffusers class of its ControlNets (the "controlnet" mode)
+    half: str = "fp16"  # the half precision it runs in on a GPU when none is set ("bf16": it overflows in fp16)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -90,6 +94,7 @@ class Family:
                 "guidance_scale": self.guidance_scale, "guidance": self.guidance,
                 "negative_prompt": self.guidance != "distilled", "schedulers": sorted(self.schedulers),
                 "loras": self.loras, "controlnet": "controlnet" in self.pipelines, "float8": self.float8,
+                "gpu_precision": self.half,
                 "variants": [v.__dict__ for v in VARIANTS.get(self.name, ())]}
 
 
@@ -138,6 +143,30 @@ def variant_of(family: str, folder) -> str:
     return found.name if found else ""
 
 
+def variant_of_keys(family: str, joined: str) -> str:
+    """The variant of a single file of this family, from its tensor names ('' for the family's own)."""
+    _load()
+    found = FAMILIES[family].variant_of_keys(joined) if family in FAMILIES else None
+    return found.name if found else ""
+
+
+def family_of_controlnet(class_name: str) -> str:
+    """The family a ControlNet folder's class belongs to ('' for the UNets' shared ControlNetModel:
+    its cross-attention width tells which UNet family)."""
+    _load()
+    return next((f.name for f in FAMILIES.values() if f.controlnet_class == class_name != "ControlNetModel"), "")
+
+
+# Tensor names only a file that holds a VAE has: an original checkpoint's first stage, a combined
+# file's "vae." part, a bare VAE's decoder.
+VAE_KEYS = ("first_stage_model.", "vae.", "decoder.conv_in.")
+
+
+def holds_vae(keys: list[str]) -> bool:
+    """Whether a single file is a whole pipeline (it holds a VAE), not its denoiser alone."""
+    return any(key.startswith(VAE_KEYS) for key in keys)
+
+
 def nearest_on_grid(value: int, multiple: int) -> int:
     """The nearest multiple of `multiple` to `value` (ties go up), never below `multiple`."""
     return max(multiple, int(math.floor(value / multiple + 0.5)) * multiple)
@@ -174,6 +203,16 @@ def check(family: Family, variant: str, params, given: set[str], mode: str, wher
                f"{', '.join(family.modes)}")
     if params.loras and not family.loras:
         refuse("loras", f"{model_id!r} is {family.label}, which takes no LoRAs here")
+
+
+def unused_params(family: Family, variant: str = "") -> list[str]:
+    """The job params a model of this family and variant does not take (the submit form hides them;
+    `check` refuses them): a negative prompt without classifier-free guidance, guidance on a model
+    that takes none, a ControlNet or LoRAs where the family has no way to attach them."""
+    _, _, fixed = family.defaults(variant)
+    return [name for name, unused in (("negative_prompt", family.guidance == "distilled"), ("guidance_scale", fixed),
+                                      ("controlnet", "controlnet" not in family.pipelines),
+                                      ("loras", not family.loras)) if unused]
 
 
 def _load() -> None:

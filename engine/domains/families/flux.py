@@ -19,11 +19,17 @@ def _variant(folder):
 
 FAMILY = register(Family(
     name="flux", label="FLUX.1", denoiser="transformer",
-    pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"},
+    pipelines={"txt2img": "FluxPipeline", "img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline",
+               "controlnet": "FluxControlNetPipeline"},
+    controlnet_class="FluxControlNetModel",
     size_multiple=16, native_size=1024, steps=28, guidance_scale=3.5, guidance="distilled",
     schedulers=FLOW_SCHEDULERS,
     recognise_index=lambda index: index.get("_class_name", "") == "FluxPipeline",
-    recognise_keys=lambda joined: "double_blocks." in joined and "single_blocks." in joined,
+    # Black Forest Labs' own names (flux1-dev.safetensors), or diffusers' (a transformer saved alone)
+    recognise_keys=lambda joined: ("double_blocks." in joined and "single_blocks." in joined)
+    or ("single_transformer_blocks." in joined and "x_embedder." in joined and "lora" not in joined),
     lora_keys=lambda joined: "single_transformer_blocks" in joined or "lora_unet_single_blocks" in joined,
     variant_of=_variant,
+    variant_of_keys=lambda joined: None if "guidance" in joined else SCHNELL,
+    half="bf16",
 ), variants=(SCHNELL,))

@@ -11,4 +11,5 @@ FAMILY = register(Family(
     schedulers=FLOW_SCHEDULERS,
     recognise_index=lambda index: index.get("_class_name", "").startswith("ZImage"),
     loras=False,
+    half="bf16",
 ))

@@ -73,6 +73,17 @@ def param_groups(schema: dict[str, Any], models: list[str]) -> list[tuple[str, l
     return groups + [("more", rest)]
 
 
+def model_form(described: dict[str, Any]) -> dict[str, Any]:
+    """What the form shows for one model (`reads.family_of_model`): the fields its family does not
+    use (hidden), its defaults (the placeholders), its schedulers and its size grid."""
+    size = described["native_size"]
+    return {"family": described["label"] + (f" {described['variant']}" if described.get("variant") else ""),
+            "unused": described["unused_params"], "schedulers": described["schedulers"],
+            "size_multiple": described["size_multiple"],
+            "defaults": {"steps": described["steps"], "guidance_scale": described["guidance_scale"], "width": size,
+                         "height": size}}
+
+
 def job_fields(schema: dict[str, Any]) -> list[Field]:
     """The job's own fields beside its params: priority, job_id, hold."""
     properties = schema["$defs"]["SessionJob"]["properties"]

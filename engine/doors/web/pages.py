@@ -151,9 +151,14 @@ def mount(app: FastAPI, engine) -> None:
 
     def submit_context(request: Request) -> dict[str, Any]:
         schema = words.job_schema()
-        models = sorted(engine.models.entries())
+        entries = engine.models.entries()
+        models = sorted(entries)
+        pipelines = sorted(m for m, e in entries.items() if e.kind == "pipeline")
+        described = {m: forms.model_form(reads.family_of_model(engine, m)) for m in pipelines}
+        default = engine.models.default_pipeline().id if pipelines else None
         return {"workflows": sorted(engine.intake.workflows.values(), key=lambda w: w.id),
-                "groups": forms.param_groups(schema, models), "job_fields": forms.job_fields(schema)}
+                "groups": forms.param_groups(schema, models), "job_fields": forms.job_fields(schema),
+                "model_forms": {"default": default, "models": described}}
 
     router.get("/submit")(page("submit.html", "submit", "submit")(submit_context))
 

@@ -269,6 +269,7 @@ function startSubmit() {
   const build = () => {
     const job = {workflow: $("#workflow").value, params: {}};
     for (const input of $$("fieldset:not([data-job]) [data-kind]", form)) {
+      if (input.disabled) continue;  // a field the chosen model's family does not use
       const value = readField(input, uploads);
       if (value !== undefined && !(input.dataset.kind === "boolean" && value === false)) job.params[input.name] = value;
     }
@@ -286,8 +287,13 @@ function startSubmit() {
       error.textContent = e.message;
     }
   };
+  const fitFamily = familyFitter(form);
   form.addEventListener("input", show);
-  form.addEventListener("change", show);
+  form.addEventListener("change", (event) => {
+    if (event.target.name === "model") fitFamily();
+    show();
+  });
+  fitFamily();
 
   for (const input of $$("input[data-kind=image]", form)) {
     input.addEventListener("change", async () => {
@@ -329,6 +335,40 @@ function startSubmit() {
     }
   });
   show();
+}
+
+// The form fitted to the chosen model's family: the fields it does not use hidden (and not sent),
+// its defaults as placeholders, its schedulers alone, its size grid as the size fields' step.
+function familyFitter(form) {
+  const data = JSON.parse($("#model-forms").textContent);
+  const note = $("#model-family");
+  return () => {
+    const chosen = form.elements.model ? form.elements.model.value : "";
+    const fit = data.models[chosen || data.default];
+    if (!fit) { note.textContent = ""; return; }
+    note.textContent = `${chosen || data.default}: ${fit.family}`;
+    for (const box of $$("[data-field]", form)) {
+      const unused = fit.unused.includes(box.dataset.field);
+      box.hidden = unused;
+      for (const input of $$("[data-kind]", box)) input.disabled = unused;
+    }
+    for (const [name, value] of Object.entries(fit.defaults)) {
+      const input = form.elements[name];
+      if (input && input.form === form) input.placeholder = value;
+    }
+    for (const name of ["width", "height"]) {
+      if (form.elements[name]) form.elements[name].step = fit.size_multiple;
+    }
+    const scheduler = form.elements.scheduler;
+    if (scheduler) {
+      for (const option of scheduler.options) {
+        const allowed = option.value === "" || fit.schedulers.includes(option.value);
+        option.hidden = !allowed;
+        option.disabled = !allowed;
+      }
+      if (scheduler.selectedOptions[0] && scheduler.selectedOptions[0].disabled) scheduler.value = "";
+    }
+  };
 }
 
 // The submitted job's progress and, once it ends, its images, in place.
