@@ -530,3 +530,38 @@ def test_flux_on_the_compiled_path_and_in_float8_makes_its_pictures_close_to_bfl
     assert psnr(pictures["compiled"], pictures["b16"]) > 40  # bfloat16 either way, in another memory layout
     assert 20 < psnr(pictures["f8"], pictures["b16"]) < float("inf")
     install.engine.close()
+
+
+def test_what_a_family_refuses_reaches_the_real_clients_as_a_clear_error_and_nothing_is_recorded(tmp_path, models):
+    """Over HTTP, with the real clients: a FLUX.1 size off its grid through OpenAI's images API, an
+    SD sampler for FLUX.1 through webuiapi, a negative prompt on FLUX.1 through /v1/jobs: each is a
+    4xx with the contract's code and the reason, and no session is recorded."""
+    import httpx
+    import openai
+    import webuiapi
+
+    from tests.served import Served
+
+    install = Installation(tmp_path / "engine")
+    install.engine.models.add(models / "flux-dev", "flux-dev")
+    server = Served(install, "--no-runner")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.images.generate(model="flux-dev", prompt="a fox", size="1000x1000")
+        assert caught.value.status_code in (400, 422)
+        body = caught.value.response.json()
+        assert "multiples of 16" in json.dumps(body) and "1008" in json.dumps(body)
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+        with pytest.raises(Exception) as sampler:
+            api.txt2img(prompt="a fox", width=64, height=64, steps=2, sampler_name="DPM++ 2M",
+                        override_settings={"sd_model_checkpoint": "flux-dev"})
+        assert "euler" in str(sampler.value) and "FLUX.1" in str(sampler.value)
+        answer = httpx.post(f"{server.url}/v1/jobs", json={"workflow": "txt2img", "params": {
+            "model": "flux-dev", "prompt": "x", "negative_prompt": "blurry", "width": 64, "height": 64}})
+        assert answer.status_code == 422 and answer.json()["code"] == "VALIDATION_ERROR"
+        assert "negative prompt" in answer.json()["message"]
+    finally:
+        server.stop()
+    assert query(install, "SELECT COUNT(*) FROM sessions")[0][0] == 0
+    install.engine.close()
