@@ -13,6 +13,11 @@ a hand-rolled script does), then `eager`, `compiled` and `fp8` (an installation'
 the first call's wait (for the compiled arms, the compile), each later call's seconds inside the
 pipeline call (the engine's own figure, `group_seconds`) and images/s over them, the peak of GPU
 memory; and for every engine arm the PSNR of its pictures against stock's at each seed.
+
+From a checkout that is not pip-installed (a GPU machine with PYTHONPATH set), first
+`ln -sfn ../migrations engine/migrations` (the installed package maps migrations/ there). The
+whole transformer's compile takes longer than 150 s on an H100: give --arm-seconds 300 or more, or
+--scope regional.
 """
 
 from __future__ import annotations

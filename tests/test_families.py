@@ -565,3 +565,22 @@ def test_what_a_family_refuses_reaches_the_real_clients_as_a_clear_error_and_not
         server.stop()
     assert query(install, "SELECT COUNT(*) FROM sessions")[0][0] == 0
     install.engine.close()
+
+
+def test_flux_and_sd35_job_files_dropped_in_the_inbox_complete_with_their_pictures(studio):
+    """The inbox door: a FLUX.1 dev and an SD 3.5 job file, taken by the inbox scan, made, and
+    reported in result.json with the model's defaults filled in and the PNG's parameters."""
+    jobs = {"flux.json": {"workflow": "txt2img", "params": {"width": 64, "height": 64, "model": "flux-dev",
+                                                           "prompt": "an inbox fox", "seed": 1, "steps": 2}},
+            "sd35.json": {"workflow": "txt2img", "params": {"width": 64, "height": 64, "model": "sd35",
+                                                           "prompt": "an inbox owl", "seed": 2, "steps": 2}}}
+    for name, job in jobs.items():
+        (studio.config.inbox / name).write_text(json.dumps(job))
+    outcomes = {o.file_name: o for o in studio.engine.inbox().scan()}
+    assert all(outcomes[name].accepted for name in jobs), outcomes
+    run_until_idle(studio)
+    for name, model, guidance in (("flux.json", "flux-dev", 3.5), ("sd35.json", "sd35", 4.5)):
+        result = result_of(studio, outcomes[name].target_id)
+        assert result["status"] == "completed" and result["params"]["guidance_scale"] == guidance
+        picture = Image.open(studio.config.outbox / outcomes[name].target_id / result["images"][0])
+        assert f"Model: {model}" in picture.text["parameters"] and f"CFG scale: {guidance}" in picture.text["parameters"]

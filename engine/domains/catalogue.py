@@ -249,7 +249,7 @@ class ModelRegistry:
 
     def default_pipeline(self) -> ModelEntry:
         """The model of jobs that name none: `[models] default` when set, else the first pipeline:
-        diffusers folders in models/ by name, then registered ones in the order they were added."""
+        diffusers folders in models/ by name, then registered ones by id (the index is kept sorted)."""
         if self.default:
             return self.get(self.default, "pipeline", "models.default (config.toml)")
         pipelines = [e for e in self.entries().values() if e.kind == "pipeline"]
