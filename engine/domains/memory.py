@@ -100,31 +100,26 @@ def weights_bytes(path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
 
 
-
-OFFLOAD_PLANS = ("none", "model", "sequential")
-
-
 def parameter_counts(path) -> dict[str, int]:
     """The values in a model's safetensors, by part (a diffusers folder's subfolder: transformer,
     text_encoder_2, vae...; "" for a single file), read from the files' headers alone."""
-    import json
     import math
-    import struct
     from pathlib import Path
 
+    from engine.domains.catalogue import safetensors_header
+    from engine.errors import ValidationError
+
     path = Path(path)
-    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
     counts: dict[str, int] = {}
-    for file in files:
-        part = "" if file == path else file.relative_to(path).parts[0] if len(file.relative_to(path).parts) > 1 else ""
+    for file in [path] if path.is_file() else sorted(path.rglob("*.safetensors")):
+        inside = file.relative_to(path).parts if file != path else ()
+        part = inside[0] if len(inside) > 1 else ""
         try:
-            with open(file, "rb") as handle:
-                length = struct.unpack("<Q", handle.read(8))[0]
-                header = json.loads(handle.read(min(length, 100 << 20)))
-        except (OSError, ValueError, struct.error):
+            header = safetensors_header(file)
+        except (OSError, ValidationError):
             continue
-        counts[part] = counts.get(part, 0) + sum(math.prod(t["shape"]) for name, t in header.items()
-                                                 if name != "__metadata__" and isinstance(t, dict) and "shape" in t)
+        counts[part] = counts.get(part, 0) + sum(math.prod(t["shape"]) for t in header.values()
+                                                 if isinstance(t, dict) and "shape" in t)
     return counts
 
 

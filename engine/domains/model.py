@@ -149,10 +149,11 @@ def offload_for(entry: ModelEntry, path, device: DeviceInfo, dtype, setting: str
         return "none"
     size = entry.default_size or families.family_of(entry.family).native_size
     whole, largest = memory.pipeline_needs(memory.parameter_counts(path), torch.finfo(dtype).bits // 8, size, size)
-    plan = memory.offload_plan(whole, largest, memory.free_memory(device), setting)
+    free = memory.free_memory(device)
+    plan = memory.offload_plan(whole, largest, free, setting)
     if plan != "none":
         log.warning("%s needs about %.1f GiB on %s, %.1f GiB free: its parts stay on the CPU (%s offload)", entry.id,
-                    whole / 2**30, device.id, memory.free_memory(device) / 2**30, plan)
+                    whole / 2**30, device.id, free / 2**30, plan)
     return plan
 
 
@@ -161,9 +162,7 @@ def _load_single_file(entry: ModelEntry, path, dtype, configs) -> Any:
     the diffusers folder it was registered with (offline), or else from the local Hugging Face cache."""
     import diffusers
 
-    from engine.domains.families import family_of
-
-    family = family_of(entry.family)
+    family = families.family_of(entry.family)
     cls = getattr(diffusers, family.pipelines["txt2img"])
     if configs is not None and not families.holds_vae(safetensors_keys(path)):
         return _denoiser_file_in_folder(family, cls, path, configs, dtype)
@@ -186,7 +185,7 @@ def _denoiser_file_in_folder(family, cls, path, configs, dtype) -> Any:
 
     import diffusers
 
-    library, class_name = json.loads((configs / "model_index.json").read_text())[family.denoiser]
+    _, class_name = json.loads((configs / "model_index.json").read_text())[family.denoiser]
     denoiser = getattr(diffusers, class_name).from_single_file(
         str(path), config=str(configs), subfolder=family.denoiser, torch_dtype=dtype, local_files_only=True)
     return cls.from_pretrained(str(configs), torch_dtype=dtype, local_files_only=True, use_safetensors=True,
